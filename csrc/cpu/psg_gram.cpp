@@ -1,0 +1,163 @@
+// psg_gram: out[i, j] += <F1_i, F2_j>, F_i = sum_t m[i,t] g[i,t,:]^T x[i,t,:] (d_out x d_in), with
+// kernel 0 (sgd) <F_i, F_j>, 1 (signgd) <sign F_i, sign F_j>, 2 (asymmetric-signgd) <F_i, sign F_j>.
+//
+// Blocking. The (d_out, d_in) plane is cut into tiles of Ob x Db. For each tile, in order:
+//   phase 1 (OpenMP over samples): the tile of every per-sample gradient, F_n[o0:o0+Ob, d0:d0+Db] =
+//     g_n[:, o0:]^T x_n[:, d0:] over the real tokens of n, is built by the GEMM engine (k-major
+//     operands: K = tokens) into a buffer of N (+ M) rows of Ob*Db values, then signed if needed;
+//   phase 2 (OpenMP over square output blocks, upper blocks only in the symmetric form): the Gram of
+//     those rows, each block into a zeroed thread-local buffer, added to out (and mirrored).
+// Only one tile of the per-sample gradients exists at a time (the tile shrinks when N + M is large,
+// to bound the buffer). Each out element receives the tile results in tile order, each computed by
+// one thread in a fixed order, so the result does not depend on the thread count.
+//
+// Kernel 2 is never symmetric: with x2 == 0 the second operand is sign(F1) (a second buffer).
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "linft/cpu_kernels.h"
+
+namespace linft {
+namespace cpu {
+namespace {
+
+template <class T>
+inline T sign_of(T v) {
+  return v > T(0) ? T(1) : v < T(0) ? T(-1) : v * T(0);  // sign(0) = 0; nan stays nan
+}
+
+struct Side {
+  Operand x, g;  // k-major operands over the token rows (idx set per sample)
+  TokenList tok;
+  int64_t n = 0;
+};
+
+void build_side(Side& sd, const unsigned char* x, const unsigned char* g, const uint8_t* mask,
+                int64_t n, int64_t T, int64_t d_in, int64_t d_out, int dtype) {
+  sd.n = n;
+  sd.tok = real_tokens(mask, n, T);
+  sd.x.base = x;
+  sd.x.dtype = dtype;
+  sd.x.ld = d_in;
+  sd.x.kmajor = true;
+  sd.g = sd.x;
+  sd.g.base = g;
+  sd.g.ld = d_out;
+}
+
+// F (ob x db, leading dimension db) = tile (o0, d0) of the per-sample gradient of sample i.
+template <class T>
+void build_tile(const Side& sd, int64_t i, int64_t o0, int64_t d0, int64_t ob, int64_t db, T* F) {
+  std::fill(F, F + ob * db, T(0));
+  const int64_t cnt = sd.tok.count(i);
+  if (cnt == 0) return;
+  Operand g = sd.g.rows_from(o0), x = sd.x.rows_from(d0);
+  g.idx = x.idx = sd.tok.rows.data() + sd.tok.start[i];
+  gemm_nt(g, x, ob, db, cnt, F, db);
+}
+
+template <class T>
+void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, int64_t d_in,
+             int64_t d_out, T* out) {
+  const int64_t N = s1.n;
+  const int nt = omp_get_max_threads();
+  const bool fp64 = sizeof(T) == 8;
+  const int64_t mr = gemm_mr(fp64), nr = gemm_nr(fp64);
+  // Second operand of phase 2: F1 itself (symmetric sgd/signgd), sign(F1) (symmetric asymmetric-
+  // signgd), or side 2's own buffer.
+  const bool gram_sym = sym && kernel != kAsymmetricSignGD;
+  const int64_t rows2 = gram_sym ? 0 : M;
+  const bool sign1 = kernel == kSignGD, sign2 = kernel != kSGD;
+
+  // Tile shape: Db a multiple of the engine's NR (up to 96 or d_in), Ob a multiple of MR, about
+  // 9216 values per sample, fewer when (N + rows2) rows of it would pass 64 MiB.
+  auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
+  int64_t Db = std::min(d_in, round_up(96, nr));
+  int64_t Ob = std::min(d_out, round_up((9216 + Db - 1) / Db, mr));
+  const int64_t budget = (int64_t(64) << 20) / static_cast<int64_t>(sizeof(T));
+  const int64_t rows = N + rows2;
+  while (rows * Ob * Db > budget && Ob > mr) Ob = std::max(mr, Ob / 2 / mr * mr);
+  while (rows * Ob * Db > budget && Db > nr) Db = std::max(nr, Db / 2 / nr * nr);
+  const int64_t E = Ob * Db;  // buffer row stride (edge tiles use a prefix)
+
+  AlignedArray<T> F1(N * E), F2(std::max<int64_t>(rows2, 1) * E);
+  Operand A;
+  A.base = reinterpret_cast<const unsigned char*>(F1.data());
+  A.dtype = fp64 ? kFloat64 : kFloat32;
+  A.ld = E;
+  Operand B = A;
+  if (!gram_sym) B.base = reinterpret_cast<const unsigned char*>(F2.data());
+
+  // Output blocks of phase 2 (as in gram).
+  const BlockPlan plan = plan_blocks(N, M, gram_sym, nt, sizeof(T));
+  const int64_t bs = plan.bs, nw = static_cast<int64_t>(plan.blocks.size());
+  const int64_t n_build = N + ((s2 != nullptr) ? M : 0);
+
+#pragma omp parallel
+  {
+    thread_local AlignedArray<T> cl;
+    cl.resize(bs * bs);
+    for (int64_t o0 = 0; o0 < d_out; o0 += Ob) {
+      for (int64_t d0 = 0; d0 < d_in; d0 += Db) {
+        const int64_t ob = std::min(Ob, d_out - o0), db = std::min(Db, d_in - d0);
+        const int64_t e = ob * db;
+        // Phase 1: per-sample gradient tiles (and signs).
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t s = 0; s < n_build; ++s) {
+          if (s < N) {
+            T* f = F1.data() + s * E;
+            build_tile(s1, s, o0, d0, ob, db, f);
+            if (sym && kernel == kAsymmetricSignGD) {
+              T* g = F2.data() + s * E;
+              for (int64_t k = 0; k < e; ++k) g[k] = sign_of(f[k]);
+            } else if (sign1) {
+              for (int64_t k = 0; k < e; ++k) f[k] = sign_of(f[k]);
+            }
+          } else {
+            T* f = F2.data() + (s - N) * E;
+            build_tile(*s2, s - N, o0, d0, ob, db, f);
+            if (sign2)
+              for (int64_t k = 0; k < e; ++k) f[k] = sign_of(f[k]);
+          }
+        }
+        // Phase 2: Gram of the tile rows, K = e.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < nw; ++w) {
+          const int64_t i0 = plan.blocks[w].first, j0 = plan.blocks[w].second;
+          const int64_t m = std::min(bs, N - i0), n = std::min(bs, M - j0);
+          T* c = cl.data();
+          std::fill(c, c + m * n, T(0));
+          gemm_nt(A.rows_from(i0), B.rows_from(j0), m, n, e, c, n, gram_sym && i0 == j0);
+          add_block(out, M, c, i0, j0, m, n, gram_sym);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void psg_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uintptr_t x2,
+              std::uintptr_t g2, std::uintptr_t m2, std::uintptr_t out, int64_t N, int64_t M,
+              int64_t T, int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype,
+              int kernel) {
+  if (N <= 0 || M <= 0 || T <= 0 || S <= 0 || d_in <= 0 || d_out <= 0) return;
+  const bool sym = x2 == 0;
+  Side s1, s2;
+  build_side(s1, reinterpret_cast<const unsigned char*>(x1), reinterpret_cast<const unsigned char*>(g1),
+             reinterpret_cast<const uint8_t*>(m1), N, T, d_in, d_out, dtype);
+  if (!sym)
+    build_side(s2, reinterpret_cast<const unsigned char*>(x2),
+               reinterpret_cast<const unsigned char*>(g2), reinterpret_cast<const uint8_t*>(m2), M,
+               S, d_in, d_out, dtype);
+  const Side* second = sym ? nullptr : &s2;
+  if (out_dtype == kFloat64)
+    psg_run<double>(s1, second, sym, kernel, M, d_in, d_out, reinterpret_cast<double*>(out));
+  else
+    psg_run<float>(s1, second, sym, kernel, M, d_in, d_out, reinterpret_cast<float*>(out));
+}
+
+}  // namespace cpu
+}  // namespace linft

@@ -1,0 +1,250 @@
+"""The public kernel ops: argument checking, torch.library registration and backend dispatch.
+
+Each op is one mutating custom op ``linft::<name>_`` (adds into ``out``) declared once with
+`torch.library.custom_op`, with a fake kernel so it traces under `torch.compile` without graph breaks.
+Its implementation forwards to the backend chosen in Python before the call (see `_dispatch`), so the
+chosen backend is a constant of the traced graph.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch, _native, reference
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OUT_DTYPES = (torch.float32, torch.float64)
+KERNELS = tuple(_native.KERNEL_CODES)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checking: every error names the argument and what was expected.
+
+def _check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc} ({ndim} dimensions), "
+                         f"got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+
+
+def _check_same(names_tensors, what: str) -> None:
+    first_name, first = names_tensors[0]
+    for name, t in names_tensors[1:]:
+        if what == "dtype" and t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "all inputs of one call must share a dtype")
+        if what == "device" and t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all tensors of one call must be on one device")
+
+
+def _check_dim(name: str, got: int, expected: int, what: str) -> None:
+    if got != expected:
+        raise ValueError(f"{name}: {what} is {got}, expected {expected}")
+
+
+def _mask(name: str, m, n: int, t: int, device) -> Optional[torch.Tensor]:
+    if m is None:
+        return None
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape ({n}, {t}) or None")
+    if tuple(m.shape) != (n, t):
+        raise ValueError(f"{name} must have shape ({n}, {t}) (samples, tokens), got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"{name} is on {m.device} but the inputs are on {device}")
+    return (m != 0).to(torch.uint8).contiguous()
+
+
+def _out(out, shape, in_dtype: torch.dtype, device) -> torch.Tensor:
+    if out is None:
+        dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor of shape {shape} or None")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype not in OUT_DTYPES:
+        raise TypeError(f"out has dtype {out.dtype}; it must be float32 or float64 (the accumulator)")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but the inputs are on {device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (results are added into it in place); "
+                         f"got strides {out.stride()} for shape {tuple(out.shape)}")
+    return out
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend implementations behind one name.
+
+def _triton():
+    from . import triton as tk
+    return tk
+
+
+def _run_gram(out, a, b, backend):
+    if backend == "reference":
+        reference.gram(a, b, out)
+    elif backend == "triton":
+        _triton().gram(a, b, out)
+    else:
+        lib = _native.cpu_lib() if backend == "cpu" else _native.cuda_lib()
+        _native.gram(lib, a, b, out)
+
+
+def _run_ghost(out, x1, g1, m1, x2, g2, m2, backend):
+    if backend == "reference":
+        reference.ghost_gram(x1, g1, m1, x2, g2, m2, out)
+    elif backend == "triton":
+        _triton().ghost_gram(x1, g1, m1, x2, g2, m2, out)
+    else:
+        lib = _native.cpu_lib() if backend == "cpu" else _native.cuda_lib()
+        _native.ghost_gram(lib, x1, g1, m1, x2, g2, m2, out)
+
+
+def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend):
+    if backend == "reference":
+        reference.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel)
+    elif backend == "triton":
+        _triton().psg_gram(x1, g1, m1, x2, g2, m2, out, _native.KERNEL_CODES[kernel])
+    else:
+        lib = _native.cpu_lib() if backend == "cpu" else _native.cuda_lib()
+        _native.psg_gram(lib, x1, g1, m1, x2, g2, m2, out, kernel)
+
+
+@torch.library.custom_op("linft::gram_", mutates_args=("out",))
+def _gram_op(out: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], backend: str) -> None:
+    _run_gram(out, a, b, backend)
+
+
+@_gram_op.register_fake
+def _(out, a, b, backend):
+    return None
+
+
+@torch.library.custom_op("linft::ghost_gram_", mutates_args=("out",))
+def _ghost_op(out: torch.Tensor, x1: torch.Tensor, g1: torch.Tensor, m1: Optional[torch.Tensor],
+              x2: Optional[torch.Tensor], g2: Optional[torch.Tensor], m2: Optional[torch.Tensor],
+              backend: str) -> None:
+    _run_ghost(out, x1, g1, m1, x2, g2, m2, backend)
+
+
+@_ghost_op.register_fake
+def _(out, x1, g1, m1, x2, g2, m2, backend):
+    return None
+
+
+@torch.library.custom_op("linft::psg_gram_", mutates_args=("out",))
+def _psg_op(out: torch.Tensor, x1: torch.Tensor, g1: torch.Tensor, m1: Optional[torch.Tensor],
+            x2: Optional[torch.Tensor], g2: Optional[torch.Tensor], m2: Optional[torch.Tensor],
+            kernel: str, backend: str) -> None:
+    _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend)
+
+
+@_psg_op.register_fake
+def _(out, x1, g1, m1, x2, g2, m2, kernel, backend):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions.
+
+def gram(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, out: Optional[torch.Tensor] = None,
+         backend: Optional[str] = None) -> torch.Tensor:
+    """Gram matrix of feature rows: ``out (+)= a @ b.T``.
+
+    a: (N, P), b: (M, P) or None for the symmetric ``a @ a.T`` (half the tiles are computed).
+    Inputs fp16/bf16/fp32/fp64 (one dtype per call); accumulation in fp32, or fp64 when `out` is fp64.
+    out: (N, M) float32/float64 to add into; a new zeroed tensor when None (fp64 for fp64 inputs,
+    else fp32). Returns `out`.
+    """
+    _check_tensor("a", a, 2, "(N, P)")
+    if b is a:
+        b = None
+    if b is not None:
+        _check_tensor("b", b, 2, "(M, P)")
+        _check_same([("a", a), ("b", b)], "dtype")
+        _check_same([("a", a), ("b", b)], "device")
+        _check_dim("b", b.shape[1], a.shape[1], "the feature dimension P (b.shape[1])")
+    N, M = a.shape[0], (a.shape[0] if b is None else b.shape[0])
+    out = _out(out, (N, M), a.dtype, a.device)
+    name = _dispatch.resolve("gram", a.device, backend)
+    if a.numel() and (b is None or b.numel()):
+        _gram_op(out, a.contiguous(), _contig(b), name)
+    return out
+
+
+def _check_factors(x1, g1, mask1, x2, g2, mask2):
+    _check_tensor("x1", x1, 3, "(N, T, d_in)")
+    _check_tensor("g1", g1, 3, "(N, T, d_out)")
+    N, T, d_in = x1.shape
+    _check_dim("g1", g1.shape[0], N, "the sample count (g1.shape[0], x1.shape[0])")
+    _check_dim("g1", g1.shape[1], T, "the token count (g1.shape[1], x1.shape[1])")
+    d_out = g1.shape[2]
+    tensors = [("x1", x1), ("g1", g1)]
+    if (x2 is None) != (g2 is None):
+        raise ValueError("x2 and g2 must be given together (cross kernel) or both be None (symmetric)")
+    if x2 is None and mask2 is not None:
+        raise ValueError("mask2 given without x2/g2; for the symmetric kernel pass only mask1")
+    if x2 is not None:
+        _check_tensor("x2", x2, 3, f"(M, S, {d_in})")
+        _check_tensor("g2", g2, 3, f"(M, S, {d_out})")
+        M, S = x2.shape[:2]
+        _check_dim("x2", x2.shape[2], d_in, "d_in (x2.shape[2], x1.shape[2])")
+        _check_dim("g2", g2.shape[0], M, "the sample count (g2.shape[0], x2.shape[0])")
+        _check_dim("g2", g2.shape[1], S, "the token count (g2.shape[1], x2.shape[1])")
+        _check_dim("g2", g2.shape[2], d_out, "d_out (g2.shape[2], g1.shape[2])")
+        tensors += [("x2", x2), ("g2", g2)]
+    _check_same(tensors, "dtype")
+    _check_same(tensors, "device")
+    m1 = _mask("mask1", mask1, N, T, x1.device)
+    m2 = None if x2 is None else _mask("mask2", mask2, x2.shape[0], x2.shape[1], x1.device)
+    M = N if x2 is None else x2.shape[0]
+    return N, M, m1, m2
+
+
+def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = None,
+               g2: Optional[torch.Tensor] = None, *, mask1: Optional[torch.Tensor] = None,
+               mask2: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """Per-sample-gradient Gram of a linear layer y = W x, from its factors.
+
+    K[i, j] = sum_{t, s} (x1[i,t] . x2[j,s]) (g1[i,t] . g2[j,s]) over real tokens, which equals
+    <g1_i^T x1_i, g2_j^T x2_j>, without forming T x S products or per-sample gradients in memory.
+    x1: (N, T, d_in) layer inputs, g1: (N, T, d_out) output gradients, mask1: (N, T) nonzero for real
+    tokens (None: all real); x2/g2/mask2 likewise with (M, S, .) or None for the symmetric kernel.
+    Returns out (N, M), accumulated as in `gram`.
+    """
+    N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
+    out = _out(out, (N, M), x1.dtype, x1.device)
+    name = _dispatch.resolve("ghost_gram", x1.device, backend)
+    if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
+        _ghost_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, name)
+    return out
+
+
+def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = None,
+             g2: Optional[torch.Tensor] = None, *, kernel: str = "sgd",
+             mask1: Optional[torch.Tensor] = None, mask2: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Blocked contraction of per-sample gradients F_i = g_i^T x_i (d_out, d_in) of a linear layer.
+
+    kernel="sgd": <F_i, F_j> (equals `ghost_gram`); "signgd": <sign F_i, sign F_j>;
+    "asymmetric-signgd": <F_i, sign F_j> (not symmetric, even when x2 is None).
+    F tiles live only in on-chip memory. Shapes, masks, dtypes and `out` as in `ghost_gram`.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
+    out = _out(out, (N, M), x1.dtype, x1.device)
+    name = _dispatch.resolve("psg_gram", x1.device, backend)
+    if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
+        _psg_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, kernel, name)
+    return out

@@ -1,0 +1,8 @@
+"""linft: empirical neural tangent kernels of fine-tuned language models.
+
+The analysis layer (capture, NTK planner, spectra, fine-tuning comparison, CLI) on top of the
+accelerated kernels in `linft_kernels`. See DESIGN.md for the mathematics and the public contract.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

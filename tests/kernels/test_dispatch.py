@@ -1,0 +1,52 @@
+"""Backend choice: argument > LINFT_BACKEND > auto; loud explicit failures, one log line on fall-back."""
+import logging
+
+import pytest
+import torch
+from linft_testing import randn
+
+import linft_kernels as lk
+from linft_kernels import _dispatch, _native
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    with pytest.raises(lk.BackendUnavailable, match="backend='cuda'.*needs CUDA tensors"):
+        lk.gram(randn(3, 4), backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        lk.gram(randn(3, 4), backend="gpu")
+
+
+def test_env_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("LINFT_BACKEND", "reference")
+    assert _dispatch.resolve("gram", torch.device("cpu"), None) == "reference"
+    monkeypatch.setenv("LINFT_BACKEND", "cuda")
+    with pytest.raises(lk.BackendUnavailable, match="LINFT_BACKEND='cuda'"):
+        lk.gram(randn(3, 4))
+    # The argument wins over the environment.
+    assert _dispatch.resolve("gram", torch.device("cpu"), "reference") == "reference"
+
+
+def test_auto_prefers_native_cpu(monkeypatch):
+    monkeypatch.delenv("LINFT_BACKEND", raising=False)
+    assert _dispatch.resolve("gram", torch.device("cpu"), None) == "cpu"
+
+
+def test_auto_fallback_logs_once(monkeypatch, caplog):
+    monkeypatch.delenv("LINFT_BACKEND", raising=False)
+    monkeypatch.setattr(_native, "cpu_lib", lambda: None)
+    monkeypatch.setattr(_native, "load_error", lambda name: "simulated: not built")
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="linft_kernels"):
+        a = randn(3, 4)
+        out1 = lk.gram(a)
+        out2 = lk.gram(a)
+    msgs = [r.getMessage() for r in caplog.records if "reference" in r.getMessage()]
+    assert len(msgs) == 1 and "simulated: not built" in msgs[0]
+    torch.testing.assert_close(out1, out2)
+
+
+def test_backend_table_lists_every_backend():
+    table = _dispatch.table()
+    assert set(table) == set(lk.BACKENDS)
+    assert table["reference"]["cpu"] == "yes"
+    assert "needs CUDA tensors" in table["cuda"]["cpu"]

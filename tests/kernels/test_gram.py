@@ -1,0 +1,70 @@
+"""gram: every backend against a float64 oracle, symmetric and cross forms, accumulation, dtypes."""
+import pytest
+import torch
+from linft_testing import assert_close_to_oracle, backend_params, randn
+
+import linft_kernels as lk
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# (N, M, P): single row, odd sizes, sizes just past block multiples, N != M.
+SHAPES = [(1, 1, 1), (1, 3, 17), (7, 7, 33), (19, 5, 130), (33, 40, 257), (65, 65, 70)]
+SMALL = [(1, 1, 1), (7, 5, 33), (19, 19, 40)]
+
+
+def _shapes(backend):
+    return SMALL if backend == "triton" else SHAPES
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_gram_matches_oracle(backend, device, dtype, symmetric):
+    for N, M, P in _shapes(backend):
+        a = randn(N, P, dtype=dtype, device=device)
+        b = None if symmetric else randn(M, P, dtype=dtype, device=device)
+        out = lk.gram(a, b, backend=backend)
+        a64 = a.double().cpu()
+        b64 = a64 if symmetric else b.double().cpu()
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert out.dtype == acc
+        assert_close_to_oracle(out, a64 @ b64.T, acc, what=f"gram {backend} {dtype} N={N} M={M} P={P}")
+        if symmetric:  # mirrored tiles must be exactly symmetric
+            assert torch.equal(out, out.T)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_gram_accumulates_into_out(backend, device, out_dtype, symmetric):
+    """Streaming use: out += a b^T chunk by chunk over P equals one call over all of P."""
+    N, M, P = (9, 9, 61) if symmetric else (9, 14, 61)
+    a = randn(N, P, dtype=torch.bfloat16, device=device)
+    b = a if symmetric else randn(M, P, dtype=torch.bfloat16, device=device)
+    start = randn(N, M, dtype=out_dtype, device=device)
+    if symmetric:
+        start = start + start.T
+    out = start.clone()
+    for p0 in range(0, P, 20):  # chunks of 20, 20, 20, 1
+        res = lk.gram(a[:, p0:p0 + 20], None if symmetric else b[:, p0:p0 + 20], out=out, backend=backend)
+        assert res is out
+    oracle = start.double().cpu() + a.double().cpu() @ b.double().cpu().T
+    assert_close_to_oracle(out, oracle, out_dtype, what=f"gram accumulate {backend}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_gram_fp64_out_from_low_precision(backend, device):
+    """An fp64 out accumulates bf16/fp16 inputs in fp64: exact to fp64 rounding."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        a = randn(11, 300, dtype=dtype, device=device)
+        out = torch.zeros(11, 11, dtype=torch.float64, device=device)
+        lk.gram(a, out=out, backend=backend)
+        a64 = a.double().cpu()
+        assert_close_to_oracle(out, a64 @ a64.T, torch.float64, what=f"gram fp64 out {dtype}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_gram_empty(backend, device):
+    a = randn(0, 5, device=device)
+    assert lk.gram(a, backend=backend).shape == (0, 0)
+    a = randn(3, 0, device=device)
+    assert torch.equal(lk.gram(a, backend=backend), torch.zeros(3, 3, device=device))
