@@ -3,6 +3,10 @@
 The analysis layer (capture, NTK planner, spectra, fine-tuning comparison, CLI) on top of the
 accelerated kernels in `linft_kernels`. See DESIGN.md for the mathematics and the public contract.
 """
+from . import outputs
+from .engine import empirical_ntk
+from .ntk import NTK
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["empirical_ntk", "NTK", "outputs", "__version__"]

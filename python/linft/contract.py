@@ -1,0 +1,115 @@
+"""Contraction of one block's stored forms into its kernel matrix (N*C, M*C), row index i*C + a.
+The heavy work goes to `linft_kernels` (gram, ghost_gram, psg_gram)."""
+from __future__ import annotations
+
+import torch
+
+import linft_kernels as lk
+
+from .blocks import Block
+
+_CHUNK = 1 << 24  # elements of the largest temporary in the embedding contraction
+
+
+def _pad_tokens(t: torch.Tensor, T: int, dim: int) -> torch.Tensor:
+    if t.shape[dim] == T:
+        return t
+    pad = list(t.shape)
+    pad[dim] = T - t.shape[dim]
+    return torch.cat([t, t.new_zeros(pad)], dim=dim)
+
+
+def concat_tiles(parts: list[dict]) -> dict:
+    """Stored forms of consecutive tiles -> one stored form over all samples (tokens padded, masked)."""
+    parts = [p for p in parts if not p.get("empty")]
+    if not parts:
+        return {}
+    keys = parts[0].keys()
+    if "features" in keys:
+        return {"features": torch.cat([p["features"] for p in parts], dim=0)}
+    T = max(p["mask"].shape[1] for p in parts)
+    out = {"mask": torch.cat([_pad_tokens(p["mask"], T, 1) for p in parts], dim=0),
+           "g": torch.cat([_pad_tokens(p["g"], T, 2) for p in parts], dim=0)}
+    key = "x" if "x" in keys else "ids"
+    out[key] = torch.cat([_pad_tokens(p[key], T, 1) for p in parts], dim=0)
+    return out
+
+
+def _features(s: dict, C: int) -> torch.Tensor:
+    f = s["features"]
+    return f.reshape(f.shape[0] * C, -1) if f.dim() == 3 else f
+
+
+def contract_block(block: Block, s1: dict, s2: dict | None, kernel: str, out: torch.Tensor,
+                   C: int, backend=None) -> torch.Tensor:
+    """out += K_block. s2 None means the second dataset is the first (symmetric unless asymmetric)."""
+    if not s1 or (s2 is not None and not s2):
+        return out  # the module never ran on these inputs: its parameter has zero gradient
+    method = block.method
+    if method in ("features", "generic"):
+        a = _features(s1, C)
+        b = None if s2 is None else _features(s2, C)
+        if kernel == "sgd":
+            return lk.gram(a, b, out=out, backend=backend)
+        if kernel == "signgd":
+            return lk.gram(torch.sign(a), None if b is None else torch.sign(b), out=out, backend=backend)
+        return lk.gram(a, torch.sign(a if b is None else b), out=out, backend=backend)
+    if method in ("ghost", "psg"):
+        def expand(s):
+            N, T = s["mask"].shape
+            x = s["x"].repeat_interleave(C, dim=0)                   # (N*C, T, d_in)
+            g = s["g"].reshape(N * C, T, s["g"].shape[-1])           # row i*C + a
+            m = s["mask"].repeat_interleave(C, dim=0)
+            return x, g, m
+        x1, g1, m1 = expand(s1)
+        x2, g2, m2 = (None, None, None) if s2 is None else expand(s2)
+        if method == "ghost":
+            return lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
+        return lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, out=out, backend=backend)
+    if method == "embedding":
+        return _embedding(s1, s2, kernel, out, C, backend)
+    raise AssertionError(method)
+
+
+def _embedding(s1, s2, kernel, out, C, backend):
+    """Embedding block: per-sample gradient rows are sums of g_t over tokens with the same id.
+    sgd: sum_{t,s} [id_t == id_s] g_t . g_s in chunks; sign kernels: gradients on the union vocabulary."""
+    acc = out.dtype
+
+    def rows(s):
+        N, T = s["mask"].shape
+        g = (s["g"] * s["mask"][:, None, :, None]).to(acc).reshape(N * C, T, -1)
+        ids = torch.where(s["mask"], s["ids"], -1).repeat_interleave(C, dim=0)
+        return ids, g
+
+    ids1, g1 = rows(s1)
+    ids2, g2 = (ids1, g1) if s2 is None else rows(s2)
+    if kernel != "sgd":
+        vocab = torch.unique(torch.cat([ids1[ids1 >= 0], ids2[ids2 >= 0]]))
+
+        def feats(ids, g):
+            U, d = vocab.numel(), g.shape[-1]
+            F = torch.zeros(ids.shape[0] * U, d, dtype=acc, device=g.device)
+            valid = ids >= 0
+            row = torch.arange(ids.shape[0], device=g.device)[:, None].expand_as(ids)
+            flat = row[valid] * U + torch.searchsorted(vocab, ids[valid])
+            F.index_add_(0, flat, g[valid])
+            return F.reshape(ids.shape[0], U * d)
+
+        a = feats(ids1, g1)
+        b = a if s2 is None else feats(ids2, g2)
+        sa = torch.sign(a)
+        sb = torch.sign(b)
+        if kernel == "signgd":
+            return lk.gram(sa, None if s2 is None else sb, out=out, backend=backend)
+        return lk.gram(a, sb, out=out, backend=backend)
+    T, S = ids1.shape[1], ids2.shape[1]
+    rows_per = max(1, int((_CHUNK // max(1, T * S)) ** 0.5))
+    for i0 in range(0, ids1.shape[0], rows_per):
+        i1 = i0 + rows_per
+        for j0 in range(0, ids2.shape[0], rows_per):
+            j1 = j0 + rows_per
+            eq = (ids1[i0:i1, None, :, None] == ids2[None, j0:j1, None, :]) & (ids1[i0:i1, None, :, None] >= 0)
+            gg = torch.einsum("itd,jsd->ijts", g1[i0:i1], g2[j0:j1])
+            out[i0:i1, j0:j1] += (gg * eq).sum(dim=(2, 3))
+    return out

@@ -1,0 +1,58 @@
+"""Inputs of the NTK engine: a mapping of tensors with a leading batch dimension (tokenizer output), or
+an iterable of such mappings, cut into sample tiles."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+
+def _batch_size(batch: Mapping, where: str) -> int:
+    sizes = {k: v.shape[0] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if not sizes:
+        raise ValueError(f"{where}: a batch must hold at least one tensor with a leading batch dimension")
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{where}: tensors disagree on the batch dimension: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def as_batches(inputs, where: str = "inputs") -> list[dict]:
+    """A list of batches (dicts) from a mapping or an iterable of mappings; validates sizes."""
+    if isinstance(inputs, Mapping):
+        batches = [dict(inputs)]
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes, torch.Tensor)):
+        batches = [dict(b) for b in inputs]
+        for i, b in enumerate(batches):
+            if not isinstance(b, Mapping):
+                raise TypeError(f"{where}: item {i} is {type(b).__name__}, expected a mapping of tensors")
+    else:
+        raise TypeError(f"{where} must be a mapping of tensors (tokenizer output) or an iterable of them, "
+                        f"got {type(inputs).__name__}")
+    batches = [b for b in batches if _batch_size(b, where) > 0]
+    if not batches:
+        raise ValueError(f"{where} is empty: no samples")
+    return batches
+
+
+def n_samples(batches: list[dict]) -> int:
+    return sum(_batch_size(b, "inputs") for b in batches)
+
+
+def tiles(batches: list[dict], tile: int):
+    """Yield (start, batch) with at most `tile` samples each, in order."""
+    start = 0
+    for b in batches:
+        n = _batch_size(b, "inputs")
+        for i in range(0, n, tile):
+            yield start + i, {k: (v[i:i + tile] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                              for k, v in b.items()}
+        start += n
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def token_mask(batch: dict) -> torch.Tensor | None:
+    m = batch.get("attention_mask")
+    return None if m is None else (m != 0)

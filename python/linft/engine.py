@@ -1,0 +1,211 @@
+"""`empirical_ntk`: the exact empirical NTK of a model's trainable parameters, block by block.
+
+Flow: select parameters -> classify each into a Block (blocks.py) -> probe one sample for token counts
+and output size -> plan methods and passes (planner.py) -> per pass, capture the blocks' factors tile by
+tile over the data (capture.py; generic blocks by generic.py) -> contract each block (contract.py) into
+its (N*C, M*C) matrix in `dtype` -> sum. The model is put in eval mode (dropout off, LoRA dropout
+included) and only the selected parameters require grad while it runs; both are restored after.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+
+from . import data as _data
+from .blocks import Block, classify, select_parameters
+from .capture import _NotSingleInput, capture_tile, run_output
+from .contract import concat_tiles, contract_block
+from .generic import generic_features
+from .ntk import NTK
+from .planner import plan_blocks
+
+KERNELS = ("sgd", "signgd", "asymmetric-signgd")
+
+
+@contextlib.contextmanager
+def _model_state(model: torch.nn.Module, selected: dict):
+    training = model.training
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    chosen = {id(p) for p in selected.values()}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        yield
+    finally:
+        model.train(training)
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _probe(model, batch, output, blocks: list[Block]):
+    """Up to two samples through the model: output size C and tokens per sample at each tracked
+    module. Modules that take several inputs, or whose input or output is not per-sample (broadcast
+    over the batch, like GPT-2's position embedding), are moved to the generic path here."""
+    modules = {b.module_name: b.module for b in blocks if b.kind != "generic"}
+    B = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    shapes: dict[str, list] = {n: [] for n in modules}
+    multi: set[str] = set()
+    handles = []
+    for name, mod in modules.items():
+        def hook(m, args, kwargs, out, name=name):
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+                multi.add((name, "is called with several inputs"))
+                return
+            if args[0].shape[:1] != (B,) or out.shape[:1] != (B,):
+                multi.add((name, "is not per-sample (input or output broadcast over the batch)"))
+                return
+            shapes[name].append(tuple(args[0].shape[1:]))
+        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            f = run_output(model, batch, output)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, why in multi:
+        for b in blocks:
+            if b.module_name == name and b.kind != "generic":
+                b.notes.append(f"module {name} {why}: generic path")
+                b.kind = "generic"
+    tokens = {}
+    for b in blocks:
+        sh = shapes.get(b.module_name, [])
+        if b.kind == "embedding":
+            tokens[b.name] = sum(math.prod(s) for s in sh)
+        else:
+            tokens[b.name] = sum(math.prod(s[:-1]) for s in sh)
+    return f.shape[1], tokens
+
+
+def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, params="trainable",
+                  kernel: str = "sgd", per_layer: bool = False, dtype: torch.dtype = torch.float64,
+                  memory_budget: int | None = None, strategy: str = "auto", progress: bool = False,
+                  sample_tile: int = 16, backend: str | None = None, verbose: bool = False) -> NTK:
+    """Exact empirical NTK K[(i,a),(j,b)] = <J_a(x_i), J_b(x2_j)> of the selected parameters.
+
+    inputs/inputs2: a mapping of tensors with a leading batch dimension (tokenizer output) or an
+        iterable of such mappings; inputs2=None gives the train kernel K(X, X).
+    output: callable (model, batch) -> (B,) or (B, C); presets in `linft.outputs`.
+    params: "trainable" (parameters with requires_grad) or a list of glob patterns over names.
+    kernel: "sgd" (J J^T), "signgd" (sign J sign J^T) or "asymmetric-signgd" (J sign J^T).
+    per_layer: keep the per-parameter-tensor blocks in `NTK.blocks` (they sum to `NTK.matrix`).
+    dtype: accumulation and result dtype (float64 default, or float32); layers compute in the model's.
+    memory_budget: bytes that captured factors may occupy; blocks are split into passes to fit.
+    strategy: "auto" (cost model), or force "ghost", "materialize" or "generic" for every block.
+    sample_tile: samples per forward/backward. backend: kernel backend for linft_kernels ops.
+    Returns an `NTK` with matrix (N*C, M*C), row index i*C + a.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64 (the accumulator), got {dtype}")
+    if not callable(output):
+        raise TypeError("output must be a callable (model, batch) -> Tensor (B,) or (B, C); "
+                        "see linft.outputs for presets")
+    if sample_tile < 1:
+        raise ValueError(f"sample_tile must be >= 1, got {sample_tile}")
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    batches1 = _data.as_batches(inputs, "inputs")
+    batches2 = None if inputs2 is None else _data.as_batches(inputs2, "inputs2")
+    N = _data.n_samples(batches1)
+    M = N if batches2 is None else _data.n_samples(batches2)
+    selected = select_parameters(model, params)
+    blocks = classify(model, selected)
+    device = _model_device(model)
+    elem_bytes = next(iter(selected.values())).element_size()
+
+    with _model_state(model, selected):
+        first = next(_data.tiles(batches1, 2))[1]
+        C, tokens1 = _probe(model, _data.to_device(first, device), output, blocks)
+        tokens2 = tokens1
+        if batches2 is not None:
+            _, tokens2 = _probe(model, _data.to_device(next(_data.tiles(batches2, 2))[1], device), output, blocks)
+        # Tokens per sample at each module, as the probe saw them (batches are padded to one length).
+        tokens = {b.name: (max(1, tokens1.get(b.name, 1)), max(1, tokens2.get(b.name, 1))) for b in blocks}
+        plan = plan_blocks(blocks, tokens, N, M, C, kernel, strategy, memory_budget, elem_bytes,
+                           cross=batches2 is not None)
+        if verbose:
+            print(plan.describe())
+        timings["plan"] = time.perf_counter() - t_start
+
+        total = torch.zeros(N * C, M * C, dtype=dtype, device=device)
+        kept: dict[str, torch.Tensor] = {}
+        by_name = {b.name: b for b in blocks}
+        n_tiles = -(-N // sample_tile) + (0 if batches2 is None else -(-M // sample_tile))
+        bar = _progress(progress, len(plan.passes) * n_tiles, "NTK")
+        timings["capture"] = timings["contract"] = timings["generic"] = 0.0
+        peak = 0
+        for names in plan.passes:
+            group = [by_name[n] for n in names]
+            factored = [b for b in group if b.method != "generic"]
+            generic = [b for b in group if b.method == "generic"]
+            stores = []
+            for batches in ([batches1] if batches2 is None else [batches1, batches2]):
+                t0 = time.perf_counter()
+                parts: dict[str, list] = {b.name: [] for b in factored}
+                if factored:
+                    for _, tile in _data.tiles(batches, sample_tile):
+                        tile = _data.to_device(tile, device)
+                        st, c_tile = capture_tile(model, tile, output, factored, _data.token_mask(tile), C)
+                        for name, form in st.items():
+                            parts[name].append(form)
+                        if bar is not None:
+                            bar.update(1)
+                elif bar is not None:
+                    bar.update(-(-_data.n_samples(batches) // sample_tile))
+                store = {name: concat_tiles(p) for name, p in parts.items()}
+                timings["capture"] += time.perf_counter() - t0
+                if generic:
+                    t0 = time.perf_counter()
+                    feats = generic_features(model, _data.tiles(batches, sample_tile), output, generic, C,
+                                             dtype, device, _data.to_device)
+                    store.update({name: {"features": f} for name, f in feats.items()})
+                    timings["generic"] += time.perf_counter() - t0
+                stores.append(store)
+            peak = max(peak, sum(t.numel() * t.element_size() for s in stores for form in s.values()
+                                 for t in form.values() if isinstance(t, torch.Tensor)))
+            t0 = time.perf_counter()
+            for b in group:
+                s1 = stores[0].get(b.name, {})
+                s2 = None if batches2 is None else stores[1].get(b.name, {})
+                if per_layer:
+                    k = torch.zeros_like(total)
+                    contract_block(b, s1, s2, kernel, k, C, backend)
+                    kept[b.name] = k
+                    total += k
+                else:
+                    contract_block(b, s1, s2, kernel, total, C, backend)
+            timings["contract"] += time.perf_counter() - t0
+            del stores
+        if bar is not None:
+            bar.close()
+    timings["total"] = time.perf_counter() - t_start
+    meta = {
+        "n_samples": N, "n_samples2": M, "n_outputs": C, "kernel": kernel,
+        "symmetric": batches2 is None and kernel != "asymmetric-signgd",
+        "cross": batches2 is not None, "dtype": str(dtype).replace("torch.", ""),
+        "model_dtype": str(next(iter(selected.values())).dtype).replace("torch.", ""),
+        "params": {n: p.numel() for n, p in selected.items()},
+        "n_params": sum(p.numel() for p in selected.values()),
+        "output": getattr(output, "__name__", type(output).__name__),
+        "peak_kept_bytes": peak,
+    }
+    return NTK(matrix=total, blocks=kept, meta=meta, plan=plan.as_dict(), timings=timings)
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="tile")

@@ -1,0 +1,99 @@
+"""Output presets: callables ``(model, batch) -> Tensor (B,) or (B, C)`` whose Jacobian is the NTK's.
+
+Every preset is per-sample: output row i depends only on sample i of the batch (the NTK engine sums
+outputs over the batch before differentiating, which is exact only then). Keys of the batch that the
+model does not take (``labels``, ``label``, ``idx``) are dropped before the call.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+_NOT_MODEL_INPUTS = ("labels", "label", "idx", "index")
+
+
+def model_inputs(batch: Mapping) -> dict:
+    """The entries of a batch that are passed to the model."""
+    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    out = model(**model_inputs(batch))
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def last_token_index(batch: Mapping) -> torch.Tensor:
+    """Index of the last real token of each sample (right or left padding), from attention_mask."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, -1).max(dim=1).values.clamp(min=0)
+
+
+def logits(classes: Sequence[int] | None = None) -> Callable:
+    """Classification-head logits ``model(**batch).logits`` (B, C), optionally only `classes`."""
+    idx = None if classes is None else list(classes)
+
+    def output(model, batch):
+        z = _logits(model, batch)
+        if z.dim() != 2:
+            raise ValueError(f"logits(): expected classification logits (B, C), got shape {tuple(z.shape)}; "
+                             "for a language model use label_word_logits()")
+        return z if idx is None else z[:, idx]
+
+    output.__name__ = "logits"
+    return output
+
+
+def label_word_logits(label_token_ids: Sequence[int], *, position: str = "last",
+                      mask_token_id: int | None = None) -> Callable:
+    """Language-model logits of the label words at one position per sample: (B, len(label_token_ids)).
+
+    position="last": the last real token (the prompt-based fine-tuning view of Malladi et al.);
+    position="mask": the (single) mask token of each sample, for masked language models.
+    """
+    ids = torch.as_tensor(list(label_token_ids), dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("label_word_logits: label_token_ids is empty")
+    if position not in ("last", "mask"):
+        raise ValueError(f"label_word_logits: position must be 'last' or 'mask', got {position!r}")
+    if position == "mask" and mask_token_id is None:
+        raise ValueError("label_word_logits: position='mask' needs mask_token_id")
+
+    def output(model, batch):
+        z = _logits(model, batch)  # (B, T, V)
+        if position == "last":
+            pos = last_token_index(batch)
+        else:
+            is_mask = batch["input_ids"] == mask_token_id
+            if not bool(is_mask.any(dim=1).all()):
+                raise ValueError("label_word_logits: a sample has no mask token "
+                                 f"(mask_token_id={mask_token_id})")
+            pos = is_mask.int().argmax(dim=1)
+        rows = z[torch.arange(z.shape[0], device=z.device), pos]  # (B, V)
+        return rows[:, ids.to(z.device)]
+
+    output.__name__ = f"label_word_logits[{position}]"
+    return output
+
+
+def sequence_log_likelihood(*, normalize: bool = False) -> Callable:
+    """Sum (or mean, with normalize=True) of next-token log-probabilities over real tokens: (B,).
+    Targets are ``batch['labels']`` when present (-100 ignored), else the input ids shifted by one."""
+
+    def output(model, batch):
+        z = _logits(model, batch)[:, :-1]
+        targets = batch.get("labels", batch["input_ids"])[:, 1:]
+        valid = targets != -100
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            valid = valid & mask[:, 1:].bool()
+        logp = torch.log_softmax(z, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total = (logp * valid).sum(dim=1)
+        return total / valid.sum(dim=1).clamp(min=1) if normalize else total
+
+    output.__name__ = "sequence_log_likelihood"
+    return output

@@ -1,0 +1,168 @@
+"""empirical_ntk against float64 torch.func Jacobians (J J^T and the sign variants from the same J),
+on tiny random GPT-2, Llama, BERT, RoBERTa and OPT models, with and without peft LoRA, with padding."""
+import pytest
+import torch
+from tiny_models import (batch, build, column_slices, kernel_from_jacobian, reference_jacobian,
+                         with_lora)
+
+import linft
+
+ARCHS = ["gpt2", "llama", "bert", "roberta", "opt"]
+PAD = {"gpt2": 0, "llama": 0, "bert": 0, "roberta": 1, "opt": 1}
+RTOL = 1e-10  # float64 model, float64 accumulation
+
+
+def _rel(a, b):
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / max(scale, 1e-300)
+
+
+def _check(ntk, model, inputs, output, inputs2=None, kernel="sgd"):
+    names = list(ntk.meta["params"])
+    J1 = reference_jacobian(model, inputs, output, names)
+    J2 = J1 if inputs2 is None else reference_jacobian(model, inputs2, output, names)
+    K = kernel_from_jacobian(J1, J2, kernel)
+    assert ntk.matrix.shape == K.shape
+    assert _rel(ntk.matrix, K) < RTOL, f"total kernel: relative error {_rel(ntk.matrix, K):.2e}"
+    if ntk.blocks:
+        cols = column_slices(model, names)
+        assert set(ntk.blocks) == set(names)  # no trainable parameter is skipped
+        for name, blk in ntk.blocks.items():
+            Kl = kernel_from_jacobian(J1[:, cols[name]], J2[:, cols[name]], kernel)
+            err = (blk - Kl).abs().max().item() / max(K.abs().max().item(), 1e-300)
+            assert err < RTOL, f"block {name}: error {err:.2e} relative to the total's scale"
+        assert _rel(sum(ntk.blocks.values()), ntk.matrix) < 1e-12
+    return K
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_model_lm_head_with_padding(arch):
+    """All parameters trainable (embeddings, norms, tied weights included), label-word logits C=3."""
+    model = build(arch)
+    inputs = batch(4, 6, pad_id=PAD[arch])
+    out = linft.outputs.label_word_logits([5, 9, 13])
+    ntk = linft.empirical_ntk(model, inputs, output=out, per_layer=True)
+    assert ntk.meta["n_outputs"] == 3 and ntk.matrix.shape == (12, 12)
+    _check(ntk, model, inputs, out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_trained_cross_kernel_classification(arch):
+    """peft LoRA with B != 0 plus a trainable classifier head; train/test cross kernel K(X, X2)."""
+    model = with_lora(build(arch, head="cls"), arch)
+    for n, p in model.named_parameters():
+        if "classifier" in n or "score" in n:
+            p.requires_grad_(True)
+    inputs, inputs2 = batch(4, 6, seed=1, pad_id=PAD[arch]), batch(3, 5, seed=2, pad_id=PAD[arch])
+    out = linft.outputs.logits()
+    ntk = linft.empirical_ntk(model, inputs, inputs2, output=out, per_layer=True)
+    assert ntk.matrix.shape == (12, 9)
+    assert any("lora_A" in n for n in ntk.blocks) and any("lora_B" in n for n in ntk.blocks)
+    _check(ntk, model, inputs, out, inputs2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_at_initialization_a_blocks_are_zero(arch):
+    model = with_lora(build(arch), arch, at_init=True)
+    inputs = batch(3, 5, pad_id=PAD[arch])
+    out = linft.outputs.label_word_logits([4, 8])
+    ntk = linft.empirical_ntk(model, inputs, output=out, per_layer=True)
+    a_blocks = {n: k for n, k in ntk.blocks.items() if "lora_A" in n}
+    b_blocks = {n: k for n, k in ntk.blocks.items() if "lora_B" in n}
+    assert a_blocks and b_blocks
+    for n, k in a_blocks.items():
+        assert torch.count_nonzero(k) == 0, n
+    assert all(k.abs().max() > 0 for k in b_blocks.values())
+    _check(ntk, model, inputs, out)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize", "generic"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_strategy_gives_the_same_kernel(arch, strategy):
+    model = build(arch)
+    inputs = batch(4, 6, pad_id=PAD[arch])
+    out = linft.outputs.label_word_logits([5, 9])
+    params = ["*h.1.*", "*ln_f*"] if arch == "gpt2" else ["*layers.1.*", "*norm*"]
+    ntk = linft.empirical_ntk(model, inputs, output=out, strategy=strategy, per_layer=True, params=params)
+    methods = {b["method"] for b in ntk.plan["blocks"]}
+    if strategy == "generic":
+        assert methods == {"generic"}
+    elif strategy == "ghost":
+        assert "ghost" in methods
+    _check(ntk, model, inputs, out)
+
+
+@pytest.mark.parametrize("kernel", ["signgd", "asymmetric-signgd"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_sign_kernels(arch, kernel):
+    """BERT's attention key biases are left out: their gradient is exactly zero in exact arithmetic
+    (softmax ignores a per-query constant), so its computed entries are rounding noise whose sign no
+    two correct implementations share."""
+    model = build(arch)
+    for n, p in model.named_parameters():
+        p.requires_grad_("key.bias" not in n)
+    inputs, inputs2 = batch(3, 6, pad_id=PAD[arch]), batch(2, 4, seed=5, pad_id=PAD[arch])
+    out = linft.outputs.label_word_logits([5, 9])
+    ntk = linft.empirical_ntk(model, inputs, output=out, kernel=kernel, per_layer=True)
+    _check(ntk, model, inputs, out, kernel=kernel)
+    cross = linft.empirical_ntk(model, inputs, inputs2, output=out, kernel=kernel, strategy="materialize")
+    _check(cross, model, inputs, out, inputs2, kernel=kernel)
+
+
+def test_scalar_output_sequence_log_likelihood():
+    model = build("llama")
+    inputs = batch(4, 6)
+    out = linft.outputs.sequence_log_likelihood()
+    ntk = linft.empirical_ntk(model, inputs, output=out, params=["*layers.0.mlp.*", "*lm_head*"])
+    assert ntk.meta["n_outputs"] == 1 and ntk.matrix.shape == (4, 4)
+    _check(ntk, model, inputs, out)
+
+
+def test_iterable_of_batches_with_different_lengths():
+    model = build("gpt2")
+    out = linft.outputs.label_word_logits([5, 9])
+    parts = [batch(2, 5, seed=1), batch(3, 7, seed=2)]
+    ntk = linft.empirical_ntk(model, parts, output=out, params=["*h.0.mlp.*"], sample_tile=2)
+    names = list(ntk.meta["params"])
+    J = torch.cat([reference_jacobian(model, b, out, names) for b in parts])
+    assert _rel(ntk.matrix, J @ J.T) < RTOL
+
+
+class _Scaled(torch.nn.Module):
+    """A custom layer linft has no closed form for: y = x * s + mixing(x) with a trainable vector s."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.randn(d, dtype=torch.float64))
+        self.mix = torch.nn.Linear(d, d, dtype=torch.float64)
+
+    def forward(self, x, gate=None):
+        return x * self.s + self.mix(x)
+
+
+def test_unsupported_custom_module_goes_through_generic_path():
+    model = build("llama")
+    layer = model.model.layers[0]
+    custom = _Scaled(16)
+    orig_forward = layer.mlp.forward
+    layer.mlp.custom = custom
+    layer.mlp.forward = lambda x: custom(orig_forward(x), gate=None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    custom.s.requires_grad_(True)
+    custom.mix.weight.requires_grad_(True)
+    inputs = batch(3, 5)
+    out = linft.outputs.label_word_logits([5, 9])
+    ntk = linft.empirical_ntk(model, inputs, output=out, per_layer=True)
+    kinds = {b["name"]: b["method"] for b in ntk.plan["blocks"]}
+    assert kinds["model.layers.0.mlp.custom.s"] == "generic"
+    assert kinds["model.layers.0.mlp.custom.mix.weight"] in ("ghost", "psg", "features")
+    _check(ntk, model, inputs, out)
+
+
+def test_restores_model_state():
+    model = build("gpt2").train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    linft.empirical_ntk(model, batch(2, 4), output=linft.outputs.label_word_logits([3]), params=["*h.0.attn.c_attn.*"])
+    assert model.training
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
