@@ -164,7 +164,9 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                             bar.update(1)
                 elif bar is not None:
                     bar.update(-(-_data.n_samples(batches) // sample_tile))
-                store = {name: concat_tiles(p) for name, p in parts.items()}
+                store = {}
+                for name in list(parts):  # one block at a time: tiles freed as each is joined
+                    store[name] = concat_tiles(parts.pop(name))
                 timings["capture"] += time.perf_counter() - t0
                 if generic:
                     t0 = time.perf_counter()
