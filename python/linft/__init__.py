@@ -6,7 +6,8 @@ accelerated kernels in `linft_kernels`. See DESIGN.md for the mathematics and th
 from . import outputs
 from .engine import empirical_ntk
 from .ntk import NTK
+from .operator import NTKOperator, ntk_operator
 
 __version__ = "0.1.0"
 
-__all__ = ["empirical_ntk", "NTK", "outputs", "__version__"]
+__all__ = ["empirical_ntk", "NTK", "ntk_operator", "NTKOperator", "outputs", "__version__"]
