@@ -1,0 +1,363 @@
+// Test driver of the CUDA emulation (README.md): runs the host launchers of csrc/cuda/*.cu, compiled
+// against emu.h, on random inputs from a fixed seed and compares every output with a float64
+// reference computed here. Usage: driver {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all}
+// Prints one line per check ("ok" / "FAIL") and a last line
+//   SUMMARY op=<op> checks=<n> failures=<f> launches=<l> blocks=<b> seconds=<s>
+// and exits 1 when a check failed.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "linft/common.h"
+#include "linft/cuda_kernels.h"
+
+namespace {
+
+std::mt19937_64 rng;
+int failures = 0, checks = 0;
+
+double rnd() { return std::uniform_real_distribution<double>(-1, 1)(rng); }
+
+void report(bool ok, const std::string& what, const std::string& detail, double secs) {
+  ++checks;
+  if (!ok) ++failures;
+  printf("%s %s: %s [%.2fs]\n", ok ? "ok  " : "FAIL", what.c_str(), detail.c_str(), secs);
+  fflush(stdout);
+}
+
+// One input tensor of dtype code `dt` (linft::DType), with the exact double of every stored element.
+struct Buf {
+  int dt;
+  std::vector<unsigned char> raw;  // exactly sized: AddressSanitizer sees any overrun
+  std::vector<double> val;
+  Buf(int dt_, size_t n) : dt(dt_), raw(n * esize(dt_)), val(n) {
+    for (size_t i = 0; i < n; ++i) set(i, rnd());
+  }
+  static size_t esize(int dt) { return dt == linft::kFloat32 ? 4 : dt == linft::kFloat64 ? 8 : 2; }
+  void set(size_t i, double v) {
+    switch (dt) {
+      case linft::kFloat32: { float f = (float)v; memcpy(&raw[i * 4], &f, 4); val[i] = f; break; }
+      case linft::kFloat64: { memcpy(&raw[i * 8], &v, 8); val[i] = v; break; }
+      case linft::kFloat16: { __half h = __double2half(v); memcpy(&raw[i * 2], &h, 2); val[i] = __half2float(h); break; }
+      case linft::kBFloat16: { __nv_bfloat16 h = __double2bfloat16(v); memcpy(&raw[i * 2], &h, 2); val[i] = __bfloat162float(h); break; }
+    }
+  }
+  const void* ptr() const { return raw.data(); }
+};
+
+// The output, starting from random nonzero values (the launchers accumulate into it).
+struct Out {
+  int od;
+  std::vector<float> f;
+  std::vector<double> d, init;
+  Out(int od_, size_t n) : od(od_), f(od_ == 0 ? n : 0), d(od_ == 0 ? 0 : n), init(n) {
+    for (size_t i = 0; i < n; ++i) {
+      double v = rnd();
+      if (od == 0) { f[i] = (float)v; init[i] = f[i]; } else { d[i] = v; init[i] = v; }
+    }
+  }
+  void* ptr() { return od == 0 ? (void*)f.data() : (void*)d.data(); }
+  double get(size_t i) const { return od == 0 ? f[i] : d[i]; }
+};
+
+// out == init + ref elementwise, relative to scale (the sum of |terms|) + |init|.
+void compare(const std::string& what, const Out& out, const std::vector<double>& ref,
+             const std::vector<double>& scale, double secs) {
+  const double tol = out.od == 0 ? 2e-5 : 1e-12;
+  double worst = 0;
+  size_t wi = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double want = out.init[i] + ref[i];
+    double err = std::fabs(out.get(i) - want) / (scale[i] + std::fabs(out.init[i]) + 1e-300);
+    if (std::isnan(err)) err = INFINITY;
+    if (err > worst) { worst = err; wi = i; }
+  }
+  char buf[256];
+  if (ref.empty()) snprintf(buf, sizeof buf, "empty");
+  else snprintf(buf, sizeof buf, "worst rel err %.3g at %zu (got %.10g want %.10g)", worst, wi,
+                out.get(wi), out.init[wi] + ref[wi]);
+  report(worst <= tol, what, buf, secs);
+}
+
+// Runs a launcher; an exception is a failed check. Returns the seconds taken, or -1 on exception.
+double timed(const std::string& what, const std::function<void()>& f) {
+  auto t0 = std::chrono::steady_clock::now();
+  try {
+    f();
+  } catch (const std::exception& e) {
+    report(false, what, std::string("threw: ") + e.what(), 0);
+    return -1;
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+const char* dname(int dt) {
+  static const char* n[] = {"f32", "f64", "f16", "bf16"};
+  return n[dt];
+}
+
+void test_gram(int N, int M, int P, bool sym, int dt, int od) {
+  if (sym) M = N;
+  Buf a(dt, (size_t)N * P), b(dt, sym ? 0 : (size_t)M * P);
+  const Buf& bb = sym ? a : b;
+  Out out(od, (size_t)N * M);
+  std::vector<double> ref((size_t)N * M), sc((size_t)N * M);
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < M; ++j) {
+      double s = 0, s2 = 0;
+      for (int p = 0; p < P; ++p) {
+        double v = a.val[(size_t)i * P + p] * bb.val[(size_t)j * P + p];
+        s += v;
+        s2 += std::fabs(v);
+      }
+      ref[(size_t)i * M + j] = s;
+      sc[(size_t)i * M + j] = s2;
+    }
+  char name[200];
+  snprintf(name, sizeof name, "gram N=%d M=%d P=%d %s in=%s out=%s", N, M, P, sym ? "sym" : "cross",
+           dname(dt), od ? "f64" : "f32");
+  double secs = timed(name, [&] {
+    linft::cuda::gram(a.ptr(), sym ? nullptr : b.ptr(), out.ptr(), N, M, P, dt, od, 0);
+  });
+  if (secs >= 0) compare(name, out, ref, sc, secs);
+}
+
+// Mask of n samples x t tokens with nonzero (not only 1) kept entries; sample `pad` (if >= 0) is
+// fully padded.
+std::vector<unsigned char> make_mask(int n, int t, int pad) {
+  std::vector<unsigned char> m((size_t)n * t);
+  for (auto& v : m) v = rnd() < 0.2 ? (unsigned char)(1 + rng() % 255) : 0;
+  if (pad >= 0 && pad < n) std::fill(m.begin() + (size_t)pad * t, m.begin() + (size_t)(pad + 1) * t, 0);
+  return m;
+}
+
+// NaN into the masked tokens of x (rows of d): masked tokens must be skipped, not multiplied by 0.
+void poison(Buf& x, const std::vector<unsigned char>& m, int d) {
+  for (size_t r = 0; r < m.size(); ++r)
+    if (!m[r])
+      for (int k = 0; k < d; ++k) x.set(r * d + k, NAN);
+}
+
+// ghost_gram (psg = false) or psg_gram with `kernel`. sym: second operand omitted (x2 == nullptr).
+void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, int dout, bool sym,
+                    bool masks, int dt, int od) {
+  if (sym) { M = N; S = T; }
+  Buf x1(dt, (size_t)N * T * din), g1(dt, (size_t)N * T * dout);
+  Buf x2(dt, sym ? 0 : (size_t)M * S * din), g2(dt, sym ? 0 : (size_t)M * S * dout);
+  std::vector<unsigned char> m1, m2;
+  if (masks) {
+    m1 = make_mask(N, T, N >= 2 ? N / 2 : -1);
+    poison(x1, m1, din);
+    poison(g1, m1, dout);
+    if (!sym) {
+      m2 = make_mask(M, S, M >= 2 ? M - 1 : -1);
+      poison(x2, m2, din);
+      poison(g2, m2, dout);
+    }
+  }
+  const Buf& X2 = sym ? x1 : x2;
+  const Buf& G2 = sym ? g1 : g2;
+  const auto& M2 = sym ? m1 : m2;
+  auto keep1 = [&](int i, int t) { return !masks || m1[(size_t)i * T + t] != 0; };
+  auto keep2 = [&](int j, int s) { return !masks || M2[(size_t)j * S + s] != 0; };
+  Out out(od, (size_t)N * M);
+  std::vector<double> ref((size_t)N * M), sc((size_t)N * M);
+  if (!psg) {
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < M; ++j) {
+        double s = 0, s2 = 0;
+        for (int t = 0; t < T; ++t)
+          for (int u = 0; u < S; ++u) {
+            if (!keep1(i, t) || !keep2(j, u)) continue;
+            double xp = 0, gp = 0, xa = 0, ga = 0;
+            for (int k = 0; k < din; ++k) {
+              double v = x1.val[((size_t)i * T + t) * din + k] * X2.val[((size_t)j * S + u) * din + k];
+              xp += v; xa += std::fabs(v);
+            }
+            for (int k = 0; k < dout; ++k) {
+              double v = g1.val[((size_t)i * T + t) * dout + k] * G2.val[((size_t)j * S + u) * dout + k];
+              gp += v; ga += std::fabs(v);
+            }
+            s += xp * gp;
+            s2 += xa * ga;
+          }
+        ref[(size_t)i * M + j] = s;
+        sc[(size_t)i * M + j] = s2;
+      }
+  } else {
+    // F_i = sum_t g^T x (d_out x d_in) and the sum of |terms| per element.
+    auto F = [&](const Buf& x, const Buf& g, int n, int TT, auto keep) {
+      std::vector<double> f((size_t)n * dout * din, 0.0), fa((size_t)n * dout * din, 0.0);
+      for (int i = 0; i < n; ++i)
+        for (int t = 0; t < TT; ++t)
+          if (keep(i, t))
+            for (int o = 0; o < dout; ++o)
+              for (int d = 0; d < din; ++d) {
+                double v = g.val[((size_t)i * TT + t) * dout + o] * x.val[((size_t)i * TT + t) * din + d];
+                f[((size_t)i * dout + o) * din + d] += v;
+                fa[((size_t)i * dout + o) * din + d] += std::fabs(v);
+              }
+      return std::make_pair(f, fa);
+    };
+    auto [F1, F1a] = F(x1, g1, N, T, keep1);
+    auto [F2, F2a] = F(X2, G2, M, S, keep2);
+    auto sg = [](double v) { return (double)((v > 0) - (v < 0)); };
+    const size_t P = (size_t)dout * din;
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < M; ++j) {
+        double s = 0, s2 = 0;
+        for (size_t e = 0; e < P; ++e) {
+          double a = F1[i * P + e], b = F2[j * P + e], aa = F1a[i * P + e], ba = F2a[j * P + e];
+          if (kernel == linft::kSignGD) { a = sg(a); b = sg(b); aa = 1; ba = 1; }
+          if (kernel == linft::kAsymmetricSignGD) { b = sg(b); ba = 1; }
+          s += a * b;
+          s2 += aa * ba;
+        }
+        ref[(size_t)i * M + j] = s;
+        sc[(size_t)i * M + j] = s2;
+      }
+  }
+  const unsigned char* pm1 = masks ? m1.data() : nullptr;
+  const unsigned char* pm2 = (masks && !sym) ? m2.data() : nullptr;
+  char name[300];
+  snprintf(name, sizeof name, "%s%s N=%d M=%d T=%d S=%d din=%d dout=%d %s%s in=%s out=%s",
+           psg ? "psg_gram kernel=" : "ghost_gram", psg ? std::to_string(kernel).c_str() : "", N, M,
+           T, S, din, dout, sym ? "sym" : "cross", masks ? " masked" : "", dname(dt), od ? "f64" : "f32");
+  double secs = timed(name, [&] {
+    if (psg)
+      linft::cuda::psg_gram(x1.ptr(), g1.ptr(), pm1, sym ? nullptr : x2.ptr(), sym ? nullptr : g2.ptr(),
+                            pm2, out.ptr(), N, M, T, S, din, dout, dt, od, kernel, 0);
+    else
+      linft::cuda::ghost_gram(x1.ptr(), g1.ptr(), pm1, sym ? nullptr : x2.ptr(), sym ? nullptr : g2.ptr(),
+                              pm2, out.ptr(), N, M, T, S, din, dout, dt, od, 0);
+  });
+  if (secs >= 0) compare(name, out, ref, sc, secs);
+}
+
+// f must throw std::invalid_argument.
+void expect_invalid(const std::string& what, const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    report(true, what, std::string("throws: ") + e.what(), 0);
+    return;
+  } catch (const std::exception& e) {
+    report(false, what, std::string("wrong exception: ") + e.what(), 0);
+    return;
+  }
+  report(false, what, "no exception", 0);
+}
+
+// f must leave out (4 floats) untouched and not throw.
+void expect_noop(const std::string& what, const std::function<void(float*)>& f) {
+  std::vector<float> out = {1.5f, -2.5f, 3.5f, 4.5f};
+  try {
+    f(out.data());
+  } catch (const std::exception& e) {
+    report(false, what, std::string("threw: ") + e.what(), 0);
+    return;
+  }
+  bool ok = out[0] == 1.5f && out[1] == -2.5f && out[2] == 3.5f && out[3] == 4.5f;
+  report(ok, what, ok ? "no-op" : "output changed", 0);
+}
+
+void run_gram() {
+  rng.seed(101);
+  for (int dt = 0; dt < 4; ++dt)
+    for (int od = 0; od < 2; ++od) {
+      test_gram(1, 1, 1, false, dt, od);
+      test_gram(1, 1, 7, true, dt, od);
+      test_gram(7, 5, 33, false, dt, od);
+      test_gram(70, 70, 65, true, dt, od);  // 2x2 tiles: mirror adds, plain (non-atomic) adds
+    }
+  for (int od = 0; od < 2; ++od) {
+    test_gram(70, 130, 70, false, 0, od);  // 2x3 tiles
+    test_gram(3, 65, 1100, false, 3, od);  // split-K: 3 splits, atomic adds
+    test_gram(130, 130, 530, true, 2, od); // symmetric 3x3 tiles with split-K: atomic mirror adds
+  }
+  std::vector<float> buf(4);
+  expect_invalid("gram bad dtype", [&] { linft::cuda::gram(buf.data(), nullptr, buf.data(), 2, 2, 1, 7, 0, 0); });
+  expect_invalid("gram bad out dtype", [&] { linft::cuda::gram(buf.data(), nullptr, buf.data(), 2, 2, 1, 0, 2, 0); });
+  expect_invalid("gram sym N != M", [&] { linft::cuda::gram(buf.data(), nullptr, buf.data(), 2, 1, 1, 0, 0, 0); });
+  expect_noop("gram P=0", [&](float* o) { linft::cuda::gram(o, o, o, 2, 2, 0, 0, 0, 0); });
+}
+
+void run_ghost() {
+  rng.seed(202);
+  for (int dt = 0; dt < 4; ++dt)
+    for (int od = 0; od < 2; ++od) {
+      test_ghost_psg(false, 0, 1, 1, 1, 1, 1, 1, false, false, dt, od);
+      test_ghost_psg(false, 0, 1, 1, 3, 3, 2, 1, true, true, dt, od);
+      test_ghost_psg(false, 0, 3, 2, 5, 40, 7, 33, false, true, dt, od);  // 2 s tiles, 2 d_out chunks
+      test_ghost_psg(false, 0, 4, 4, 37, 37, 9, 3, true, true, dt, od);   // t split (2), atomic mirror
+    }
+  for (int od = 0; od < 2; ++od) {
+    test_ghost_psg(false, 0, 5, 5, 20, 20, 33, 7, true, true, 0, od);    // one t tile: plain adds + mirror
+    test_ghost_psg(false, 0, 2, 3, 70, 33, 40, 5, false, false, 1, od);  // 3 t tiles, 3 splits
+    test_ghost_psg(false, 0, 1, 1, 33, 33, 70, 65, true, false, 2, od);  // d of 3 chunks
+  }
+  std::vector<float> buf(64);
+  const float* f = buf.data();
+  expect_invalid("ghost_gram bad dtype", [&] { linft::cuda::ghost_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 4, 0, 0); });
+  expect_invalid("ghost_gram sym T != S", [&] { linft::cuda::ghost_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 2, 1, 1, 0, 0, 0); });
+  expect_invalid("ghost_gram g2 null", [&] { linft::cuda::ghost_gram(f, f, nullptr, f, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 0, 0, 0); });
+  expect_noop("ghost_gram T=0", [&](float* o) { linft::cuda::ghost_gram(o, o, nullptr, o, o, nullptr, o, 2, 2, 0, 1, 1, 1, 0, 0, 0); });
+}
+
+// A block that loops over several t tiles needs >= ~1024 blocks (the launcher splits t over blocks
+// until there are ~1024): about 15k emulated barriers, several seconds on 2 cores. Kept apart.
+void run_ghost_t_loop() {
+  rng.seed(404);
+  test_ghost_psg(false, 0, 16, 32, 70, 3, 2, 3, false, true, 3, 0);  // 2 splits over 3 t tiles
+}
+
+void run_psg() {
+  rng.seed(303);
+  for (int k = 0; k < 3; ++k) {
+    for (int dt = 0; dt < 4; ++dt)
+      for (int od = 0; od < 2; ++od) {
+        test_ghost_psg(true, k, 1, 1, 1, 1, 1, 1, false, false, dt, od);
+        test_ghost_psg(true, k, 3, 3, 9, 9, 7, 18, true, true, dt, od);  // 2 o tiles
+      }
+    for (int od = 0; od < 2; ++od) {
+      test_ghost_psg(true, k, 3, 2, 5, 9, 33, 7, false, true, 1, od);     // 3 d tiles
+      test_ghost_psg(true, k, 20, 20, 11, 11, 17, 5, true, true, 2, od);  // 2 sample blocks, mirror
+      test_ghost_psg(true, k, 17, 33, 9, 4, 3, 33, false, false, 3, od);  // 2x3 sample blocks
+    }
+    test_ghost_psg(true, k, 34, 34, 3, 3, 18, 5, true, false, 0, 1);  // 3x3 sample blocks
+    test_ghost_psg(true, k, 2, 3, 3, 5, 70, 65, false, true, k, 1);     // 5x5 (o, d) tiles
+  }
+  std::vector<float> buf(64);
+  const float* f = buf.data();
+  expect_invalid("psg_gram bad kernel", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 0, 0, 5, 0); });
+  expect_invalid("psg_gram bad out dtype", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 0, 3, 0, 0); });
+  expect_invalid("psg_gram sym N != M", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 1, 1, 1, 1, 1, 0, 0, 0, 0); });
+  expect_noop("psg_gram d_in=0", [&](float* o) { linft::cuda::psg_gram(o, o, nullptr, o, o, nullptr, o, 2, 2, 1, 1, 0, 1, 0, 0, 1, 0); });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string op = argc > 1 ? argv[1] : "all";
+  bool known = false;
+  auto t0 = std::chrono::steady_clock::now();
+  if (op == "gram" || op == "all") { run_gram(); known = true; }
+  if (op == "ghost_gram" || op == "all") { run_ghost(); known = true; }
+  if (op == "ghost_gram_t_loop" || op == "all") { run_ghost_t_loop(); known = true; }
+  if (op == "psg_gram" || op == "all") { run_psg(); known = true; }
+  if (!known) {
+    fprintf(stderr, "usage: %s {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all}\n", argv[0]);
+    return 2;
+  }
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  printf("SUMMARY op=%s checks=%d failures=%d launches=%ld blocks=%ld seconds=%.1f\n", op.c_str(),
+         checks, failures, emu::launches, emu::blocks_run, secs);
+  return failures ? 1 : 0;
+}
