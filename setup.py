@@ -92,6 +92,7 @@ class BuildExt(build_ext):
                 if os.environ.get("LINFT_NATIVE_ARCH") == "1":
                     ext.extra_compile_args.append("-march=native")
                 info["cpu_flags"] = list(ext.extra_compile_args)
+                ext.define_macros.append(("LINFT_CXX_FLAGS", '"%s"' % " ".join(ext.extra_compile_args)))
         for ext in cuda_exts:
             ok, detail = self._prepare_cuda(ext)
             info["cuda"].update(detail)

@@ -147,7 +147,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         d["cxx_flags"] = std::string(LINFT_CXX_FLAGS);
 #endif
         d["cplusplus"] = static_cast<long>(__cplusplus);
-        // Instruction set the GEMM engine dispatched to at run time, and what the build flags allow.
+        // Instruction set the GEMM engine dispatched to at run time; what the build flags allow.
         d["simd"] = std::string(linft::cpu::simd_name());
         py::list baseline;
 #ifdef __AVX512F__

@@ -1,6 +1,7 @@
 // ghost_gram: out[i, j] += sum_{t,s} m1[i,t] m2[j,s] (x1[i,t].x2[j,s]) (g1[i,t].g2[j,s]).
 //
-// Blocking. The real tokens of each side are compacted into one list (masked tokens are never read).
+// Blocking. The real tokens of each side are compacted into one list (masked tokens are never
+// read).
 // Samples are then grouped into "token tiles" of at most R rows:
 //   * consecutive short samples share one tile (a group of several whole samples), so short
 //     sequences (down to T = 1) still give the GEMM engine R x R tiles;
@@ -14,8 +15,10 @@
 // item are added in the order of a. Units are processed in batches to bound that storage. The
 // arithmetic is fixed by the shapes and masks alone, so results do not depend on the thread count.
 //
-// Symmetric form: only items with B >= A; an off-diagonal item is added to out[A, B] and, transposed,
-// to out[B, A]. A diagonal item of one long sample uses tile pairs b >= a only (weight 2 for b > a).
+// Symmetric form: only items with B >= A; an off-diagonal item is added to out[A, B] and,
+// transposed, to out[B, A]. A diagonal item of several samples sums only sample pairs i <= j and
+// mirrors them; a diagonal item of one long sample uses tile pairs b >= a only (weight 2 for
+// b > a). The result is exactly symmetric.
 #include <omp.h>
 
 #include <algorithm>
@@ -27,7 +30,7 @@ namespace linft {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 96;  // token rows per tile (a multiple of every engine register tile)
+constexpr int64_t kTile = 192;  // token rows per tile (a multiple of every engine register tile)
 
 struct Seg {  // rows [r0, r1) of a tile belong to sample `local` of the tile's group
   int64_t r0, r1, local;
@@ -65,18 +68,21 @@ void build_side(Side& sd, const unsigned char* x, const unsigned char* g, const 
     if (s1 <= s0) return;
     Group gr{s0, s1, static_cast<int64_t>(sd.tiles.size()), 0};
     const int64_t total = sd.tok.start[s1] - sd.tok.start[s0];
-    if (s1 - s0 == 1 && total > kTile) {  // one long sample: balanced split into tiles
-      const int64_t nt = (total + kTile - 1) / kTile, per = (total + nt - 1) / nt;
+    if (s1 - s0 == 1 && total > kTile) {  // one long sample: split into near-equal tiles
+      // (sizes rounded up to a multiple of 32, so that they fill the engine's register tiles)
+      const int64_t nt = (total + kTile - 1) / kTile;
+      const int64_t per = std::min(kTile, ((total + nt - 1) / nt + 31) / 32 * 32);
       for (int64_t p = 0; p < total; p += per) {
         const int64_t rows = std::min(per, total - p);
-        sd.tiles.push_back({sd.tok.start[s0] + p, rows, (int64_t)sd.segs.size(), 0});
+        sd.tiles.push_back({sd.tok.start[s0] + p, rows, static_cast<int64_t>(sd.segs.size()), 0});
         sd.segs.push_back({0, rows, 0});
         sd.tiles.back().seg1 = static_cast<int64_t>(sd.segs.size());
       }
     } else if (total > 0) {  // whole samples in one tile
       Tile t{sd.tok.start[s0], total, static_cast<int64_t>(sd.segs.size()), 0};
       for (int64_t s = s0; s < s1; ++s) {
-        const int64_t r0 = sd.tok.start[s] - sd.tok.start[s0], r1 = sd.tok.start[s + 1] - sd.tok.start[s0];
+        const int64_t r0 = sd.tok.start[s] - sd.tok.start[s0];
+        const int64_t r1 = sd.tok.start[s + 1] - sd.tok.start[s0];
         if (r1 > r0) sd.segs.push_back({r0, r1, s - s0});
       }
       t.seg1 = static_cast<int64_t>(sd.segs.size());
@@ -158,7 +164,9 @@ void ghost_run(const Side& s1, const Side& s2, bool sym, int64_t M, int64_t d_in
 
 #pragma omp parallel if (units > 1)
     {
-      AlignedArray<T> xp(kTile * kTile), gp(kTile * kTile);
+      thread_local AlignedArray<T> xp, gp;  // the two product tiles, kept between calls
+      xp.resize(kTile * kTile);
+      gp.resize(kTile * kTile);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < units; ++u) {
         const Item& it = items[unit_item[u]];
@@ -170,6 +178,8 @@ void ghost_run(const Side& s1, const Side& s2, bool sym, int64_t M, int64_t d_in
         // Diagonal item of one long sample: the kernel of a sample with itself is symmetric in
         // (t, s), so tile pairs b > a count twice and b < a are skipped.
         const bool half = sym && it.a == it.b && A.s1 - A.s0 == 1;
+        // Diagonal item of several samples: only sample pairs (i, j) with i <= j.
+        const bool tri = sym && it.a == it.b;
         for (int64_t tb = half ? unit_tile[u] : B.tl0; tb < B.tl1; ++tb) {
           const Tile& bt = s2.tiles[tb];
           const T w = (half && tb != unit_tile[u]) ? T(2) : T(1);
@@ -186,6 +196,7 @@ void ghost_run(const Side& s1, const Side& s2, bool sym, int64_t M, int64_t d_in
               T* prow = P + ra_seg.local * nbs;
               for (int64_t sb = bt.seg0; sb < bt.seg1; ++sb) {
                 const Seg& cs = s2.segs[sb];
+                if (tri && cs.local < ra_seg.local) continue;  // the mirror pair is summed
                 T acc = T(0);
 #pragma omp simd reduction(+ : acc)
                 for (int64_t c = cs.r0; c < cs.r1; ++c) acc += xr[c] * gr[c];
@@ -207,13 +218,24 @@ void ghost_run(const Side& s1, const Side& s2, bool sym, int64_t M, int64_t d_in
         const Group& A = s1.groups[it.a];
         const Group& B = s2.groups[it.b];
         const int64_t nbs = B.s1 - B.s0;
-        const bool mirror = sym && it.a != it.b;
-        for (int64_t ia = 0; ia < A.s1 - A.s0; ++ia)
-          for (int64_t jb = 0; jb < nbs; ++jb) {
-            const T v = P0[ia * nbs + jb];
-            out[(A.s0 + ia) * M + B.s0 + jb] += v;
-            if (mirror) out[(B.s0 + jb) * M + A.s0 + ia] += v;
+        if (sym && it.a == it.b) {  // sample pairs i <= j computed; mirror (exactly symmetric)
+          for (int64_t ia = 0; ia < nbs; ++ia) {
+            out[(A.s0 + ia) * M + A.s0 + ia] += P0[ia * nbs + ia];
+            for (int64_t jb = ia + 1; jb < nbs; ++jb) {
+              const T v = P0[ia * nbs + jb];
+              out[(A.s0 + ia) * M + A.s0 + jb] += v;
+              out[(A.s0 + jb) * M + A.s0 + ia] += v;
+            }
           }
+        } else {
+          const bool mirror = sym;
+          for (int64_t ia = 0; ia < A.s1 - A.s0; ++ia)
+            for (int64_t jb = 0; jb < nbs; ++jb) {
+              const T v = P0[ia * nbs + jb];
+              out[(A.s0 + ia) * M + B.s0 + jb] += v;
+              if (mirror) out[(B.s0 + jb) * M + A.s0 + ia] += v;
+            }
+        }
       }
     }
   }
@@ -227,8 +249,9 @@ void ghost_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::ui
   if (N <= 0 || M <= 0 || T <= 0 || S <= 0 || d_in <= 0 || d_out <= 0) return;
   const bool sym = x2 == 0;
   Side s1, s2;
-  build_side(s1, reinterpret_cast<const unsigned char*>(x1), reinterpret_cast<const unsigned char*>(g1),
-             reinterpret_cast<const uint8_t*>(m1), N, T, d_in, d_out, dtype);
+  build_side(s1, reinterpret_cast<const unsigned char*>(x1),
+             reinterpret_cast<const unsigned char*>(g1), reinterpret_cast<const uint8_t*>(m1), N, T,
+             d_in, d_out, dtype);
   if (!sym)
     build_side(s2, reinterpret_cast<const unsigned char*>(x2),
                reinterpret_cast<const unsigned char*>(g2), reinterpret_cast<const uint8_t*>(m2), M,

@@ -6,10 +6,10 @@
 //     for ic over m in MC rows:
 //       pack A[ic:ic+MC, pc:pc+KC] into MR-tall k-major panels
 //       for each NR-panel of B (stays in L1), for each MR-panel of A (streams from L2):
-//         micro-kernel: MR x NR register tile, rank-1 updates over the KC chunk (outer-product form:
-//         one broadcast of A times NV vectors of B per row), then added to C.
-// Packing reads the input dtype directly (fp32/fp64/fp16/bf16, rows through an optional index list),
-// so conversion costs O(1/MC + 1/NC) of the FLOPs and no converted copy of an input ever exists.
+//         micro-kernel: MR x NR register tile, rank-1 updates over the KC chunk (outer-product
+//         form: one broadcast of A times NV vectors of B per row), then added to C.
+// Packing reads the input dtype directly (fp32/fp64/fp16/bf16, rows through an optional index
+// list), so conversion costs O(1/MC + 1/NC) of the FLOPs and no converted input copy ever exists.
 // The micro-kernel uses GCC/Clang vector extensions and is instantiated per instruction set
 // (AVX-512, AVX2+FMA, baseline) with function target attributes; the best one the CPU supports is
 // picked once at run time.
@@ -103,7 +103,8 @@ LINFT_AI void pack(const Operand& op, int64_t rows, int64_t kc, T* __restrict ds
     const int64_t valid = std::min<int64_t>(R, rows - p * R);
     if (!op.kmajor) {
       // Row mode: each logical row is contiguous along k. Converted in 16-column strips through a
-      // small R x 16 tile (contiguous reads), then written k-major (contiguous writes).
+      // small R x 16 tile (contiguous reads), then written k-major (contiguous writes). Padding
+      // rows read the last valid row (always in bounds) and are then zeroed.
       const S* src[R];
       for (int r = 0; r < R; ++r) {
         const int64_t row = p * R + std::min<int64_t>(r, valid - 1);
@@ -185,47 +186,6 @@ LINFT_AI void micro(int64_t kc, const T* __restrict Ap, const T* __restrict Bp, 
     }
 }
 
-// Software prefetch of the source rows the engine packs next (row-mode operands only), spread over
-// the micro-kernel sweeps of the current block so that DRAM reads overlap the arithmetic.
-class Prefetcher {
- public:
-  void clear() { n_ = 0, task_ = 0, row_ = 0, line_ = 0; }
-  // Rows [0, rows) of op (already offset to the first row), columns [0, kc) (op offset to k0).
-  void add(const Operand& op, int64_t rows, int64_t kc) {
-    if (op.kmajor || rows <= 0 || kc <= 0 || n_ == 2) return;
-    const int64_t bytes = kc * dtype_size(op.dtype);
-    tasks_[n_++] = {op, rows, (bytes + 63) / 64};
-  }
-  int64_t lines() const {
-    int64_t t = 0;
-    for (int i = 0; i < n_; ++i) t += tasks_[i].rows * tasks_[i].lines;
-    return t;
-  }
-  // Issue up to `count` prefetches (into L2).
-  void issue(int64_t count) {
-    while (count > 0 && task_ < n_) {
-      const Task& t = tasks_[task_];
-      const int64_t esz = dtype_size(t.op.dtype);
-      const unsigned char* row =
-          t.op.base + (t.op.idx ? t.op.idx[row_] : row_) * t.op.ld * esz;
-      for (; line_ < t.lines && count > 0; ++line_, --count) __builtin_prefetch(row + line_ * 64, 0, 2);
-      if (line_ == t.lines) {
-        line_ = 0;
-        if (++row_ == t.rows) row_ = 0, ++task_;
-      }
-    }
-  }
-
- private:
-  struct Task {
-    Operand op;
-    int64_t rows, lines;
-  };
-  Task tasks_[2];
-  int n_ = 0, task_ = 0;
-  int64_t row_ = 0, line_ = 0;
-};
-
 // Per-thread packing buffers (kept between calls; bounded by MC*KC + NC*KC elements).
 thread_local AlignedArray<unsigned char> tls_apack, tls_bpack;
 
@@ -233,10 +193,7 @@ template <class T, int L, int MR, int NV>
 LINFT_AI void gemm_impl(const Operand& A, const Operand& B, int64_t m, int64_t n, int64_t K,
                         T* __restrict C, int64_t ldc, bool upper) {
   constexpr int NR = NV * L;
-#ifndef LINFT_KC
-#define LINFT_KC 256
-#endif
-  constexpr int64_t KC = LINFT_KC;      // k chunk: an NR x KC panel of B stays in L1
+  constexpr int64_t KC = 256;      // k chunk: an NR x KC panel of B stays in L1
   constexpr int64_t MC = 16 * MR;  // an MC x KC block of A stays in L2
   constexpr int64_t NC = 64 * NR;  // an NC x KC block of B stays in L2/L3
   if (m <= 0 || n <= 0 || K <= 0) return;
@@ -248,7 +205,6 @@ LINFT_AI void gemm_impl(const Operand& A, const Operand& B, int64_t m, int64_t n
   T* Ap = reinterpret_cast<T*>(tls_apack.data());
   T* Bp = reinterpret_cast<T*>(tls_bpack.data());
   alignas(64) T tmp[MR * NR];
-  Prefetcher pf;
   for (int64_t jc = 0; jc < n; jc += NC) {
     const int64_t nc = std::min(NC, n - jc);
     for (int64_t pc = 0; pc < K; pc += KC) {
@@ -262,22 +218,7 @@ LINFT_AI void gemm_impl(const Operand& A, const Operand& B, int64_t m, int64_t n
           packed_b = true;
         }
         pack_any<T, MR>(A.rows_from(ic).cols_from(pc), mc, kc, Ap);
-        // What gets packed after this block: the next A block, or the next k chunk (B and the
-        // first A block), or the next column block.
-        pf.clear();
-        if (ic + MC < m && !(upper && ic + MC >= jc + nc)) {
-          pf.add(A.rows_from(ic + MC).cols_from(pc), std::min(MC, m - ic - MC), kc);
-        } else if (pc + KC < K) {
-          pf.add(B.rows_from(jc).cols_from(pc + KC), nc, std::min(KC, K - pc - KC));
-          pf.add(A.cols_from(pc + KC), std::min(MC, m), std::min(KC, K - pc - KC));
-        } else if (jc + NC < n) {
-          pf.add(B.rows_from(jc + NC), std::min(NC, n - jc - NC), std::min(KC, K));
-          pf.add(A, std::min(MC, m), std::min(KC, K));
-        }
-        const int64_t n_jr = (nc + NR - 1) / NR;
-        const int64_t pf_step = (pf.lines() + n_jr - 1) / n_jr;
         for (int64_t jr = 0; jr < nc; jr += NR) {
-          pf.issue(pf_step);
           const int64_t nr = std::min<int64_t>(NR, nc - jr);
           const T* bp = Bp + jr * kc;
           for (int64_t ir = 0; ir < mc; ir += MR) {
@@ -369,8 +310,8 @@ const Engine& engine() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// gram op: one thread per output block (see plan_blocks), computed into a zeroed thread-local buffer
-// and then added to out.
+// gram op: one thread per output block (see plan_blocks), computed into a zeroed thread-local
+// buffer and then added to out.
 template <class T>
 void gram_run(const Operand& A, const Operand& B, bool sym, int64_t N, int64_t M, int64_t P,
               T* out) {
@@ -406,12 +347,13 @@ void gemm_nt(const Operand& A, const Operand& B, int64_t m, int64_t n, int64_t K
 }
 const char* simd_name() { return engine().name; }
 int gemm_mr(bool) { return engine().mr; }
+int gemm_nr(bool fp64) { return fp64 ? engine().nr64 : engine().nr32; }
 
 BlockPlan plan_blocks(int64_t N, int64_t M, bool sym, int threads, int64_t elem_bytes) {
-  // Candidates are multiples of 96 (a multiple of every register tile). Larger blocks read the
-  // inputs fewer times (traffic ~ N M P (2 / bs)), which matters most: the thread-local block must
-  // stay in L2 (about 1 MiB). The largest block size whose list schedule over `threads` is within
-  // 15% of perfect balance wins. The choice changes no result (see gemm_nt).
+  // Candidates are multiples of 96 (a multiple of every register tile), then 48. Larger blocks
+  // read the inputs fewer times (traffic ~ N M P (2 / bs) elements), but the thread-local block
+  // must stay in L2 (at most 1.25 MiB). The largest block size whose list schedule over `threads`
+  // is within 15% of perfect balance wins. The choice changes no result (see gemm_nt).
   static const int64_t cand[] = {576, 480, 384, 288, 192, 96, 48};
   BlockPlan best;
   for (int64_t bs : cand) {
@@ -442,7 +384,6 @@ BlockPlan plan_blocks(int64_t N, int64_t M, bool sym, int threads, int64_t elem_
   }
   return best;
 }
-int gemm_nr(bool fp64) { return fp64 ? engine().nr64 : engine().nr32; }
 
 void gram(std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t N, int64_t M, int64_t P,
           int dtype, int out_dtype) {

@@ -1,15 +1,16 @@
 // psg_gram: out[i, j] += <F1_i, F2_j>, F_i = sum_t m[i,t] g[i,t,:]^T x[i,t,:] (d_out x d_in), with
-// kernel 0 (sgd) <F_i, F_j>, 1 (signgd) <sign F_i, sign F_j>, 2 (asymmetric-signgd) <F_i, sign F_j>.
+// kernel 0 (sgd) <F_i, F_j>, 1 (signgd) <sign F_i, sign F_j>, 2 (asymmetric-signgd)
+// <F_i, sign F_j>.
 //
 // Blocking. The (d_out, d_in) plane is cut into tiles of Ob x Db. For each tile, in order:
 //   phase 1 (OpenMP over samples): the tile of every per-sample gradient, F_n[o0:o0+Ob, d0:d0+Db] =
 //     g_n[:, o0:]^T x_n[:, d0:] over the real tokens of n, is built by the GEMM engine (k-major
 //     operands: K = tokens) into a buffer of N (+ M) rows of Ob*Db values, then signed if needed;
-//   phase 2 (OpenMP over square output blocks, upper blocks only in the symmetric form): the Gram of
-//     those rows, each block into a zeroed thread-local buffer, added to out (and mirrored).
-// Only one tile of the per-sample gradients exists at a time (the tile shrinks when N + M is large,
-// to bound the buffer). Each out element receives the tile results in tile order, each computed by
-// one thread in a fixed order, so the result does not depend on the thread count.
+//   phase 2 (OpenMP over square output blocks, upper blocks only in the symmetric form): the Gram
+//     of those rows, each block into a zeroed thread-local buffer, added to out (and mirrored).
+// Only one tile of the per-sample gradients exists at a time (sized so the buffer is about 8 MiB).
+// Each out element receives the tile results in tile order, each computed by one thread in a fixed
+// order, so the result does not depend on the thread count.
 //
 // Kernel 2 is never symmetric: with x2 == 0 the second operand is sign(F1) (a second buffer).
 #include <omp.h>
@@ -23,9 +24,16 @@ namespace linft {
 namespace cpu {
 namespace {
 
+// dst = sign(src) elementwise, src == dst allowed (sign(0) = 0, nan stays nan). Branch-free so that
+// it vectorizes (gradient signs are random: a branch would mispredict half the time).
 template <class T>
-inline T sign_of(T v) {
-  return v > T(0) ? T(1) : v < T(0) ? T(-1) : v * T(0);  // sign(0) = 0; nan stays nan
+inline void to_sign(const T* src, T* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const T v = src[k];
+    const T s = static_cast<T>(v > T(0)) - static_cast<T>(v < T(0));
+    dst[k] = v == v ? s : v;
+  }
 }
 
 struct Side {
@@ -71,16 +79,25 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
   const int64_t rows2 = gram_sym ? 0 : M;
   const bool sign1 = kernel == kSignGD, sign2 = kernel != kSGD;
 
-  // Tile shape: Db a multiple of the engine's NR (up to 96 or d_in), Ob a multiple of MR, about
-  // 9216 values per sample, fewer when (N + rows2) rows of it would pass 64 MiB.
+  // Tile shape. Phase 1 reads every x and g row once per tile column / row, so it wants large
+  // tiles; phase 2 reads the whole buffer at least twice per tile, so it should stay cache-sized.
+  // Hence a buffer of about 8 MiB, with 96 x 96 to 256 x 256 values per sample (and never more than
+  // 64 MiB). Ob is a multiple of MR and Db of NR, split evenly over d_out and d_in.
+  const int64_t rows = N + rows2, esz = static_cast<int64_t>(sizeof(T));
   auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
-  int64_t Db = std::min(d_in, round_up(96, nr));
-  int64_t Ob = std::min(d_out, round_up((9216 + Db - 1) / Db, mr));
-  const int64_t budget = (int64_t(64) << 20) / static_cast<int64_t>(sizeof(T));
-  const int64_t rows = N + rows2;
-  while (rows * Ob * Db > budget && Ob > mr) Ob = std::max(mr, Ob / 2 / mr * mr);
-  while (rows * Ob * Db > budget && Db > nr) Db = std::max(nr, Db / 2 / nr * nr);
-  const int64_t E = Ob * Db;  // buffer row stride (edge tiles use a prefix)
+  int64_t E = std::min<int64_t>(65536, std::max<int64_t>(9216, (int64_t(8) << 20) / (rows * esz)));
+  E = std::max(mr * nr, std::min(E, (int64_t(64) << 20) / (rows * esz)));
+  int64_t Db = 1;
+  while ((Db + 1) * (Db + 1) <= E) ++Db;  // about sqrt(E)
+  Db = std::min(d_in, round_up(Db, nr));
+  int64_t Ob = std::min(d_out, std::max(mr, E / Db / mr * mr));
+  if (Ob == d_out) Db = std::min(d_in, std::max(nr, E / Ob / nr * nr));  // room left: widen
+  {  // even splits (fewer ragged edge tiles)
+    const int64_t n_o = (d_out + Ob - 1) / Ob, n_d = (d_in + Db - 1) / Db;
+    Ob = std::min(d_out, round_up((d_out + n_o - 1) / n_o, mr));
+    Db = std::min(d_in, round_up((d_in + n_d - 1) / n_d, nr));
+  }
+  E = Ob * Db;  // buffer row stride (edge tiles use a prefix)
 
   AlignedArray<T> F1(N * E), F2(std::max<int64_t>(rows2, 1) * E);
   Operand A;
@@ -111,15 +128,15 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
             build_tile(s1, s, o0, d0, ob, db, f);
             if (sym && kernel == kAsymmetricSignGD) {
               T* g = F2.data() + s * E;
-              for (int64_t k = 0; k < e; ++k) g[k] = sign_of(f[k]);
+              to_sign(f, g, e);
             } else if (sign1) {
-              for (int64_t k = 0; k < e; ++k) f[k] = sign_of(f[k]);
+              to_sign(f, f, e);
             }
           } else {
             T* f = F2.data() + (s - N) * E;
             build_tile(*s2, s - N, o0, d0, ob, db, f);
             if (sign2)
-              for (int64_t k = 0; k < e; ++k) f[k] = sign_of(f[k]);
+              to_sign(f, f, e);
           }
         }
         // Phase 2: Gram of the tile rows, K = e.
@@ -146,8 +163,9 @@ void psg_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uint
   if (N <= 0 || M <= 0 || T <= 0 || S <= 0 || d_in <= 0 || d_out <= 0) return;
   const bool sym = x2 == 0;
   Side s1, s2;
-  build_side(s1, reinterpret_cast<const unsigned char*>(x1), reinterpret_cast<const unsigned char*>(g1),
-             reinterpret_cast<const uint8_t*>(m1), N, T, d_in, d_out, dtype);
+  build_side(s1, reinterpret_cast<const unsigned char*>(x1),
+             reinterpret_cast<const unsigned char*>(g1), reinterpret_cast<const uint8_t*>(m1), N, T,
+             d_in, d_out, dtype);
   if (!sym)
     build_side(s2, reinterpret_cast<const unsigned char*>(x2),
                reinterpret_cast<const unsigned char*>(g2), reinterpret_cast<const uint8_t*>(m2), M,

@@ -9,8 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <new>
 #include <memory>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -20,7 +20,7 @@ namespace linft {
 namespace cpu {
 
 // ---------------------------------------------------------------------------------------------
-// Op entry points (pointers as integers, see csrc/README.md). Arguments are validated by bindings.cpp.
+// Op entry points (pointers as integers, see csrc/README.md); bindings.cpp validates arguments.
 void gram(std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t N, int64_t M, int64_t P,
           int dtype, int out_dtype);
 void ghost_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uintptr_t x2,
@@ -117,9 +117,9 @@ inline TokenList real_tokens(const uint8_t* mask, int64_t n, int64_t T) {
 // in one of two layouts:
 //   row mode  (kmajor == false): element (r, k) = base[row(r) * ld + k],  row(r) = idx ? idx[r] : r
 //   k-major   (kmajor == true):  element (r, k) = base[row(k) * ld + r],  row(k) = idx ? idx[k] : k
-// Row mode is a feature matrix (gram) or a list of token rows (ghost_gram); k-major is the transpose
-// of a list of token rows, i.e. the g^T and x^T of a per-sample gradient F = g^T x (psg_gram). The
-// index list is how masked (padding) tokens are skipped.
+// Row mode is a feature matrix (gram) or a list of token rows (ghost_gram); k-major is the
+// transpose of a list of token rows, i.e. the g^T and x^T of a per-sample gradient F = g^T x
+// (psg_gram). The index list is how masked (padding) tokens are skipped.
 struct Operand {
   const unsigned char* base = nullptr;  // element (0, 0) of the logical matrix (before idx)
   int dtype = kFloat32;
