@@ -7,7 +7,11 @@ from . import outputs
 from .engine import empirical_ntk
 from .ntk import NTK
 from .operator import NTKOperator, ntk_operator
+from .spectrum import (Spectrum, condition_number, conditioning, effective_rank, ridge_condition,
+                       singular_values, spectral_density, spectrum)
 
 __version__ = "0.1.0"
 
-__all__ = ["empirical_ntk", "NTK", "ntk_operator", "NTKOperator", "outputs", "__version__"]
+__all__ = ["empirical_ntk", "NTK", "ntk_operator", "NTKOperator", "outputs", "spectrum", "Spectrum",
+           "singular_values", "conditioning", "condition_number", "ridge_condition", "spectral_density",
+           "effective_rank", "__version__"]

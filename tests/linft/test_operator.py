@@ -27,3 +27,19 @@ def test_operator_products_match_explicit_kernel(arch):
     torch.testing.assert_close(op.diagonal(), K.diag(), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="cannot multiply a block with 7 rows"):
         op @ torch.randn(7)
+
+
+def test_spectrum_of_operator_equals_spectrum_of_matrix():
+    """Top eigenpairs through the matrix-free operator equal those of the explicit kernel."""
+    model = with_lora(build("gpt2"), "gpt2")
+    inputs = batch(6, 5)
+    out = linft.outputs.label_word_logits([5, 9])
+    ntk = linft.empirical_ntk(model, inputs, output=out)
+    op = linft.ntk_operator(model, inputs, output=out, sample_tile=3)
+    dense = torch.linalg.eigvalsh(ntk.matrix).flip(0)[:3]
+    from_matrix = linft.spectrum(ntk, 3)
+    from_operator = linft.spectrum(op, 3, seed=1)
+    torch.testing.assert_close(from_matrix.eigenvalues, dense, rtol=1e-8, atol=0)
+    torch.testing.assert_close(from_operator.eigenvalues.to(dense.dtype), dense, rtol=1e-8, atol=0)
+    assert bool(from_operator.converged.all())
+    assert op.products == from_operator.products
