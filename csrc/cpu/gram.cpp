@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "linft/cpu_kernels.h"
@@ -98,10 +99,37 @@ template <class T, class S, int R>
 LINFT_AI void pack(const Operand& op, int64_t rows, int64_t kc, T* __restrict dst) {
   const S* base = reinterpret_cast<const S*>(op.base);
   const int64_t np = (rows + R - 1) / R;
+  if (op.kmajor) {
+    // k-major: each k is a stored row whose R consecutive elements are a panel's rows. k outer, so
+    // that each stored row is read once, contiguously (panel-outer order would re-read every
+    // cache line once per panel, at a large stride that conflicts in L1).
+    for (int64_t k = 0; k < kc; ++k) {
+      const S* src = base + (op.idx ? op.idx[k] : k) * op.ld;
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t valid = std::min<int64_t>(R, rows - p * R);
+        const S* sp = src + p * R;
+        T* __restrict dk = dst + p * kc * R + k * R;
+        if (valid == R) {
+          // Fixed-size copy / conversion, inlined (a plain loop here becomes a memmove call).
+          if constexpr (std::is_same<T, S>::value) {
+            __builtin_memcpy(dk, sp, R * sizeof(T));
+          } else {
+            alignas(64) T t[R];
+#pragma GCC unroll 32
+            for (int r = 0; r < R; ++r) t[r] = load_as<T>(sp + r);
+            __builtin_memcpy(dk, t, R * sizeof(T));
+          }
+        } else {
+          for (int r = 0; r < R; ++r) dk[r] = r < valid ? load_as<T>(sp + r) : T(0);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t p = 0; p < np; ++p) {
     T* __restrict d = dst + p * kc * R;
     const int64_t valid = std::min<int64_t>(R, rows - p * R);
-    if (!op.kmajor) {
+    {
       // Row mode: each logical row is contiguous along k. Converted in 16-column strips through a
       // small R x 16 tile (contiguous reads), then written k-major (contiguous writes). Padding
       // rows read the last valid row (always in bounds) and are then zeroed.
@@ -124,17 +152,6 @@ LINFT_AI void pack(const Operand& op, int64_t rows, int64_t kc, T* __restrict ds
           for (int kk = 0; kk < 16; ++kk) tile[r][kk] = T(0);
         for (int64_t kk = 0; kk < kb; ++kk)
           for (int r = 0; r < R; ++r) d[(k0 + kk) * R + r] = tile[r][kk];
-      }
-    } else {
-      // k-major: each k is a stored row whose R consecutive elements are the panel's rows.
-      for (int64_t k = 0; k < kc; ++k) {
-        const S* src = base + (op.idx ? op.idx[k] : k) * op.ld + p * R;
-        T* __restrict dk = d + k * R;
-        if (valid == R) {
-          for (int r = 0; r < R; ++r) dk[r] = load_as<T>(src + r);
-        } else {
-          for (int r = 0; r < R; ++r) dk[r] = r < valid ? load_as<T>(src + r) : T(0);
-        }
       }
     }
   }
@@ -315,6 +332,39 @@ const Engine& engine() {
 template <class T>
 void gram_run(const Operand& A, const Operand& B, bool sym, int64_t N, int64_t M, int64_t P,
               T* out) {
+  // Few rows, long P (at most 256 x 256 outputs, P >= 16384): output blocks alone give too little
+  // parallel work (and tiny blocks waste register tiles), so P is cut into S chunks (lengths
+  // multiples of 4096, S <= 16, fixed by the shape alone). Each chunk's N x M product goes to its
+  // own partial (at most 16 x 256 KiB in fp32), and the partials are added to out in chunk order:
+  // the result depends on the shape only, not on the thread count.
+  if (N * M <= 256 * 256 && P >= 16384) {
+    const int64_t S = std::min<int64_t>(16, P / 8192);
+    const int64_t len = (P / S + 4095) / 4096 * 4096;
+    const int64_t nchunk = (P + len - 1) / len;
+    AlignedArray<T> part(static_cast<std::size_t>(nchunk * N * M));
+#pragma omp parallel
+    {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < nchunk; ++c) {
+        const int64_t k0 = c * len, kl = std::min(len, P - k0);
+        T* pc = part.data() + c * N * M;
+        std::fill(pc, pc + N * M, T(0));
+        gemm_nt(A.cols_from(k0), B.cols_from(k0), N, M, kl, pc, M, sym);
+        if (sym)  // only the upper triangle was computed: mirror it
+          for (int64_t i = 0; i < N; ++i)
+            for (int64_t j = i + 1; j < N; ++j) pc[j * M + i] = pc[i * M + j];
+      }
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N; ++i) {
+        T* o = out + i * M;
+        for (int64_t c = 0; c < nchunk; ++c) {
+          const T* pc = part.data() + c * N * M + i * M;
+          for (int64_t j = 0; j < M; ++j) o[j] += pc[j];
+        }
+      }
+    }
+    return;
+  }
   const BlockPlan plan = plan_blocks(N, M, sym, omp_get_max_threads(), sizeof(T));
   const int64_t bs = plan.bs, nw = static_cast<int64_t>(plan.blocks.size());
 #pragma omp parallel if (nw > 1)
@@ -350,11 +400,12 @@ int gemm_mr(bool) { return engine().mr; }
 int gemm_nr(bool fp64) { return fp64 ? engine().nr64 : engine().nr32; }
 
 BlockPlan plan_blocks(int64_t N, int64_t M, bool sym, int threads, int64_t elem_bytes) {
-  // Candidates are multiples of 96 (a multiple of every register tile), then 48. Larger blocks
+  // Candidates are mostly multiples of 96 (a multiple of every register tile), then 48. Larger blocks
   // read the inputs fewer times (traffic ~ N M P (2 / bs) elements), but the thread-local block
   // must stay in L2 (at most 1.25 MiB). The largest block size whose list schedule over `threads`
   // is within 15% of perfect balance wins. The choice changes no result (see gemm_nt).
-  static const int64_t cand[] = {576, 480, 384, 288, 192, 96, 48};
+  // 512 and 256 (multiples of NR, not of every MR) split power-of-two sizes evenly.
+  static const int64_t cand[] = {576, 512, 480, 384, 288, 256, 192, 96, 48};
   BlockPlan best;
   for (int64_t bs : cand) {
     if (bs * bs * elem_bytes > (int64_t(5) << 18) && bs > 96) continue;

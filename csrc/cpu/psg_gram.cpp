@@ -99,6 +99,78 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
   }
   E = Ob * Db;  // buffer row stride (edge tiles use a prefix)
 
+  // The tiles, in the order their results are added to out.
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t o0 = 0; o0 < d_out; o0 += Ob)
+    for (int64_t d0 = 0; d0 < d_in; d0 += Db) tiles.push_back({o0, d0});
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  const int64_t n_build = N + ((s2 != nullptr) ? M : 0);
+  const int64_t brows = N + rows2;  // buffer rows of one tile: F1 (N), then F2 / sign(F1) (rows2)
+
+  // Tile-parallel path (used when there are at least two tiles per thread and the per-thread
+  // buffers fit 64 MiB in all): each tile is one work unit of one thread, which builds the tile of
+  // every per-sample gradient into its own buffer (brows x E, the ~8 MiB above) and multiplies it
+  // into a private N x M partial (mirrored when symmetric). No barrier between the two phases, and
+  // both run on all threads at once. Partials of a batch of tiles (at most 32 MiB of them, at least
+  // one tile) are then added to out in tile order, so every out element receives exactly the same
+  // sequence of additions as in the phase-synchronized path below: results are identical between
+  // the two paths and independent of the thread count.
+  const int64_t pbytes = N * M * esz;
+  if (ntiles >= 2 * nt && int64_t(nt) * brows * E * esz <= (int64_t(64) << 20)) {
+    const int64_t batch = std::max<int64_t>(1, std::min(ntiles, (int64_t(32) << 20) / pbytes));
+    AlignedArray<T> part(static_cast<std::size_t>(batch * N * M));
+#pragma omp parallel
+    {
+      thread_local AlignedArray<T> buf;
+      buf.resize(brows * E);
+      Operand A;
+      A.base = reinterpret_cast<const unsigned char*>(buf.data());
+      A.dtype = fp64 ? kFloat64 : kFloat32;
+      A.ld = E;
+      Operand B = A;
+      if (!gram_sym) B.base = reinterpret_cast<const unsigned char*>(buf.data() + N * E);
+      for (int64_t t0 = 0; t0 < ntiles; t0 += batch) {
+        const int64_t t1 = std::min(ntiles, t0 + batch);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t o0 = tiles[t].first, d0 = tiles[t].second;
+          const int64_t ob = std::min(Ob, d_out - o0), db = std::min(Db, d_in - d0);
+          const int64_t e = ob * db;
+          for (int64_t s = 0; s < n_build; ++s) {
+            T* f = buf.data() + s * E;
+            if (s < N) {
+              build_tile(s1, s, o0, d0, ob, db, f);
+              if (sym && kernel == kAsymmetricSignGD)
+                to_sign(f, buf.data() + (N + s) * E, e);
+              else if (sign1)
+                to_sign(f, f, e);
+            } else {
+              build_tile(*s2, s - N, o0, d0, ob, db, f);
+              if (sign2) to_sign(f, f, e);
+            }
+          }
+          T* c = part.data() + (t - t0) * N * M;
+          std::fill(c, c + N * M, T(0));
+          gemm_nt(A, B, N, M, e, c, M, gram_sym);
+          if (gram_sym)  // only the upper triangle was computed: mirror it
+            for (int64_t i = 0; i < N; ++i)
+              for (int64_t j = i + 1; j < N; ++j) c[j * M + i] = c[i * M + j];
+        }
+        // out += partials in tile order (each out row by one thread).
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; ++i) {
+          T* o = out + i * M;
+          for (int64_t t = t0; t < t1; ++t) {
+            const T* c = part.data() + (t - t0) * N * M + i * M;
+            for (int64_t j = 0; j < M; ++j) o[j] += c[j];
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // Phase-synchronized path (few tiles: the parallelism is over samples, then output blocks).
   AlignedArray<T> F1(N * E), F2(std::max<int64_t>(rows2, 1) * E);
   Operand A;
   A.base = reinterpret_cast<const unsigned char*>(F1.data());
@@ -110,14 +182,14 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
   // Output blocks of phase 2 (as in gram).
   const BlockPlan plan = plan_blocks(N, M, gram_sym, nt, sizeof(T));
   const int64_t bs = plan.bs, nw = static_cast<int64_t>(plan.blocks.size());
-  const int64_t n_build = N + ((s2 != nullptr) ? M : 0);
 
 #pragma omp parallel
   {
     thread_local AlignedArray<T> cl;
     cl.resize(bs * bs);
-    for (int64_t o0 = 0; o0 < d_out; o0 += Ob) {
-      for (int64_t d0 = 0; d0 < d_in; d0 += Db) {
+    for (int64_t ti = 0; ti < ntiles; ++ti) {
+      {
+        const int64_t o0 = tiles[ti].first, d0 = tiles[ti].second;
         const int64_t ob = std::min(Ob, d_out - o0), db = std::min(Db, d_in - d0);
         const int64_t e = ob * db;
         // Phase 1: per-sample gradient tiles (and signs).
