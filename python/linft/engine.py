@@ -72,6 +72,9 @@ def _probe(model, batch, output, blocks: list[Block]):
     finally:
         for h in handles:
             h.remove()
+    for b in blocks:  # a parameter used outside its module's forward (the hook never fired)
+        if b.kind != "generic" and not shapes.get(b.module_name) and b.module_name not in {n for n, _ in multi}:
+            multi.add((b.module_name, "did not run in the forward pass (its parameter may be used directly)"))
     for name, why in multi:
         for b in blocks:
             if b.module_name == name and b.kind != "generic":

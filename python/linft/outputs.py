@@ -23,6 +23,31 @@ def _logits(model, batch) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
 
 
+# Model classes whose forward does not take a per-sample `logits_to_keep` (checked once per class).
+_NO_LOGITS_TO_KEEP: set[str] = set()
+
+
+def _logits_at(model, batch, pos: torch.Tensor) -> torch.Tensor:
+    """LM logits at one position per sample, (B, V). Asks the model for those positions only
+    (transformers' ``logits_to_keep`` with a (B, 1) index tensor), so the vocabulary projection and
+    its backward cost one row per sample instead of T; falls back to full logits for models whose
+    forward does not take it. Both give the same numbers."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
+    key = f"{type(model).__name__}/{type(inner).__module__}.{type(inner).__name__}"
+    if key not in _NO_LOGITS_TO_KEEP:
+        try:
+            out = model(**model_inputs(batch), logits_to_keep=pos.unsqueeze(1))
+            z = out.logits if hasattr(out, "logits") else out[0]
+            if z.dim() == 3 and z.shape[:2] == (pos.shape[0], 1):
+                return z[:, 0]
+        except TypeError as e:
+            if "logits_to_keep" not in str(e):
+                raise
+        _NO_LOGITS_TO_KEEP.add(key)
+    z = _logits(model, batch)  # (B, T, V)
+    return z[torch.arange(z.shape[0], device=z.device), pos]
+
+
 def last_token_index(batch: Mapping) -> torch.Tensor:
     """Index of the last real token of each sample (right or left padding), from attention_mask."""
     ids = batch["input_ids"]
@@ -64,7 +89,6 @@ def label_word_logits(label_token_ids: Sequence[int], *, position: str = "last",
         raise ValueError("label_word_logits: position='mask' needs mask_token_id")
 
     def output(model, batch):
-        z = _logits(model, batch)  # (B, T, V)
         if position == "last":
             pos = last_token_index(batch)
         else:
@@ -73,8 +97,8 @@ def label_word_logits(label_token_ids: Sequence[int], *, position: str = "last",
                 raise ValueError("label_word_logits: a sample has no mask token "
                                  f"(mask_token_id={mask_token_id})")
             pos = is_mask.int().argmax(dim=1)
-        rows = z[torch.arange(z.shape[0], device=z.device), pos]  # (B, V)
-        return rows[:, ids.to(z.device)]
+        rows = _logits_at(model, batch, pos)  # (B, V)
+        return rows[:, ids.to(rows.device)]
 
     output.__name__ = f"label_word_logits[{position}]"
     return output

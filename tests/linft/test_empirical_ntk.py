@@ -166,3 +166,21 @@ def test_restores_model_state():
     linft.empirical_ntk(model, batch(2, 4), output=linft.outputs.label_word_logits([3]), params=["*h.0.attn.c_attn.*"])
     assert model.training
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_parameter_used_outside_its_module_forward():
+    """An output that reads lm_head.weight directly (never calling the module) must still get that
+    parameter's kernel: the block goes through the generic path instead of being taken as zero."""
+    model = build("llama")
+
+    def direct(model, b):
+        h = model.model(**b).last_hidden_state[:, -1]
+        return h @ model.lm_head.weight[[5, 9]].T
+
+    inputs = batch(3, 5, padded=False)
+    ntk = linft.empirical_ntk(model, inputs, output=direct, params=["lm_head.weight", "*layers.1.mlp.up_proj*"],
+                              per_layer=True)
+    methods = {b["name"]: b["method"] for b in ntk.plan["blocks"]}
+    assert methods["lm_head.weight"] == "generic"
+    assert ntk.blocks["lm_head.weight"].abs().max() > 0
+    _check(ntk, model, inputs, direct)
