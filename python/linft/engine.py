@@ -90,6 +90,21 @@ def _probe(model, batch, output, blocks: list[Block]):
     return f.shape[1], tokens
 
 
+def default_memory_budget(device: torch.device) -> int:
+    """Half of the memory available now on `device` (GPU: free memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 << 30  # no way to ask: 8 GiB
+
+
 def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, params="trainable",
                   kernel: str = "sgd", per_layer: bool = False, dtype: torch.dtype = torch.float64,
                   memory_budget: int | None = None, strategy: str = "auto", progress: bool = False,
@@ -103,7 +118,8 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
     kernel: "sgd" (J J^T), "signgd" (sign J sign J^T) or "asymmetric-signgd" (J sign J^T).
     per_layer: keep the per-parameter-tensor blocks in `NTK.blocks` (they sum to `NTK.matrix`).
     dtype: accumulation and result dtype (float64 default, or float32); layers compute in the model's.
-    memory_budget: bytes that captured factors may occupy; blocks are split into passes to fit.
+    memory_budget: bytes that captured factors may occupy; blocks are split into passes over the data
+        to fit. None: half the memory available when the call starts.
     strategy: "auto" (cost model), or force "ghost", "materialize" or "generic" for every block.
     sample_tile: samples per forward/backward. backend: kernel backend for linft_kernels ops.
     Returns an `NTK` with matrix (N*C, M*C), row index i*C + a.
@@ -136,8 +152,11 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
             _, tokens2 = _probe(model, _data.to_device(next(_data.tiles(batches2, 2))[1], device), output, blocks)
         # Tokens per sample at each module, as the probe saw them (batches are padded to one length).
         tokens = {b.name: (max(1, tokens1.get(b.name, 1)), max(1, tokens2.get(b.name, 1))) for b in blocks}
-        plan = plan_blocks(blocks, tokens, N, M, C, kernel, strategy, memory_budget, elem_bytes,
+        budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+        plan = plan_blocks(blocks, tokens, N, M, C, kernel, strategy, budget, elem_bytes,
                            cross=batches2 is not None)
+        if memory_budget is None:
+            plan.notes.append(f"memory_budget not given: using half the available memory ({budget} bytes)")
         if verbose:
             print(plan.describe())
         timings["plan"] = time.perf_counter() - t_start

@@ -79,3 +79,20 @@ def test_completes_within_budget_where_the_jacobian_would_not_fit():
     assert res["kept"] <= budget
     # The process grew by far less than the Jacobian it never formed.
     assert res["growth"] < jacobian_bytes / 4, res
+
+
+def test_default_budget_is_half_the_available_memory(monkeypatch):
+    import linft.engine as engine
+    model = _gpt2(n_embd=32)
+    inputs = batch(8, 12)
+    out = linft.outputs.label_word_logits([5, 9])
+    avail = engine.default_memory_budget(torch.device("cpu"))
+    assert 0 < avail
+    ntk = linft.empirical_ntk(model, inputs, output=out, params=PARAMS)
+    assert ntk.plan["memory_budget"] == pytest.approx(avail, rel=0.5)
+    assert any("half the available memory" in n for n in ntk.plan["notes"])
+    one_block = max(b["bytes"] for b in ntk.plan["blocks"])
+    monkeypatch.setattr(engine, "default_memory_budget", lambda device: int(one_block * 1.5))
+    small = linft.empirical_ntk(model, inputs, output=out, params=PARAMS)
+    assert len(small.plan["passes"]) > 1
+    torch.testing.assert_close(small.matrix, ntk.matrix, rtol=1e-12, atol=0)
