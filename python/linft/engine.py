@@ -211,7 +211,9 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                 else:
                     contract_block(b, s1, s2, kernel, total, C, backend)
             timings["contract"] += time.perf_counter() - t0
-            del stores
+            # Drop every reference to this pass's factors before the next pass captures its own,
+            # or two passes' worth would be alive at once (loop variables outlive the loop body).
+            stores = store = parts = s1 = s2 = feats = None
         if bar is not None:
             bar.close()
     timings["total"] = time.perf_counter() - t_start
