@@ -491,6 +491,8 @@ def worker(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    build = machine.kernel_build()  # what this process imports (sources may change while it runs)
+    commit = machine.git_info()["git_commit"]
     model, names, params = build_model(spec)
     output = linft.outputs.label_word_logits(list(LABEL_IDS))
     n = spec["n_measure"]
@@ -515,7 +517,7 @@ def worker(spec: dict) -> dict:
     cpu = time.process_time() - c0
     peak = _maxrss()
     out = {"wall_s": wall, "cpu_s": cpu, "base_rss_bytes": base_rss, "peak_rss_bytes": peak,
-           "git_commit": machine.git_info()["git_commit"], "kernel_build": machine.kernel_build(),
+           "git_commit": commit, "kernel_build": build,
            "peak_mem_bytes": peak - base_rss, "peak_reset": reset_ok,
            "peak_not_above_start": (not reset_ok) and peak <= max_before,
            "load_avg_before": load0, "load_avg_after": machine.load_average(), "info": info,
