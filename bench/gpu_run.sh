@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# On a CUDA machine, run everything that needs the GPU, building nothing:
+# Everything that needs a GPU, in one call (a lent GPU machine is bare and its time is short):
+#   0. build the native libraries in place (BUILD=1; skipped when they are already built)
 #   1. python -m linft_kernels        versions, build info, backend table (is the CUDA library loaded?)
-#   2. pytest -m gpu tests            the GPU tests
-#   3. bench/harness.py --device cuda the GPU sweep (ops on cuda/triton/reference vs torch; NTK end to end)
-# Everything goes under $OUT when set (the device runner collects it), else bench/results/.
+#   2. pytest -m gpu tests            the GPU tests (kernels on every backend, NTK on CUDA vs float64 CPU)
+#   3. bench/harness.py --suite ops   the op sweep (cuda/triton vs torch matmul / einsum; GEMM peak)
+#   4. bench/harness.py --ntk-preset llama-1b   LoRA NTK of a 1.1B Llama-shaped model vs fwd+bwd
+#   5. (SUITE=all) the GPT-2 NTK suite (full + LoRA vs vmap(jacrev))
+# Every stage has its own time limit and writes its files as it goes, so a stage that hangs or is
+# killed costs only itself. Results go under $OUT when set (the device runner collects it), else
+# bench/results/.
 #
-#   bash bench/gpu_run.sh                       # full sweep (~5 min on one H100; stays under the 10-min device-call limit)
-#   QUICK=1 bash bench/gpu_run.sh               # quick sweep (~2 min)
-#   PYTHON=/path/to/python SUITE=ops bash bench/gpu_run.sh
+#   BUILD=1 bash bench/gpu_run.sh                      # bare machine: build, then everything
+#   QUICK=1 bash bench/gpu_run.sh                      # quick op sweep
+#   STAGES="diag tests ops llama" LLAMA_N=1024 ...     # choose stages
 #
-# Environment: PYTHON (default: .venv/bin/python, else python3) must have a CUDA build of torch and
-# linft installed with its kernels built (`make build` on the CUDA machine). SUITE=ops|ntk|all (all),
-# QUICK=1, BENCH_TIMEOUT seconds for the sweep (default 300), TEST_TIMEOUT for the tests (240), LARGE_N for the large NTK run (1024).
-# Exit status: nonzero if any step failed; later steps still run.
+# Environment: PYTHON (default: .venv/bin/python, else python3) with a CUDA build of torch;
+# STAGES (default "diag tests ops llama"); TEST_TIMEOUT (150 s), OPS_TIMEOUT (150), LLAMA_TIMEOUT (200),
+# NTK_TIMEOUT (300); TEST_WORKERS (pytest-xdist workers, 8; 0 = none); OPS_ONLY (harness --only);
+# LLAMA_N (1024), LLAMA_T (256); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
+# Exit status: nonzero if any stage failed; later stages still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"  # linft from the tree (no install needed)
 
 pick_python() {
   for p in "${PYTHON:-}" .venv/bin/python python3 python; do
@@ -30,30 +38,65 @@ pick_python() {
 DEST="${OUT:-bench/results}"
 mkdir -p "$DEST"
 STAMP="$(date -u +%Y-%m-%dT%H%M)"
-LOG="$DEST/gpu-run-$STAMP.log"
+LOG="$DEST/gpu-run.log"
 PY="$(pick_python)" || {
   echo "gpu_run.sh: no python with a CUDA-enabled torch found (tried \$PYTHON, .venv/bin/python, python3)" | tee "$LOG"
   exit 2
 }
-echo "gpu_run.sh: python=$PY out=$DEST $(date -u)" | tee "$LOG"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+STAGES="${STAGES:-diag tests ops llama}"
+echo "gpu_run.sh: python=$PY out=$DEST stages='$STAGES' $(date -u)" | tee "$LOG"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+  --format=csv 2>&1 | tee -a "$LOG"
+"$PY" -c 'import torch, triton, transformers, peft, sys; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' \
+  2>&1 | tee -a "$LOG"
 rc=0
+stage() { echo "== $1 ($(date -u +%T))" | tee -a "$LOG"; }
 
-echo "== 1/3 python -m linft_kernels" | tee -a "$LOG"
-"$PY" -m linft_kernels 2>&1 | tee "$DEST/gpu-diag-$STAMP.txt" | tee -a "$LOG"
-[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+if [ -n "${BUILD:-}" ]; then
+  stage "build"
+  t0=$(date +%s)
+  LINFT_CUDA_ARCHS="${LINFT_CUDA_ARCHS:-90;90a}" timeout 300 "$PY" setup.py -q build_ext --inplace \
+    >"$DEST/gpu-build.log" 2>&1 || { rc=1; echo "build FAILED" | tee -a "$LOG"; }
+  grep -iE "warn|error|spill|registers" "$DEST/gpu-build.log" | head -20 | tee -a "$LOG"
+  echo "build took $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+fi
 
-echo "== 2/3 pytest -m gpu tests" | tee -a "$LOG"
-timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu tests --junitxml="$DEST/gpu-tests-$STAMP.xml" 2>&1 \
-  | tee "$DEST/gpu-tests-$STAMP.txt" | tail -n 40 | tee -a "$LOG"
-[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+for s in $STAGES; do
+  case "$s" in
+    diag)
+      stage "diag: python -m linft_kernels"
+      timeout 120 "$PY" -m linft_kernels >"$DEST/gpu-diag.txt" 2>&1 || rc=1
+      tail -n 30 "$DEST/gpu-diag.txt" | tee -a "$LOG" ;;
+    tests)
+      stage "tests: pytest -m gpu"
+      xd=()
+      [ "${TEST_WORKERS:-8}" != "0" ] && "$PY" -c 'import xdist' 2>/dev/null && xd=(-n "${TEST_WORKERS:-8}")
+      timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -m gpu tests "${xd[@]}" -p no:cacheprovider \
+        -o addopts="--import-mode=importlib" --junitxml="$DEST/gpu-tests.xml" -rfE \
+        >"$DEST/gpu-tests.txt" 2>&1 || rc=1
+      grep -E "^(FAILED|ERROR)|passed|failed|error" "$DEST/gpu-tests.txt" | tail -n 40 | tee -a "$LOG" ;;
+    ops)
+      stage "ops: harness --suite ops --device cuda"
+      args=(--suite ops --device cuda --out "$DEST/cuda-ops.json")
+      [ -n "${QUICK:-}" ] && args+=(--quick)
+      [ -n "${OPS_ONLY:-}" ] && args+=(--only "$OPS_ONLY")
+      timeout "${OPS_TIMEOUT:-150}" "$PY" bench/harness.py "${args[@]}" >"$DEST/cuda-ops.log" 2>&1 || rc=1
+      grep -E "^\[ops\]|ratio|peak|ERROR|Error" "$DEST/cuda-ops.log" | tail -n 60 | tee -a "$LOG" ;;
+    llama)
+      stage "llama: LoRA NTK of a 1.1B Llama-shaped model, N=${LLAMA_N:-1024} T=${LLAMA_T:-256}"
+      timeout "${LLAMA_TIMEOUT:-200}" "$PY" bench/harness.py --suite ntk --ntk-preset llama-1b --device cuda \
+        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" --out "$DEST/cuda-llama.json" \
+        >"$DEST/cuda-llama.log" 2>&1 || rc=1
+      grep -vE "Warning|warn\(" "$DEST/cuda-llama.log" | tail -n 25 | tee -a "$LOG" ;;
+    ntk)
+      stage "ntk: GPT-2 suite"
+      timeout "${NTK_TIMEOUT:-300}" "$PY" bench/harness.py --suite ntk --device cuda --out "$DEST/cuda-ntk.json" \
+        >"$DEST/cuda-ntk.log" 2>&1 || rc=1
+      tail -n 25 "$DEST/cuda-ntk.log" | tee -a "$LOG" ;;
+    *) echo "unknown stage $s" | tee -a "$LOG"; rc=1 ;;
+  esac
+done
 
-echo "== 3/3 harness --device cuda" | tee -a "$LOG"
-args=(--suite "${SUITE:-all}" --device cuda --out "$DEST/cuda-$STAMP.json")
-[ -n "${QUICK:-}" ] && args+=(--quick)
-[ -n "${LARGE_N:-}" ] && args+=(--large-n "$LARGE_N")
-timeout "${BENCH_TIMEOUT:-300}" "$PY" bench/harness.py "${args[@]}" 2>&1 | tee -a "$LOG"
-[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-
-echo "gpu_run.sh: done, status $rc; results in $DEST" | tee -a "$LOG"
+echo "gpu_run.sh: done, status $rc ($(date -u +%T)); results in $DEST" | tee -a "$LOG"
 exit "$rc"

@@ -203,7 +203,7 @@ def op_cases(device: str, quick: bool) -> list[dict]:
             add("psg_gram_sym", "psg_gram", dict(N=64, T=128, d_in=512, d_out=512), dt, "sgd")
         add("psg_gram_sym", "psg_gram", dict(N=64, T=128, d_in=512, d_out=512), bf16, "signgd")
         return cases
-    for dt in (f32, bf16):
+    for dt in (bf16, f32):  # bf16 first: the GPU targets are stated for it
         add("gram_sym", "gram", dict(N=4096, P=65536), dt, reps=5)
         add("gram_cross", "gram", dict(N=4096, M=2048, P=65536), dt, reps=5)
         add("gram_sym_large", "gram", dict(N=16384, P=32768), dt, reps=5, heavy=True)
@@ -279,7 +279,9 @@ def build_op_case(case: dict, device: torch.device):
     return inputs, cands, bases, fl
 
 
-def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: str | None = None) -> list[dict]:
+def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: str | None = None,
+            on_rows=None) -> list[dict]:
+    """The ops sweep; `on_rows(rows)` is called with the rows so far after each case (partial saves)."""
     rows = []
     for case in op_cases(device.type, quick):
         if only and only not in case["name"]:
@@ -343,6 +345,8 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
                     f"ratio {b_med / c_med:6.2f}  {rate:8.1f} GFLOP/s{pct}  err {err:.1e}")
         del inputs, res, cands, bases
         log(f"    ({time.perf_counter() - t_case:.0f}s, load {load0} -> {load1})")
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 
@@ -353,10 +357,38 @@ LABEL_IDS = (11, 22)
 FULL_PATTERNS = ["*.c_attn.weight", "*.c_proj.weight", "*.c_fc.weight"]
 
 
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _build_llama(spec: dict):
+    """Llama-shaped random model in spec["model_dtype"] (eval) with peft LoRA on every projection."""
+    import peft
+    import transformers as tf
+    cfg = tf.LlamaConfig(hidden_size=spec["n_embd"], intermediate_size=spec["d_ff"],
+                         num_hidden_layers=spec["n_layer"], num_attention_heads=spec["n_head"],
+                         num_key_value_heads=spec["n_kv_head"], vocab_size=spec["vocab"],
+                         max_position_embeddings=max(2048, spec["T"]), tie_word_embeddings=False)
+    dtype = getattr(torch, spec.get("model_dtype", "bfloat16"))
+    with torch.device(spec.get("device", "cpu")):  # initialise on the target device: 1B params on CPU is slow
+        model = tf.LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
+    lcfg = peft.LoraConfig(r=spec.get("lora_r", 8), lora_alpha=2 * spec.get("lora_r", 8), lora_dropout=0.0,
+                           target_modules=LLAMA_LORA_TARGETS, init_lora_weights=False)
+    model = peft.get_peft_model(model, lcfg).eval()
+    model.to(dtype)  # peft creates the adapters in fp32
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return model, names, "trainable"
+
+
 def build_model(spec: dict):
-    """GPT-2-shaped random model (fp32, eval) and the parameter selection of the kernel."""
+    """The benchmark model (random weights, eval) and the parameter selection of the kernel.
+
+    arch "gpt2" (default): GPT-2-shaped, fp32, full Conv1D weights or peft LoRA on c_attn/c_proj/c_fc.
+    arch "llama": Llama-shaped in bf16 with peft LoRA on all attention and MLP projections.
+    """
     import transformers as tf
     torch.manual_seed(spec.get("seed", 0))
+    if spec.get("arch") == "llama":
+        return _build_llama(spec)
     special = {} if spec["vocab"] > 50256 else {"bos_token_id": 0, "eos_token_id": 0}
     cfg = tf.GPT2Config(n_embd=spec["n_embd"], n_layer=spec["n_layer"], n_head=spec["n_head"],
                         vocab_size=spec["vocab"], n_positions=spec["T"], **special)
@@ -406,12 +438,16 @@ def _set_grad(model, names):
         p.requires_grad_(n in chosen)
 
 
-def _fwdbwd(model, batch, output, names):
+def _fwdbwd(model, batch, output, names, chunk=None):
+    """One plain forward+backward over the samples (in micro-batches of `chunk`, gradients accumulated)."""
     _set_grad(model, names)
     model.zero_grad(set_to_none=True)
-    output(model, batch).sum().backward()
+    n = batch["input_ids"].shape[0]
+    chunk = chunk or n
+    for s in range(0, n, chunk):
+        output(model, {k: v[s:s + chunk] for k, v in batch.items()}).sum().backward()
     model.zero_grad(set_to_none=True)
-    return None, {}
+    return None, {"fwd_chunk": chunk}
 
 
 def _linft(model, batch, output, params, spec):
@@ -476,7 +512,7 @@ def _vmap_jacrev(model, batch, output, names, spec):
 
 def run_method(method: str, model, batch, output, names, params, spec):
     if method == "fwdbwd":
-        return _fwdbwd(model, batch, output, names)
+        return _fwdbwd(model, batch, output, names, spec.get("fwd_chunk"))
     if method == "linft":
         return _linft(model, batch, output, params, spec)
     if method == "vmap_jacrev":
@@ -638,6 +674,71 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
             rows.append(_large_row(kernel, cfg, NL, P, C, res, results, mem_limit, meta, device))
         if on_rows is not None:
             on_rows(rows)
+    return rows
+
+
+LLAMA_1B = dict(arch="llama", n_embd=2048, d_ff=5632, n_layer=22, n_head=32, n_kv_head=4, vocab=32000,
+                model_dtype="bfloat16")  # TinyLlama-1.1B's shape: 1.1 B parameters
+
+
+def run_ntk_llama(device: torch.device, meta: dict, N: int, T: int, rounds: int, quick: bool,
+                  worker_timeout: float = 1800, on_rows=None, linft_opts: dict | None = None) -> list[dict]:
+    """End-to-end LoRA NTK (r=8 on every attention and MLP projection) of a ~1B Llama-shaped bf16 model
+    against one plain forward+backward over the same samples (micro-batched; the NTK cost ratio).
+
+    No vmap(jacrev) baseline here: at N=1024 its Jacobian alone is N*C*P*4 bytes (50 GiB) and it runs
+    C backward passes per sample, one sample at a time.
+    """
+    cfg = dict(LLAMA_1B)
+    if quick:
+        cfg.update(n_embd=256, d_ff=688, n_layer=2, n_head=4, n_kv_head=2, vocab=4096)
+    spec0 = {**cfg, "T": T, "kernel": "lora", "device": device.type, "fwd_chunk": 32, **(linft_opts or {})}
+    with torch.device("meta"):
+        model, names, _ = build_model({**spec0, "device": "meta"})
+    P = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+    n_total = sum(p.numel() for p in model.parameters())
+    del model
+    C = len(LABEL_IDS)
+    log(f"[ntk-llama] {n_total / 1e9:.2f} B params, LoRA P={P:,} N={N} T={T} C={C}")
+    methods = ["fwdbwd", "linft", "fwdbwd"]
+    results: dict[str, list] = {"fwdbwd": [], "linft": []}
+    for r in range(rounds):
+        for method in methods:
+            spec = {**spec0, "method": method, "n_measure": N}
+            log(f"    round {r} {method} n={N} ...")
+            res = _run_worker(spec, worker_timeout)
+            if "error" in res:
+                log(f"      ERROR {res['error'][-1500:]}")
+            else:
+                log(f"      {res['wall_s']:.2f} s, peak {res['peak_mem_bytes'] / GiB:.2f} GiB")
+            results[method].append(res)
+            rows = _llama_rows(results, cfg, N, T, C, P, n_total, meta, device)
+            if on_rows is not None:  # saved after every measurement: a killed run keeps what it had
+                on_rows(rows)
+    return rows
+
+
+def _llama_rows(results, cfg, N, T, C, P, n_total, meta, device) -> list[dict]:
+    fb, lm = _med(results["fwdbwd"]), _med(results["linft"])
+    if lm and fb:
+        log(f"[ntk-llama] linft {lm:.2f} s / fwd+bwd {fb:.2f} s = NTK cost ratio {lm / fb:.2f}")
+    shape = {"N": N, "T": T, "C": C, "P": P, **{k: cfg[k] for k in ("n_embd", "d_ff", "n_layer", "vocab")}}
+    rows = []
+    for method, rs_all in results.items():
+        rs = [r for r in rs_all if "error" not in r]
+        row = {"suite": "ntk", "name": "ntk_llama1b_lora_r8", "kernel": "lora", "method": method,
+               "backend": f"linft ({device.type})" if method == "linft" else method, "shape": shape,
+               "shape_str": f"N={N},T={T},C={C},P={P}", "dtype": "bfloat16 model, float32 NTK",
+               "device": device.type, "n_model_params": n_total, "median_s": _med(rs),
+               "times_s": [r["wall_s"] for r in rs], "peak_mem_bytes": _peak(rs),
+               "peak_mem_kind": rs[0]["peak_mem_kind"] if rs else None, "reps": len(rs),
+               "errors": [r["error"][-800:] for r in rs_all if "error" in r],
+               "info": rs[0].get("info") if rs else None, **meta}
+        _worker_identity(row, rs, meta)
+        if method == "linft" and lm and fb:
+            row.update({"fwdbwd_s": fb, "ntk_cost_ratio": lm / fb, "baseline": "one forward+backward",
+                        "targets": {"ntk_cost_ratio<=1.5": lm / fb <= 1.5}})
+        rows.append(row)
     return rows
 
 
@@ -876,6 +977,13 @@ def main(argv=None) -> int:
                     help="memory a baseline may use (default 16 GiB on CPU, 90%% of GPU memory on CUDA)")
     ap.add_argument("--fp64", action="store_true",
                     help="also time linft with its default fp64 accumulation (full-weight kernel)")
+    ap.add_argument("--ntk-preset", choices=("gpt2", "llama-1b"), default="gpt2",
+                    help="gpt2: the GPT-2 512/4-layer suite (full + LoRA, vs vmap(jacrev)); llama-1b: LoRA r=8 "
+                         "NTK of a 1.1B Llama-shaped bf16 model vs one forward+backward (GPU; --quick: tiny)")
+    ap.add_argument("--ntk-n", type=int, default=1024, help="llama-1b preset: samples N")
+    ap.add_argument("--ntk-t", type=int, default=256, help="llama-1b preset: tokens per sample T")
+    ap.add_argument("--worker-timeout", type=float, default=1800, help="llama-1b preset: seconds per measurement")
+    ap.add_argument("--sample-tile", type=int, default=None, help="llama-1b preset: empirical_ntk sample_tile")
     ap.add_argument("--compare", metavar="OLD.json", help="print ratios against an earlier result file")
     ap.add_argument("--new", metavar="NEW.json", help="with --compare and no --suite: compare two files")
     ap.add_argument("--fail-if-regression", type=float, metavar="PCT", default=None)
@@ -925,8 +1033,13 @@ def main(argv=None) -> int:
         os.replace(tmp, out)
 
     if args.suite in ("ops", "all"):
-        rows += run_ops(device, args.quick, peaks, meta, args.only)
-        save()
+        n_ops = len(rows)
+
+        def partial_ops(op_rows):
+            rows[n_ops:] = op_rows
+            save()
+
+        run_ops(device, args.quick, peaks, meta, args.only, on_rows=partial_ops)
     if args.suite in ("ntk", "all"):
         if args.mem_limit_gib is not None:
             mem_limit = args.mem_limit_gib * GiB
@@ -941,9 +1054,14 @@ def main(argv=None) -> int:
             rows[n0:] = ntk_rows
             save()
 
-        run_ntk(device, args.quick, meta, mem_limit, args.large_n, args.rounds, kernels,
-                fp64=args.fp64, on_rows=partial,
-                large_budget=None if args.large_budget_gib is None else args.large_budget_gib * GiB)
+        if args.ntk_preset == "llama-1b":
+            opts = {} if args.sample_tile is None else {"sample_tile": args.sample_tile}
+            run_ntk_llama(device, meta, args.ntk_n, args.ntk_t, args.rounds or 1, args.quick,
+                          worker_timeout=args.worker_timeout, on_rows=partial, linft_opts=opts)
+        else:
+            run_ntk(device, args.quick, meta, mem_limit, args.large_n, args.rounds, kernels,
+                    fp64=args.fp64, on_rows=partial,
+                    large_budget=None if args.large_budget_gib is None else args.large_budget_gib * GiB)
     # The peak again at the end (load from other processes changes during a run): rows use the best.
     log("[peak] measuring GEMM peaks again ...")
     peaks_end = machine.measure_peaks(device.type, quick=args.quick)

@@ -71,6 +71,8 @@ def _git(*args: str) -> str | None:
 
 def git_info() -> dict:
     commit = _git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("LINFT_GIT_COMMIT"):  # a copy of the tree without .git (GPU runs)
+        return {"git_commit": os.environ["LINFT_GIT_COMMIT"], "git_dirty": None}
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": bool(dirty)}
 

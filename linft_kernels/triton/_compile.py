@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gram import _compute_config, _is_interpreted, gram_kernel
+from .gram import _GPU_CONFIGS, _compute_config, _is_interpreted, gram_kernel
 from .ghost_gram import ghost_gram_kernel
 from .psg_gram import psg_gram_kernel
 
@@ -19,8 +19,7 @@ __all__ = ["compile_all", "variants"]
 _IN = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
 _OUT = {"fp32": tl.float32, "fp64": tl.float64}
 
-# launcher defaults (keep in sync with gram.py / ghost_gram.py / psg_gram.py)
-_GRAM_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+# launcher defaults (keep in sync with ghost_gram.py / psg_gram.py; gram uses its autotune list)
 _GHOST_BLOCKS = dict(BLOCK_T=32, BLOCK_S=32, BLOCK_D=32)
 _PSG_BLOCKS = dict(BLOCK_O=32, BLOCK_D=32, BLOCK_T=32)
 
@@ -32,13 +31,20 @@ def variants():
             cdt, acc, prec = _compute_config([in_tl], out_tl, interpret=False)
             pin, pout = "*" + in_name, "*" + out_name
             common = dict(CDT=cdt, ACC=acc, PREC=prec)
+            family = "fp64" if acc == tl.float64 else ("16bit" if cdt in (tl.float16, tl.bfloat16) else "fp32")
             for sym in (False, True):
                 sig = dict(a_ptr=pin, b_ptr=pin, out_ptr=pout, N="i32", M="i32", P="i32",
-                           tile_base="i32", SYM="constexpr", CDT="constexpr", ACC="constexpr",
-                           PREC="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
-                           BLOCK_K="constexpr")
-                yield (gram_kernel, f"{in_name}->{out_name} sym={int(sym)}", sig,
-                       dict(SYM=sym, **common, **_GRAM_BLOCKS), dict(num_warps=4, num_stages=3))
+                           K_SPLIT="i32", split_stride="i64", SIZE_KEY="i32", SYM="constexpr",
+                           CDT="constexpr", ACC="constexpr", PREC="constexpr", BLOCK_M="constexpr",
+                           BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr")
+                # every block shape the GPU autotuner may pick for this dtype family
+                for cfg in _GPU_CONFIGS[family]:
+                    kw = cfg.kwargs
+                    yield (gram_kernel,
+                           f"{in_name}->{out_name} sym={int(sym)} {kw['BLOCK_M']}x{kw['BLOCK_K']}"
+                           f" w{cfg.num_warps}s{cfg.num_stages}", sig,
+                           dict(SYM=sym, **common, **kw),
+                           dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             pair_sig = dict(x1_ptr=pin, g1_ptr=pin, m1_ptr="*u8", x2_ptr=pin, g2_ptr=pin,
                             m2_ptr="*u8", out_ptr=pout, N="i32", M="i32", T="i32", S="i32",
                             D_IN="i32", D_OUT="i32", row_base="i32")

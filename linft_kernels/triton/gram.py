@@ -73,11 +73,27 @@ def _device_guard(t: torch.Tensor):
 
 
 @triton.jit
-def gram_kernel(a_ptr, b_ptr, out_ptr, N, M, P, tile_base,
+def gram_kernel(a_ptr, b_ptr, out_ptr, N, M, P, K_SPLIT, split_stride, SIZE_KEY,
                 SYM: tl.constexpr, CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1) + tile_base
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    """One (BLOCK_M x BLOCK_N) output tile per program over the K range of split program_id(1).
+
+    Tiles are visited in groups of GROUP_M tile-rows (program_id(0) walks down a group's rows before
+    moving right), so the A row panels and B column panels that neighbouring programs read stay in
+    L2. Split s adds its partial sum into out_ptr + s * split_stride (a zeroed scratch when split).
+    SIZE_KEY is unused: it is the autotuner's cache key (a size bucket).
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(N, BLOCK_M)
+    tiles_n = tl.cdiv(M, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
     if SYM:
         if pid_n < pid_m:  # below the diagonal: covered by the transposed store of tile (n, m)
             return
@@ -88,13 +104,16 @@ def gram_kernel(a_ptr, b_ptr, out_ptr, N, M, P, tile_base,
     mask_n = offs_n < M
     a_rows = a_ptr + offs_m[:, None] * P
     b_cols = b_ptr + offs_n[None, :] * P
+    k_lo = split * K_SPLIT
+    k_hi = tl.minimum(P, k_lo + K_SPLIT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, P, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        mk = kk < P
+        mk = kk < k_hi
         a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(CDT)
         b = tl.load(b_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0).to(CDT)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+    out_ptr += split.to(tl.int64) * split_stride
     omask = mask_m[:, None] & mask_n[None, :]
     o_ptrs = out_ptr + offs_m[:, None] * M + offs_n[None, :]
     cur = tl.load(o_ptrs, mask=omask, other=0.0)
@@ -106,30 +125,98 @@ def gram_kernel(a_ptr, b_ptr, out_ptr, N, M, P, tile_base,
             tl.store(t_ptrs, (cur_t.to(ACC) + acc).to(out_ptr.dtype.element_ty), mask=omask)
 
 
+def _cfg(bm, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bm, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# GPU block shapes the autotuner chooses among (square tiles: the symmetric form mirrors a tile).
+# 16-bit operands: tensor-core tiles; fp32 (ieee or tf32) and fp64 operands: smaller K steps.
+_GPU_CONFIGS = {
+    "16bit": [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 4)],
+    "fp32": [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 4), _cfg(128, 16, 8, 4)],
+    "fp64": [_cfg(64, 16, 4, 3), _cfg(32, 16, 4, 3)],
+}
+_INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
+_TUNED = {}
+
+
+def _size_key(n: int, m: int, p: int) -> int:
+    """Autotuner cache key: sizes rounded up to powers of two, so each NTK block shape does not retune."""
+    lg = lambda v: max(0, int(v - 1).bit_length())  # noqa: E731
+    return lg(n) * 10000 + lg(m) * 100 + lg(p)
+
+
+def _tuned(family: str):
+    """The autotuned launcher of one config family (built on first use; restores `out` between trials)."""
+    if family not in _TUNED:
+        _TUNED[family] = triton.autotune(
+            _GPU_CONFIGS[family], key=["SIZE_KEY", "SYM"], restore_value=["out_ptr"],
+            do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+        )(gram_kernel)
+    return _TUNED[family]
+
+
+def _split_k(tiles: int, P: int, block_k: int, device: torch.device) -> int:
+    """Split the K (= P) range when there are too few output tiles to fill the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= sms or P < 8 * block_k * 8:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), P // (8 * block_k), 64))
+
+
 def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, *,
-         block_m: int = 64, block_n: int = 64, block_k: int = 32,
-         num_warps: int = 4, num_stages: int = 3, fp32_precision: str = "ieee") -> torch.Tensor:
-    """out (N, M) += a (N, P) @ b (M, P)^T; b None = symmetric (only tiles on/above the diagonal)."""
+         blocks: dict | None = None, num_warps: int = 4, num_stages: int = 3,
+         fp32_precision: str = "ieee", split_k: int | None = None) -> torch.Tensor:
+    """out (N, M) += a (N, P) @ b (M, P)^T; b None = symmetric (only tiles on/above the diagonal).
+
+    On a GPU the block shapes are autotuned per dtype family and size bucket unless `blocks`
+    (BLOCK_M, BLOCK_N, BLOCK_K[, GROUP_M]) fixes them; small outputs split P across programs into an
+    fp32/fp64 scratch that is then added to `out` (deterministic: no atomics). `split_k` forces the
+    number of splits (tests; the result is the same).
+    """
     sym = b is None
     N, P = a.shape
     M = N if sym else b.shape[0]
     if N == 0 or M == 0 or P == 0:
         return out
-    if sym:
-        block_n = block_m
-    for bs in (block_m, block_n, block_k):
-        if bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block sizes must be powers of two >= 16, got {bs}")
     interp = _is_interpreted(gram_kernel)
     in_dtypes = [a.dtype] if sym else [a.dtype, b.dtype]
     cdt, acc, prec = _compute_config(in_dtypes, out.dtype, interp, fp32_precision)
-    tiles_m = triton.cdiv(N, block_m)
-    tiles_n = triton.cdiv(M, block_n)
-    kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
+    if blocks is not None:
+        blocks = {"GROUP_M": 8, **blocks}
+        if sym:
+            blocks["BLOCK_N"] = blocks["BLOCK_M"]
+        for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            bs = blocks[k]
+            if bs < 16 or bs & (bs - 1):
+                raise ValueError(f"block sizes must be powers of two >= 16, got {k}={bs}")
+    elif interp:
+        blocks = dict(_INTERP_BLOCKS)
+    family = "fp64" if acc == tl.float64 else ("16bit" if cdt in (tl.float16, tl.bfloat16) else "fp32")
+    # Split-K sizing uses the family's largest tile (an upper bound on the tile count is fine).
+    bm = blocks["BLOCK_M"] if blocks else _GPU_CONFIGS[family][0].kwargs["BLOCK_M"]
+    bk = blocks["BLOCK_K"] if blocks else _GPU_CONFIGS[family][0].kwargs["BLOCK_K"]
+    tiles_m, tiles_n = triton.cdiv(N, bm), triton.cdiv(M, bm)
+    useful = tiles_m * (tiles_m + 1) // 2 if sym else tiles_m * tiles_n
+    if split_k is not None:
+        splits = max(1, int(split_k))
+    else:
+        splits = 1 if interp or not out.is_cuda else _split_k(useful, P, bk, out.device)
+    k_split = triton.cdiv(triton.cdiv(P, splits), bk) * bk
+    splits = triton.cdiv(P, k_split)
+    dst = out if splits == 1 else torch.zeros((splits, N, M), dtype=out.dtype, device=out.device)
+    args = (a, a if sym else b, dst, N, M, P, k_split, N * M, _size_key(N, M, P))
+    const = dict(SYM=sym, CDT=cdt, ACC=acc, PREC=prec)
     with _device_guard(out):
-        for base in range(0, tiles_m, _MAX_GRID_Y):
-            grid = (tiles_n, min(_MAX_GRID_Y, tiles_m - base))
-            gram_kernel[grid](a, a if sym else b, out, N, M, P, base,
-                              SYM=sym, CDT=cdt, ACC=acc, PREC=prec,
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **kw)
+        if blocks is not None:
+            grid = (triton.cdiv(N, blocks["BLOCK_M"]) * triton.cdiv(M, blocks["BLOCK_N"]), splits)
+            kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
+            gram_kernel[grid](*args, **const, **blocks, **kw)
+        else:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(M, meta["BLOCK_N"]),  # noqa: E731
+                                 splits)
+            _tuned(family)[grid](*args, **const)
+    if splits > 1:
+        out += dst.sum(0)
     return out
