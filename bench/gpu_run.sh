@@ -73,7 +73,7 @@ for s in $STAGES; do
       xd=()
       [ "${TEST_WORKERS:-8}" != "0" ] && "$PY" -c 'import xdist' 2>/dev/null && xd=(-n "${TEST_WORKERS:-8}")
       timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -m gpu tests "${xd[@]}" -p no:cacheprovider \
-        -o addopts="--import-mode=importlib" --junitxml="$DEST/gpu-tests.xml" -rfE \
+        -o addopts="--import-mode=importlib" -rfE \
         >"$DEST/gpu-tests.txt" 2>&1 || rc=1
       grep -E "^(FAILED|ERROR)|passed|failed|error" "$DEST/gpu-tests.txt" | tail -n 40 | tee -a "$LOG" ;;
     ops)
