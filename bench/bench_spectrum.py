@@ -9,10 +9,16 @@ O(N^2) and leaves Krylov methods' behaviour unchanged, since their random start 
 Spectra: ``ntk`` (fast power-law decay i^-2 with 4 large outliers, like an empirical NTK) and ``slow``
 (i^-0.5).
 
-Methods, each counting operator applications on single vectors ("products", columns):
-  * ``linft``: linft_kernels.linalg.eigsh (default block size), and ``linft-b1`` (block size 1);
-    products include the k-column certification product. ``linft-b1-stored``: block size 1 with
-    ``certify="stored"`` (true residuals from the stored products A Q, no extra product).
+Methods, each counting operator applications on single vectors ("products", columns; a product with
+a block of b vectors counts b, for every method alike):
+  * ``linft-op``: linft_kernels.linalg.eigsh with all defaults on a matrix-free operator (an object with
+    only ``.shape``, ``.dtype`` and ``@``, like linft.NTKOperator or the LinearOperator ARPACK gets
+    here): block size 1, widened on demand for tight clusters, and ``certify="stored"`` (true residuals
+    ||A v - theta v|| from the stored products A Q, no extra product).
+  * ``linft``: eigsh with all defaults on the explicit tensor: block size min(k, 8) and the k-column
+    certification product.
+  * ``linft-b1`` (block size 1, certification product) and ``linft-b1-stored`` (block size 1,
+    ``certify="stored"``) on the explicit tensor.
   * ``arpack``: scipy.sparse.linalg.eigsh on a LinearOperator that counts matvec/matmat columns.
   * ``lobpcg``: torch.lobpcg, counting the columns it multiplies A with (through
     torch._linalg_utils.matmul, which its products go through).
@@ -110,14 +116,28 @@ def meets(acc: dict, target: float) -> bool:
 
 # ----------------------------------------------------------------------------------------- methods
 
-def run_linft(a, k, tol, seed, block_size=None, certify=True):
+class MatrixFree:
+    """The matrix seen only through ``@`` on blocks (no ``.matrix``): eigsh treats it as an operator."""
+
+    def __init__(self, a):
+        self._a = a
+        self.shape = tuple(a.shape)
+        self.dtype = a.dtype
+
+    def __matmul__(self, x):
+        return self._a @ x
+
+
+def run_linft(a, k, tol, seed, block_size=None, certify="auto", matrix_free=False):
     t = time.perf_counter()
-    r = eigsh(a, k, tol=tol, seed=seed, block_size=block_size, method="lanczos", certify=certify)
+    r = eigsh(MatrixFree(a) if matrix_free else a, k, tol=tol, seed=seed, block_size=block_size,
+              method="lanczos", certify=certify)
     dt = time.perf_counter() - t
     return r.eigenvalues, r.eigenvectors, r.products, dt, {
-        "passes": r.passes, "restarts": r.restarts, "block_size": r.block_size,
-        "converged": int(r.converged.sum()),
-        "certification_products": k if certify is True else 0}
+        "passes": r.passes, "restarts": r.restarts, "block_size": r.info["initial_block_size"],
+        "final_block_size": r.info["final_block_size"], "widenings": r.info["widenings"],
+        "converged": int(r.converged.sum()), "certification": r.info["certification"],
+        "certification_products": k if r.info["certification"] == "product" else 0}
 
 
 def run_arpack(a, k, tol, seed, block_size=None):
@@ -167,13 +187,15 @@ def run_lobpcg(a, k, tol, seed, block_size=None):
 LOBPCG_NITER = 200
 
 METHODS = {
+    "linft-op": (lambda a, k, tol, seed, b: run_linft(a, k, tol, seed, b, matrix_free=True), None),
     "linft": (run_linft, None),
-    "linft-b1": (run_linft, 1),
+    "linft-b1": (lambda a, k, tol, seed, b: run_linft(a, k, tol, seed, b, True), 1),
     "linft-b1-stored": (lambda a, k, tol, seed, b: run_linft(a, k, tol, seed, b, "stored"), 1),
     "arpack": (run_arpack, None),
     "lobpcg": (run_lobpcg, None),
 }
 LADDER = {
+    "linft-op": [1.0, 0.1, 0.01],
     "linft": [1.0, 0.1, 0.01],
     "linft-b1": [1.0, 0.1, 0.01],
     "linft-b1-stored": [1.0, 0.1, 0.01],
@@ -221,6 +243,9 @@ def main(argv=None) -> int:
                    help="largest N for the all-pairs torch.linalg.eigh timing (default 8192)")
     p.add_argument("--basis", choices=["auto", "qr", "householder"], default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense-from", default=None,
+                   help="JSON rows of an earlier run whose dense timings to use for the ratios "
+                        "(with --skip-dense; matching n and k)")
     p.add_argument("--out", default=None, help="JSON file for the long-format rows")
     args = p.parse_args(argv)
 
@@ -326,19 +351,28 @@ def main(argv=None) -> int:
                     emit(bench="spectrum", n=n, k=args.k, spectrum=spec, basis=basis,
                          method="dense-eigh", seconds=d_full, reps=1, **acc)
                     del w, v
+            if args.dense_from and not dense_times:
+                with open(args.dense_from) as f:
+                    for row in json.load(f):
+                        if (row.get("bench") == "spectrum" and row.get("n") == n
+                                and row.get("k") == args.k
+                                and row.get("method") in ("dense-subset", "dense-eigh")):
+                            dense_times[row["method"]] = (0, row["seconds"])
             results.update(dense_times)
-            if "linft" in results:
-                lp, lt = results["linft"]
+            for base in ("linft-op", "linft"):
+                if base not in results:
+                    continue
+                lp, lt = results[base]
                 for other, (op_, ot) in results.items():
-                    if other == "linft":
+                    if other == base:
                         continue
                     ratio_p = (op_ / lp) if op_ else None
                     ratio_t = ot / lt
-                    print(f"  vs {other:12s}: products x{ratio_p:.2f}" if ratio_p else
-                          f"  vs {other:12s}: products  -   ", end="")
-                    print(f"   time x{ratio_t:.2f} (baseline / linft)")
-                    emit(bench="spectrum-ratio", n=n, k=args.k, spectrum=spec, baseline=other,
-                         products_ratio=ratio_p, time_ratio=ratio_t)
+                    print(f"  {other:15s} / {base:8s}: products x{ratio_p:.2f}" if ratio_p else
+                          f"  {other:15s} / {base:8s}: products  -   ", end="")
+                    print(f"   time x{ratio_t:.2f}")
+                    emit(bench="spectrum-ratio", n=n, k=args.k, spectrum=spec, base=base,
+                         baseline=other, products_ratio=ratio_p, time_ratio=ratio_t)
             del a
     if args.out:
         print(f"\nwrote {len(rows)} rows to {args.out}")

@@ -3,7 +3,10 @@
 Algorithm (``eigsh``):
 
 * Start from a Gaussian block (seeded, drawn on the CPU so every device sees the same numbers) of
-  ``block_size`` columns, plus any ``v0`` given.
+  ``block_size`` columns, plus any ``v0`` given. Default width (:func:`default_block_size`): ``min(k, 8)``
+  for an explicit matrix, ``1`` for a matrix-free operator, where every column is expensive and single
+  vector Lanczos needs the fewest products; with the default, the block is **widened on demand** when a
+  tight cluster of settled Ritz values fills it (see ``eigsh``'s ``block_size``).
 * Block Krylov recurrence with **full reorthogonalization done twice** as matrix products
   (``W -= Q (Q^T W)``, two times), a rank-revealing QR of the remainder, and a third cheap pass on the
   normalized new block. Directions whose remainder falls below the breakdown threshold (an invariant
@@ -16,8 +19,9 @@ Algorithm (``eigsh``):
   together with the last (unapplied) block, which preserves the Krylov decomposition exactly.
 * At the end one extra product ``A V`` on the ``k`` returned vectors **certifies** the residuals:
   ``residuals[i] = ||A v_i - theta_i v_i||`` with ``theta_i = v_i^T A v_i`` (fp64), the true values in the
-  operator's arithmetic, not estimates. (``certify="stored"`` gets the same ``A V`` without the extra
-  product, as ``(A Q) Y`` from the raw products kept beside the basis, at twice the memory.)
+  operator's arithmetic, not estimates. (``certify="stored"``, the default for matrix-free operators,
+  gets the same ``A V`` without the extra product, as ``(A Q) Y`` from the raw products kept beside the
+  basis, at twice the memory of the basis.)
 
 Convergence of pair ``i``: ``||A v_i - theta_i v_i|| <= max(tol * |theta_i|, floor)`` where ``floor`` is
 :func:`linft_kernels.linalg.operators.accuracy_floor` (``4 sqrt(N) eps ||A||``), the rounding level of a
@@ -132,15 +136,25 @@ class EigResult:
 # ---------------------------------------------------------------------------------------------------
 # defaults
 
-def default_block_size(k: int, n: int) -> int:
-    """Block width ``min(k, 8, n)``.
+def default_block_size(k: int, n: int, explicit: bool = True) -> int:
+    """Starting block width: ``min(k, 8, n)`` for an explicit matrix, ``1`` for a matrix-free operator.
 
-    A cluster or repeated eigenvalue with up to ``b`` members is found in exact arithmetic; wider
-    blocks cost more products (the Krylov degree per column drops) but fewer passes, and a pass over a
-    block is far cheaper per column than single products (GEMM instead of GEMV, or one batched pass
-    over the data for a matrix-free NTK). ``block_size=1`` is the product-optimal choice for spectra
-    without multiplicities.
+    The trade-off is products against robustness and passes. A block of ``b`` vectors finds a cluster
+    or repeated eigenvalue with up to ``b`` members in exact arithmetic, and a pass over a block is far
+    cheaper per column than single products when ``A`` is an explicit matrix (one GEMM instead of ``b``
+    GEMVs). But the Krylov degree per column drops with ``b``, so the number of products grows: for the
+    top 32 pairs of an NTK-like spectrum, block 8 needs about 1.8x the products of block 1.
+
+    * Explicit matrix (tensor, numpy array, ``.matrix``): products are cheap, so the default spends
+      them on robustness: ``min(k, 8, n)``.
+    * Matrix-free operator (``linft.NTKOperator``, a scipy ``LinearOperator``, anything with ``@``):
+      every column costs a backward and a forward pass over the data, so the default is the
+      product-optimal single-vector Lanczos, ``1``. Repeated eigenvalues then surface only through
+      rounding; when two or more members of a tight cluster appear, :func:`eigsh` widens the block on its
+      own (see ``block_size`` there), and ``block_size=m`` guarantees multiplicities up to ``m``.
     """
+    if not explicit:
+        return 1
     return max(1, min(k, 8, n))
 
 
@@ -263,6 +277,45 @@ def _extend(op: Operator, q: torch.Tensor, w: torch.Tensor, width: int, brk: flo
 
 
 # ---------------------------------------------------------------------------------------------------
+# cluster detection for on-demand widening
+
+#: two Ritz values belong to one cluster when they differ by at most this much, relative
+CLUSTER_RTOL = 1e-3
+
+
+def _saturated_cluster(theta: torch.Tensor, res: torch.Tensor, tol: float, floor: float, b: int,
+                       log: list, pass_no: int):
+    """Largest tight cluster of settled wanted Ritz values with at least ``max(b, 2)`` members.
+
+    A Ritz value is settled when its residual estimate is below ``max(min(sqrt(tol), 1e-4) |theta|,
+    floor)`` (so it is accurate to well within the cluster width). Values within a few accuracy floors
+    of zero are ignored: they are the numerically null space, where any orthonormal basis is right.
+    Appends this pass's settled values to ``log`` and returns ``(members, first)``, ``first`` being the
+    earliest pass at which a settled value lay inside the cluster (how long the Krylov space took to
+    resolve it), or ``(0, 0)`` when no cluster saturates the block.
+    """
+    lvl = min(math.sqrt(tol), 1e-4)
+    ok = (res <= torch.clamp(lvl * theta.abs(), min=floor)) & (theta.abs() > 4 * floor)
+    vals = sorted((float(x) for x in theta[ok]), reverse=True)
+    log.append((pass_no, vals))
+    best, lo, hi = 0, 0.0, 0.0
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and (vals[j] - vals[j + 1]
+                                     <= CLUSTER_RTOL * max(abs(vals[j]), abs(vals[j + 1])) + floor):
+            j += 1
+        if j - i + 1 >= max(b, 2) and j - i + 1 > best:
+            best, hi, lo = j - i + 1, vals[i], vals[j]
+        i = j + 1
+    if not best:
+        return 0, 0
+    pad = CLUSTER_RTOL * max(abs(hi), abs(lo)) + floor
+    first = next(p for p, vs in log if any(lo - pad <= v <= hi + pad for v in vs))
+    return best, first
+
+
+# ---------------------------------------------------------------------------------------------------
 # dense path
 
 def _dense(op: Operator, k: int, which: str, t0: float) -> EigResult:
@@ -291,7 +344,7 @@ def _dense(op: Operator, k: int, which: str, t0: float) -> EigResult:
 def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[int] = None,
           tol: Optional[float] = None, max_passes: Optional[int] = None,
           max_basis: Optional[int] = None, seed: int = 0, v0: Optional[torch.Tensor] = None,
-          method: str = "lanczos", certify: Union[bool, str] = True,
+          method: str = "lanczos", certify: Union[bool, str] = "auto",
           check_symmetry: bool = True) -> EigResult:
     """Top-``k`` (or bottom-``k``) eigenpairs of a symmetric matrix or operator.
 
@@ -300,9 +353,16 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
             with ``.shape`` and ``@`` on ``(N, b)`` blocks (see :mod:`.operators`).
         k: number of pairs, ``1 <= k <= N``.
         which: ``"largest"`` (algebraically largest; the top of a PSD spectrum) or ``"smallest"``.
-        block_size: block width ``b`` (default :func:`default_block_size`); a cluster or repeated
-            eigenvalue with more than ``b`` members is found only through rounding, so raise it when
-            multiplicities above ``b`` are expected.
+        block_size: block width ``b``. Given: fixed; a cluster or repeated eigenvalue with more than
+            ``b`` members is found only through rounding, so raise it when multiplicities above ``b``
+            are expected. Default (``None``): :func:`default_block_size`, i.e. ``min(k, 8)`` for an
+            explicit matrix and ``1`` for a matrix-free operator (fewest products), **widened on
+            demand**: whenever a tight cluster (relative width ``1e-3``) of settled wanted Ritz values
+            has at least as many members as the block is wide, fresh random columns orthogonal to the
+            basis join the block (width ``max(2b, members + b)``, at most ``k``), and the run does not
+            stop before the widened block has gone as many passes as the cluster took to appear, so
+            members a narrower block could not see get the chance to. ``info["widenings"]`` counts
+            these events; spectra without tight clusters never pay for it.
         tol: relative residual tolerance (default 1e-8 in float64, 1e-5 otherwise).
         max_passes: maximum block applications of ``A`` (each one pass over the data for a matrix-free
             NTK), certification excluded. Default ``max(100, 10 N / b)`` capped sensibly.
@@ -311,7 +371,9 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
         v0: optional ``(N,)`` or ``(N, j)`` start vectors, completed with random ones.
         method: ``"lanczos"``, ``"dense"`` (fp64 ``eigh``, explicit matrices only) or ``"auto"`` (dense
             for explicit matrices with ``N <= 256`` or when the Krylov basis would span half the space).
-        certify: how ``residuals`` are obtained. ``True`` / ``"product"`` (default): one extra product
+        certify: how ``residuals`` are obtained. ``"auto"`` (default): ``"product"`` for an explicit
+            matrix, ``"stored"`` for a matrix-free operator (where each product is expensive).
+            ``True`` / ``"product"``: one extra product
             ``A V`` on the ``k`` returned vectors (``k`` more products). ``"stored"``: no extra
             product; the raw products ``A Q`` are kept beside the basis (twice the memory) and
             ``A V = (A Q) Y`` by linearity, which is again computed from the operator's own outputs
@@ -334,7 +396,9 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
     if op.explicit is not None and check_symmetry:
         check_symmetric(op.explicit, op.name)
 
-    b = int(block_size) if block_size is not None else default_block_size(k, n)
+    explicit = op.explicit is not None
+    adaptive = block_size is None
+    b = int(block_size) if block_size is not None else default_block_size(k, n, explicit)
     if b < 1:
         raise ValueError(f"block_size must be at least 1, got {b}")
     b = min(b, n)
@@ -357,8 +421,11 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
         method = "dense" if op.explicit is not None and (n <= 256 or 2 * nmax >= n) else "lanczos"
     if certify is True:
         certify = "product"
+    if isinstance(certify, str) and certify == "auto":
+        certify = "product" if explicit else "stored"
     if certify not in ("product", "stored", False):
-        raise ValueError(f"certify must be True, 'product', 'stored' or False, got {certify!r}")
+        raise ValueError(f"certify must be 'auto', True, 'product', 'stored' or False, got "
+                         f"{certify!r}")
     if method == "dense":
         return _dense(op, k, which, t0)
 
@@ -391,6 +458,13 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
     qbuf = torch.zeros(cap, n, dtype=wd, device=dev).mT
     hbuf = torch.zeros(cap, cap, dtype=torch.float64)
     awbuf = torch.zeros(cap, n, dtype=wd, device=dev).mT if certify == "stored" else None
+    # on-demand widening (default block size only): settled wanted Ritz values per pass, to date when a
+    # cluster appeared; the run may not stop before pass `hold`
+    bmax = min(k, n) if adaptive else b
+    b0 = b
+    widenings = 0
+    hold = 0
+    settled_log: list = []
     qbuf[:, :b] = q0
     na, nt = 0, b          # applied columns, total columns
     restarts = 0
@@ -447,6 +521,41 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
             res_est = torch.zeros(kk, dtype=torch.float64)
         thr = torch.clamp(tol * theta[:kk].abs(), min=floor)
         done = kk == k and bool((res_est <= thr).all())
+        if adaptive and b < bmax and nt < n:
+            size, first = _saturated_cluster(theta[:kk], res_est, tol, floor, b, settled_log,
+                                             passes_used)
+            if size:
+                bnew = int(min(bmax, max(2 * b, size + b), n - na))
+                add = bnew - (nt - na)
+                if add > 0:
+                    need = min(n, max(nmax, default_max_basis(k, bnew, n))) + bnew
+                    if need > cap:  # grow the buffers, keeping their column-major layout
+                        q2 = torch.zeros(need, n, dtype=wd, device=dev).mT
+                        q2[:, :nt] = qbuf[:, :nt]
+                        h2 = torch.zeros(need, need, dtype=torch.float64)
+                        h2[:cap, :cap] = hbuf
+                        if awbuf is not None:
+                            a2 = torch.zeros(need, n, dtype=wd, device=dev).mT
+                            a2[:, :na] = awbuf[:, :na]
+                            awbuf = a2
+                        qbuf, hbuf, cap = q2, h2, need
+                        nmax = need - bnew
+                    extra = _random_orthonormal(op, qbuf[:, :nt], add, gen, n - nt)
+                    got = extra.shape[1]
+                    if got:
+                        # new unapplied columns: no coupling to the applied ones yet, so the Krylov
+                        # decomposition A Q_a = Q_a H + Q_u C still holds with zero rows of C
+                        qbuf[:, nt:nt + got] = extra
+                        hbuf[nt:nt + got, :] = 0.0
+                        hbuf[:, nt:nt + got] = 0.0
+                        nt += got
+                        refills += got
+                        widenings += 1
+                        b = nt - na
+                        hold = max(hold, passes_used + max(first, 2))
+                        done = False
+        if passes_used < hold:
+            done = False
         if done or na >= n or nt == na or passes_used >= max_passes:
             break
         # thick restart when the next block would not fit
@@ -456,7 +565,7 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
             keep = y[:, :p].to(device=dev, dtype=wd)
             qa = qbuf[:, :na] @ keep
             qu = qbuf[:, na:nt].clone()
-            cu = coupling @ y[:, :p]
+            cu = hbuf[na:nt, :na] @ y[:, :p]  # (rows added by a widening are zero)
             bu2 = nt - na
             qbuf.zero_()
             hbuf.zero_()
@@ -499,5 +608,7 @@ def eigsh(A: Any, k: int = 6, *, which: str = "largest", block_size: Optional[in
                      max_basis=nmax, certified=bool(certify), dtype=op.dtype, n=n,
                      seconds=time.perf_counter() - t0,
                      info={"refilled_columns": refills, "basis_columns": na,
+                           "widenings": widenings, "initial_block_size": b0,
+                           "final_block_size": b,
                            "certification": certify or "estimate",
                            "exhausted_space": na >= n})

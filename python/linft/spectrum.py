@@ -72,7 +72,7 @@ class _SymmetricPart:
 def spectrum(A: Any, k: int = 6, *, which: str = "largest", tol: Optional[float] = None,
              block_size: Optional[int] = None, max_passes: Optional[int] = None,
              max_basis: Optional[int] = None, seed: int = 0, method: str = "auto",
-             asymmetric: str = "svd", certify: bool = True) -> Spectrum:
+             asymmetric: str = "svd", certify="auto") -> Spectrum:
     """Top-``k`` (``which="largest"``) or bottom-``k`` eigenpairs of a symmetric kernel.
 
     Args:
@@ -81,12 +81,19 @@ def spectrum(A: Any, k: int = 6, *, which: str = "largest", tol: Optional[float]
         tol: relative residual tolerance (default 1e-8 for float64, 1e-5 otherwise).
         block_size, max_passes, max_basis, seed: Krylov options (see
             :func:`linft_kernels.linalg.eigsh`); ``max_passes`` bounds the block applications, i.e.
-            passes over the data for a matrix-free NTK.
+            passes over the data for a matrix-free NTK. Default block: ``min(k, 8)`` for an explicit
+            kernel (an NTK, a tensor), ``1`` for a matrix-free operator (``linft.ntk_operator``),
+            where every column is a backward and a forward pass over the data; either is widened
+            automatically when a tight cluster fills it.
         method: ``"auto"`` (fp64 dense ``eigh`` for small explicit matrices, block Lanczos otherwise),
             ``"lanczos"`` or ``"dense"``.
         asymmetric: what to do with an asymmetric or rectangular kernel: ``"svd"`` (singular values),
             ``"symmetric"`` (eigenvalues of ``(A + A^T)/2``) or ``"error"``.
-        certify: spend ``k`` products on certified residuals (default on).
+        certify: how the residuals ``||A v - theta v||`` are made true ones: ``"auto"`` (default)
+            spends ``k`` extra products for an explicit kernel and none for an operator (it keeps the
+            raw products ``A Q`` instead, ``certify="stored"``); ``True``/``"product"``, ``"stored"``,
+            or ``False`` for Ritz estimates only. Singular values (asymmetric kernels) treat
+            ``"auto"`` as ``True``.
 
     Returns:
         :data:`Spectrum` (an :class:`linft_kernels.linalg.EigResult`); ``eigenvalues`` descending.
