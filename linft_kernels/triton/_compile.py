@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gram import _GPU_CONFIGS, _compute_config, _is_interpreted, gram_kernel
+from .gram import _GPU_CONFIGS, FP64_PAIR_BLOCK, _compute_config, _is_interpreted, gram_kernel
 from .ghost_gram import ghost_gram_kernel
 from .psg_gram import psg_gram_kernel
 
@@ -52,8 +52,9 @@ def variants():
                 sig = dict(pair_sig, SYM="constexpr", HAS_M1="constexpr", HAS_M2="constexpr",
                            CDT="constexpr", ACC="constexpr", PREC="constexpr",
                            BLOCK_T="constexpr", BLOCK_S="constexpr", BLOCK_D="constexpr")
+                gblocks = _GHOST_BLOCKS if out_name != "fp64" else dict.fromkeys(_GHOST_BLOCKS, FP64_PAIR_BLOCK)
                 yield (ghost_gram_kernel, f"{in_name}->{out_name} sym={int(sym)} masked", sig,
-                       dict(SYM=sym, HAS_M1=True, HAS_M2=True, **common, **_GHOST_BLOCKS),
+                       dict(SYM=sym, HAS_M1=True, HAS_M2=True, **common, **gblocks),
                        dict(num_warps=4, num_stages=2))
             for kernel, sym in ((0, False), (1, False), (2, False), (0, True), (1, True)):
                 sig = dict(pair_sig, SYM="constexpr", KERNEL="constexpr", HAS_M1="constexpr",
@@ -62,7 +63,7 @@ def variants():
                 yield (psg_gram_kernel,
                        f"{in_name}->{out_name} kernel={kernel} sym={int(sym)} masked", sig,
                        dict(SYM=sym, KERNEL=kernel, HAS_M1=True, HAS_M2=True, **common,
-                            **_PSG_BLOCKS),
+                            **(_PSG_BLOCKS if out_name != "fp64" else dict.fromkeys(_PSG_BLOCKS, FP64_PAIR_BLOCK))),
                        dict(num_warps=4, num_stages=2))
     # unmasked variant (mask pointers are None -> constexpr) of the pair kernels, once
     for fn, extra in ((ghost_gram_kernel, _GHOST_BLOCKS), (psg_gram_kernel, dict(KERNEL=1, **_PSG_BLOCKS))):

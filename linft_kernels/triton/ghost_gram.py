@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import _MAX_GRID_Y, _compute_config, _device_guard, _is_interpreted
+from .gram import FP64_PAIR_BLOCK, _MAX_GRID_Y, _compute_config, _device_guard, _is_interpreted, _mma
 
 __all__ = ["ghost_gram", "ghost_gram_kernel"]
 
@@ -55,7 +55,7 @@ def ghost_gram_kernel(x1_ptr, g1_ptr, m1_ptr, x2_ptr, g2_ptr, m2_ptr, out_ptr,
                              mask=mt[:, None] & md[None, :], other=0.0).to(CDT)
                 xs = tl.load(x2_ptr + ss[None, :] * D_IN + dd[:, None],
                              mask=md[:, None] & ms[None, :], other=0.0).to(CDT)
-                a = tl.dot(xt, xs, a, input_precision=PREC, out_dtype=ACC)
+                a = _mma(xt, xs, a, PREC, ACC)
             # B = G1_t G2_s^T over d_out
             b = tl.zeros((BLOCK_T, BLOCK_S), dtype=ACC)
             for d0 in range(0, D_OUT, BLOCK_D):
@@ -65,7 +65,7 @@ def ghost_gram_kernel(x1_ptr, g1_ptr, m1_ptr, x2_ptr, g2_ptr, m2_ptr, out_ptr,
                              mask=mt[:, None] & md[None, :], other=0.0).to(CDT)
                 gs = tl.load(g2_ptr + ss[None, :] * D_OUT + dd[:, None],
                              mask=md[:, None] & ms[None, :], other=0.0).to(CDT)
-                b = tl.dot(gt, gs, b, input_precision=PREC, out_dtype=ACC)
+                b = _mma(gt, gs, b, PREC, ACC)
             # masked / out-of-range rows and columns were loaded as zeros, so a*b is zero there
             tot += a * b
     val = tl.sum(tl.sum(tot, axis=1), axis=0)
@@ -99,6 +99,8 @@ def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
     cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], out.dtype,
                                      interp, fp32_precision)
     kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
+    if acc == tl.float64 and not interp:  # CUDA-core fp64 products (see gram._mma): small cubes
+        block_t = block_s = block_d = FP64_PAIR_BLOCK
     with _device_guard(out):
         for base in range(0, N, _MAX_GRID_Y):
             grid = (M, min(_MAX_GRID_Y, N - base))

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gram", "gram_kernel"]
+__all__ = ["gram", "gram_kernel", "FP64_PAIR_BLOCK"]
 
 # Largest grid extent used along axis 1 (CUDA limits gridDim.y to 65535); larger row counts are
 # launched in chunks with a row/tile offset.
@@ -73,6 +73,20 @@ def _device_guard(t: torch.Tensor):
 
 
 @triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b with acc's precision.
+
+    fp64 is a broadcast multiply and a sum (CUDA cores) rather than tl.dot: Triton 3.6 cannot lower
+    an fp64 tl.dot with K >= 16 for sm_90 (an MMAv2 "largeK" assertion, seen on an H200), and fp64
+    has no tensor-core path worth the constraint. Keep fp64 tiles small (launchers do).
+    """
+    if ACC == tl.float64:
+        return acc + tl.sum(a[:, :, None].to(tl.float64) * b[None, :, :].to(tl.float64), axis=1)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
 def gram_kernel(a_ptr, b_ptr, out_ptr, N, M, P, K_SPLIT, split_stride, SIZE_KEY,
                 SYM: tl.constexpr, CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -112,7 +126,7 @@ def gram_kernel(a_ptr, b_ptr, out_ptr, N, M, P, K_SPLIT, split_stride, SIZE_KEY,
         mk = kk < k_hi
         a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(CDT)
         b = tl.load(b_cols + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0).to(CDT)
-        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+        acc = _mma(a, b, acc, PREC, ACC)
     out_ptr += split.to(tl.int64) * split_stride
     omask = mask_m[:, None] & mask_n[None, :]
     o_ptrs = out_ptr + offs_m[:, None] * M + offs_n[None, :]
@@ -135,8 +149,10 @@ def _cfg(bm, bk, warps, stages):
 _GPU_CONFIGS = {
     "16bit": [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 4)],
     "fp32": [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 4), _cfg(128, 16, 8, 4)],
-    "fp64": [_cfg(64, 16, 4, 3), _cfg(32, 16, 4, 3)],
+    "fp64": [_cfg(32, 8, 4, 2), _cfg(32, 16, 8, 2)],  # CUDA-core fp64 (see _mma): small tiles
 }
+# ghost_gram / psg_gram tile edge for fp64 on a GPU (their tiles are cubes in _mma)
+FP64_PAIR_BLOCK = 16
 _INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
 _TUNED = {}
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import _MAX_GRID_Y, _compute_config, _device_guard, _is_interpreted
+from .gram import FP64_PAIR_BLOCK, _MAX_GRID_Y, _compute_config, _device_guard, _is_interpreted, _mma
 
 __all__ = ["psg_gram", "psg_gram_kernel", "KERNEL_CODES"]
 
@@ -40,7 +40,7 @@ def _f_tile(x_ptr, g_ptr, m_ptr, T, D_IN, D_OUT, oo, dd, mo, md,
                     mask=mo[:, None] & mt[None, :], other=0.0).to(CDT)   # (BLOCK_O, BLOCK_T)
         x = tl.load(x_ptr + tt[:, None] * D_IN + dd[None, :],
                     mask=mt[:, None] & md[None, :], other=0.0).to(CDT)   # (BLOCK_T, BLOCK_D)
-        f = tl.dot(g, x, f, input_precision=PREC, out_dtype=ACC)
+        f = _mma(g, x, f, PREC, ACC)
     return f
 
 
@@ -126,6 +126,8 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
     cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], out.dtype,
                                      interp, fp32_precision)
     kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
+    if acc == tl.float64 and not interp:  # CUDA-core fp64 products (see gram._mma): small cubes
+        block_o = block_d = block_t = FP64_PAIR_BLOCK
     with _device_guard(out):
         for base in range(0, N, _MAX_GRID_Y):
             grid = (M, min(_MAX_GRID_Y, N - base))

@@ -1,0 +1,109 @@
+"""Where the time of a LoRA NTK on a GPU goes: a diagnostic, not a benchmark row.
+
+Builds the 1.1B Llama-shaped bf16 model of `harness.py --ntk-preset llama-1b`, then, with the GPU
+synchronized around every measurement (warm after one untimed call each):
+  * one plain forward+backward over N samples (micro-batches of 32),
+  * empirical_ntk at several sample_tile values (the engine's own phase timings alongside),
+  * one torch.profiler trace of empirical_ntk on a few samples: the top CUDA kernels and CPU ops.
+
+    python bench/profile_ntk_gpu.py --n 256 --t 256 --tiles 16,64 --out $OUT/profile.txt
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn):
+    _sync()
+    t0 = time.perf_counter()
+    r = fn()
+    _sync()
+    return time.perf_counter() - t0, r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--t", type=int, default=256)
+    ap.add_argument("--tiles", default="16,64", help="comma list of empirical_ntk sample_tile values")
+    ap.add_argument("--profile-n", type=int, default=32, help="samples in the profiled call (0: no trace)")
+    ap.add_argument("--out", default=None, help="also write the report here")
+    ap.add_argument("--quick", action="store_true", help="a tiny model on the CPU (checks the script)")
+    args = ap.parse_args(argv)
+    import linft
+
+    buf = io.StringIO()
+
+    def say(*a):
+        line = " ".join(str(x) for x in a)
+        print(line, flush=True)
+        buf.write(line + "\n")
+
+    dev = "cpu" if args.quick else "cuda"
+    spec = {**harness.LLAMA_1B, "T": args.t, "kernel": "lora", "device": dev}
+    if args.quick:
+        spec.update(n_embd=128, d_ff=256, n_layer=2, n_head=4, n_kv_head=2, vocab=1000, model_dtype="float32")
+    model, names, params = harness.build_model(spec)
+    out = linft.outputs.label_word_logits(list(harness.LABEL_IDS))
+    batch = harness.make_batch(args.n, args.t, spec["vocab"], device=dev)
+    small = harness.make_batch(4, args.t, spec["vocab"], seed=7, device=dev)
+    say(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}  torch {torch.__version__}  N={args.n} T={args.t} "
+        f"LoRA params {sum(p.numel() for n, p in model.named_parameters() if n in set(names)):,}")
+
+    harness._fwdbwd(model, small, out, names, 32)
+    t_fb, _ = _timed(lambda: harness._fwdbwd(model, batch, out, names, 32))
+    say(f"fwd+bwd (micro-batch 32): {t_fb:.3f} s")
+    harness._fwdbwd(model, batch, out, names, 64)
+    t_fb64, _ = _timed(lambda: harness._fwdbwd(model, batch, out, names, 64))
+    say(f"fwd+bwd (micro-batch 64): {t_fb64:.3f} s")
+
+    for tile in [int(x) for x in args.tiles.split(",") if x]:
+        linft.empirical_ntk(model, small, output=out, params=params, dtype=torch.float32, sample_tile=tile)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t, ntk = _timed(lambda: linft.empirical_ntk(model, batch, output=out, params=params,
+                                                    dtype=torch.float32, sample_tile=tile))
+        say(f"empirical_ntk sample_tile={tile}: {t:.3f} s = {t / t_fb:.2f} x fwd+bwd; "
+            f"peak {torch.cuda.max_memory_allocated() / 2**30 if dev == 'cuda' else 0:.1f} GiB; timings {ntk.timings}; "
+            f"methods {sorted({b['method'] for b in ntk.plan.get('blocks', [])})}")
+        del ntk
+
+    if args.profile_n:
+        from torch.profiler import ProfilerActivity, profile
+        pb = harness.make_batch(args.profile_n, args.t, spec["vocab"], seed=3, device=dev)
+        linft.empirical_ntk(model, pb, output=out, params=params, dtype=torch.float32)
+        _sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            linft.empirical_ntk(model, pb, output=out, params=params, dtype=torch.float32)
+            _sync()
+        ka = prof.key_averages()
+        say(f"\n== profile of empirical_ntk on {args.profile_n} samples: top CUDA time")
+        say(ka.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        say("== top CPU time (self)")
+        say(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
+            harness._fwdbwd(model, pb, out, names, 32)
+            _sync()
+        say(f"\n== profile of fwd+bwd on {args.profile_n} samples: top CUDA time")
+        say(prof2.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+    if args.out:
+        Path(args.out).write_text(buf.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
