@@ -5,7 +5,8 @@
 #   2. pytest -m gpu tests            the GPU tests (kernels on every backend, NTK on CUDA vs float64 CPU)
 #   3. bench/harness.py --suite ops   the op sweep (cuda/triton vs torch matmul / einsum; GEMM peak)
 #   4. bench/harness.py --ntk-preset llama-1b   LoRA NTK of a 1.1B Llama-shaped model vs fwd+bwd
-#   5. (SUITE=all) the GPT-2 NTK suite (full + LoRA vs vmap(jacrev))
+#   5. (stage "ntk") the GPT-2 NTK suite (full + LoRA vs vmap(jacrev))
+#   6. (stage "profile") bench/profile_ntk_gpu.py: where the LoRA NTK's time goes
 # Every stage has its own time limit and writes its files as it goes, so a stage that hangs or is
 # killed costs only itself. Results go under $OUT when set (the device runner collects it), else
 # bench/results/.
@@ -17,7 +18,7 @@
 # Environment: PYTHON (default: .venv/bin/python, else python3) with a CUDA build of torch;
 # STAGES (default "diag tests ops llama"); TEST_TIMEOUT (150 s), OPS_TIMEOUT (150), LLAMA_TIMEOUT (200),
 # NTK_TIMEOUT (300); TEST_WORKERS (pytest-xdist workers, 8; 0 = none); OPS_ONLY (harness --only);
-# LLAMA_N (1024), LLAMA_T (256); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
+# LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
 # Exit status: nonzero if any stage failed; later stages still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,9 +87,15 @@ for s in $STAGES; do
     llama)
       stage "llama: LoRA NTK of a 1.1B Llama-shaped model, N=${LLAMA_N:-1024} T=${LLAMA_T:-256}"
       timeout "${LLAMA_TIMEOUT:-200}" "$PY" bench/harness.py --suite ntk --ntk-preset llama-1b --device cuda \
-        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" --out "$DEST/cuda-llama.json" \
+        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} --out "$DEST/cuda-llama.json" \
         >"$DEST/cuda-llama.log" 2>&1 || rc=1
       grep -vE "Warning|warn\(" "$DEST/cuda-llama.log" | tail -n 25 | tee -a "$LOG" ;;
+    profile)
+      stage "profile: bench/profile_ntk_gpu.py N=${LLAMA_N:-1024}"
+      timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_ntk_gpu.py --n "${LLAMA_N:-1024}" --t "${LLAMA_T:-256}" \
+        --tiles "${PROFILE_TILES:-16,64}" --out "$DEST/gpu-profile.txt" >/dev/null 2>"$DEST/gpu-profile.err" || {
+        rc=1; tail -n 20 "$DEST/gpu-profile.err" | tee -a "$LOG"; }
+      grep -E "^(fwd|empirical|GPU|NVIDIA)" "$DEST/gpu-profile.txt" 2>/dev/null | tee -a "$LOG" ;;
     ntk)
       stage "ntk: GPT-2 suite"
       timeout "${NTK_TIMEOUT:-300}" "$PY" bench/harness.py --suite ntk --device cuda --out "$DEST/cuda-ntk.json" \

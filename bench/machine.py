@@ -70,9 +70,9 @@ def _git(*args: str) -> str | None:
 
 
 def git_info() -> dict:
-    commit = _git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("LINFT_GIT_COMMIT"):  # a copy of the tree without .git (GPU runs)
+    if os.environ.get("LINFT_GIT_COMMIT"):  # an exported copy of the tree (GPU runs): said by the caller
         return {"git_commit": os.environ["LINFT_GIT_COMMIT"], "git_dirty": None}
+    commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": bool(dirty)}
 
