@@ -1,8 +1,8 @@
 """Choice of backend per op call.
 
 Order: explicit ``backend=`` argument, else the ``LINFT_BACKEND`` environment variable, else auto:
-CUDA tensors -> native CUDA if built and a GPU is visible, else Triton, else reference; CPU tensors ->
-native CPU, else reference. An explicit request that cannot be met raises `BackendUnavailable` with the
+CUDA tensors -> the faster of native CUDA and Triton for the op and output dtype (`_auto_order`), then
+the other, else reference; CPU tensors -> native CPU, else reference. An explicit request that cannot be met raises `BackendUnavailable` with the
 reason; an automatic fall-back logs once per (op, device, reason).
 """
 from __future__ import annotations
@@ -70,16 +70,24 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return _triton_import_error()
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
+# CUDA ops whose Triton kernel beat the native CUDA C++ one on an H200 (bench/results/cuda-h200-*):
+# gram with an fp32 output (bf16: 15x, tensor cores; fp32: on par) and ghost_gram (3-8x). psg_gram's
+# native kernel was 1.2-1.5x faster, and fp64 outputs (CUDA-core products either way) were not timed.
+_TRITON_FIRST = {("gram", torch.float32), ("ghost_gram", torch.float32)}
+
+
+def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dtype | None = None) -> tuple[str, ...]:
     if device.type == "cuda":
+        if (op, out_dtype) in _TRITON_FIRST:
+            return ("triton", "cuda", "reference")
         return ("cuda", "triton", "reference")
     if device.type == "cpu":
         return ("cpu", "reference")
     return ("reference",)
 
 
-def resolve(op: str, device: torch.device, backend: str | None) -> str:
-    """The backend that runs `op` on tensors of `device`."""
+def resolve(op: str, device: torch.device, backend: str | None, out_dtype: torch.dtype | None = None) -> str:
+    """The backend that runs `op` on tensors of `device` into an `out_dtype` result."""
     requested = backend or os.environ.get("LINFT_BACKEND") or "auto"
     if requested != "auto":
         reason = unavailable_reason(requested, device)
@@ -87,7 +95,7 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
             source = "backend=" if backend else "LINFT_BACKEND="
             raise BackendUnavailable(f"{op}: {source}{requested!r} cannot run: {reason}")
         return requested
-    order = _auto_order(device)
+    order = _auto_order(device, op, out_dtype)
     for name in order:
         reason = unavailable_reason(name, device)
         if reason is None:

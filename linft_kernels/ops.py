@@ -175,7 +175,7 @@ def gram(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, out: Optional[tor
         _check_dim("b", b.shape[1], a.shape[1], "the feature dimension P (b.shape[1])")
     N, M = a.shape[0], (a.shape[0] if b is None else b.shape[0])
     out = _out(out, (N, M), a.dtype, a.device)
-    name = _dispatch.resolve("gram", a.device, backend)
+    name = _dispatch.resolve("gram", a.device, backend, out.dtype)
     if a.numel() and (b is None or b.numel()):
         _gram_op(out, a.contiguous(), _contig(b), name)
     return out
@@ -224,7 +224,7 @@ def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = 
     """
     N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
     out = _out(out, (N, M), x1.dtype, x1.device)
-    name = _dispatch.resolve("ghost_gram", x1.device, backend)
+    name = _dispatch.resolve("ghost_gram", x1.device, backend, out.dtype)
     if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
         _ghost_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, name)
     return out
@@ -244,7 +244,7 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = No
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
     out = _out(out, (N, M), x1.dtype, x1.device)
-    name = _dispatch.resolve("psg_gram", x1.device, backend)
+    name = _dispatch.resolve("psg_gram", x1.device, backend, out.dtype)
     if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
         _psg_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, kernel, name)
     return out

@@ -50,3 +50,15 @@ def test_backend_table_lists_every_backend():
     assert set(table) == set(lk.BACKENDS)
     assert table["reference"]["cpu"] == "yes"
     assert "needs CUDA tensors" in table["cuda"]["cpu"]
+
+
+def test_cuda_auto_order_prefers_the_faster_kernel_per_op():
+    """On CUDA tensors auto tries Triton first where it measured faster (gram/ghost_gram into fp32),
+    native CUDA first elsewhere; both orders end in the reference backend."""
+    from linft_kernels import _dispatch
+    cuda = torch.device("cuda")
+    assert _dispatch._auto_order(cuda, "gram", torch.float32) == ("triton", "cuda", "reference")
+    assert _dispatch._auto_order(cuda, "ghost_gram", torch.float32) == ("triton", "cuda", "reference")
+    assert _dispatch._auto_order(cuda, "gram", torch.float64) == ("cuda", "triton", "reference")
+    assert _dispatch._auto_order(cuda, "psg_gram", torch.float32) == ("cuda", "triton", "reference")
+    assert _dispatch._auto_order(torch.device("cpu"), "gram", torch.float32) == ("cpu", "reference")
