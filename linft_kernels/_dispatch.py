@@ -1,9 +1,10 @@
 """Choice of backend per op call.
 
 Order: explicit ``backend=`` argument, else the ``LINFT_BACKEND`` environment variable, else auto:
-CUDA tensors -> the faster of native CUDA and Triton for the op and output dtype (`_auto_order`), then
-the other, else reference; CPU tensors -> native CPU, else reference. An explicit request that cannot be met raises `BackendUnavailable` with the
-reason; an automatic fall-back logs once per (op, device, reason).
+CUDA tensors -> the order measured fastest for the op and output dtype (`_CUDA_ORDER`), native CUDA
+first where nothing was measured; CPU tensors -> native CPU, else reference. An explicit request that
+cannot be met raises `BackendUnavailable` with the reason; an automatic fall-back logs once per
+(op, device, reason).
 """
 from __future__ import annotations
 
@@ -70,17 +71,22 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return _triton_import_error()
 
 
-# CUDA ops whose Triton kernel beat the native CUDA C++ one on an H200 (bench/results/cuda-h200-*):
-# gram with an fp32 output (bf16: 15x, tensor cores; fp32: on par) and ghost_gram (3-8x). psg_gram's
-# native kernel was 1.2-1.5x faster, and fp64 outputs (CUDA-core products either way) were not timed.
-_TRITON_FIRST = {("gram", torch.float32), ("ghost_gram", torch.float32)}
+# Auto order on CUDA tensors, per (op, output dtype), from the H200 runs in bench/results/cuda-h200-*:
+# * gram into fp32: the autotuned Triton kernel (bf16: 15x the native CUDA C++ kernel, which has no
+#   tensor-core path; fp32: on par). fp64 outputs were not timed: native first, as before.
+# * ghost_gram and psg_gram: the reference backend (chunked cuBLAS products, choosing the cheaper of
+#   ghost and materialize) beat both kernels at 2 of 3 ghost shapes and at every psg shape (4-10x the
+#   native kernel; the Triton psg_gram was rewritten since and is not measured yet).
+_CUDA_ORDER = {
+    ("gram", torch.float32): ("triton", "cuda", "reference"),
+    ("ghost_gram", None): ("reference", "triton", "cuda"),
+    ("psg_gram", None): ("reference", "triton", "cuda"),
+}
 
 
 def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dtype | None = None) -> tuple[str, ...]:
     if device.type == "cuda":
-        if (op, out_dtype) in _TRITON_FIRST:
-            return ("triton", "cuda", "reference")
-        return ("cuda", "triton", "reference")
+        return _CUDA_ORDER.get((op, out_dtype)) or _CUDA_ORDER.get((op, None)) or ("cuda", "triton", "reference")
     if device.type == "cpu":
         return ("cpu", "reference")
     return ("reference",)

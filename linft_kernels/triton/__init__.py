@@ -6,7 +6,7 @@ never touches CUDA. Set TRITON_INTERPRET=1 before import to run the kernels on C
 """
 from .gram import gram, gram_kernel
 from .ghost_gram import ghost_gram, ghost_gram_kernel
-from .psg_gram import KERNEL_CODES, psg_gram, psg_gram_kernel
+from .psg_gram import KERNEL_CODES, psg_features_kernel, psg_gram
 
 __all__ = ["gram", "ghost_gram", "psg_gram", "KERNEL_CODES",
-           "gram_kernel", "ghost_gram_kernel", "psg_gram_kernel"]
+           "gram_kernel", "ghost_gram_kernel", "psg_features_kernel"]

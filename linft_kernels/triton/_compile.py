@@ -12,16 +12,16 @@ import triton.language as tl
 
 from .gram import _GPU_CONFIGS, FP64_PAIR_BLOCK, _compute_config, _is_interpreted, gram_kernel
 from .ghost_gram import ghost_gram_kernel
-from .psg_gram import psg_gram_kernel
+from .psg_gram import _feature_blocks, psg_features_kernel
 
 __all__ = ["compile_all", "variants"]
 
 _IN = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
 _OUT = {"fp32": tl.float32, "fp64": tl.float64}
 
-# launcher defaults (keep in sync with ghost_gram.py / psg_gram.py; gram uses its autotune list)
+# launcher defaults (keep in sync with ghost_gram.py; gram uses its autotune list, psg_gram
+# its _feature_blocks)
 _GHOST_BLOCKS = dict(BLOCK_T=32, BLOCK_S=32, BLOCK_D=32)
-_PSG_BLOCKS = dict(BLOCK_O=32, BLOCK_D=32, BLOCK_T=32)
 
 
 def variants():
@@ -56,26 +56,31 @@ def variants():
                 yield (ghost_gram_kernel, f"{in_name}->{out_name} sym={int(sym)} masked", sig,
                        dict(SYM=sym, HAS_M1=True, HAS_M2=True, **common, **gblocks),
                        dict(num_warps=4, num_stages=2))
-            for kernel, sym in ((0, False), (1, False), (2, False), (0, True), (1, True)):
-                sig = dict(pair_sig, SYM="constexpr", KERNEL="constexpr", HAS_M1="constexpr",
-                           HAS_M2="constexpr", CDT="constexpr", ACC="constexpr", PREC="constexpr",
-                           BLOCK_O="constexpr", BLOCK_D="constexpr", BLOCK_T="constexpr")
-                yield (psg_gram_kernel,
-                       f"{in_name}->{out_name} kernel={kernel} sym={int(sym)} masked", sig,
-                       dict(SYM=sym, KERNEL=kernel, HAS_M1=True, HAS_M2=True, **common,
-                            **(_PSG_BLOCKS if out_name != "fp64" else dict.fromkeys(_PSG_BLOCKS, FP64_PAIR_BLOCK))),
-                       dict(num_warps=4, num_stages=2))
-    # unmasked variant (mask pointers are None -> constexpr) of the pair kernels, once
-    for fn, extra in ((ghost_gram_kernel, _GHOST_BLOCKS), (psg_gram_kernel, dict(KERNEL=1, **_PSG_BLOCKS))):
-        cdt, acc, prec = _compute_config([tl.bfloat16], tl.float32, interpret=False)
-        sig = dict(x1_ptr="*bf16", g1_ptr="*bf16", m1_ptr="constexpr", x2_ptr="*bf16",
-                   g2_ptr="*bf16", m2_ptr="constexpr", out_ptr="*fp32", N="i32", M="i32",
-                   T="i32", S="i32", D_IN="i32", D_OUT="i32", row_base="i32")
-        const = dict(m1_ptr=None, m2_ptr=None, SYM=True, HAS_M1=False, HAS_M2=False,
-                     CDT=cdt, ACC=acc, PREC=prec, **extra)
-        for k in const:
-            sig.setdefault(k, "constexpr")
-        yield fn, "bf16->fp32 sym=1 unmasked", sig, const, dict(num_warps=4, num_stages=2)
+            for sign in (False, True):
+                sig = dict(x_ptr=pin, g_ptr=pin, m_ptr="*u8", f_ptr=pout, T="i32", D_IN="i32",
+                           D_OUT="i32", o0="i32", OC="i32", HAS_M="constexpr", SIGN="constexpr",
+                           CDT="constexpr", ACC="constexpr", PREC="constexpr", BLOCK_O="constexpr",
+                           BLOCK_D="constexpr", BLOCK_T="constexpr")
+                yield (psg_features_kernel, f"{in_name}->{out_name} sign={int(sign)} masked", sig,
+                       dict(HAS_M=True, SIGN=sign, **common, **_feature_blocks(cdt, acc, False)),
+                       dict(num_warps=4, num_stages=3))
+    # unmasked variants (mask pointers are None -> constexpr), once
+    cdt, acc, prec = _compute_config([tl.bfloat16], tl.float32, interpret=False)
+    sig = dict(x1_ptr="*bf16", g1_ptr="*bf16", m1_ptr="constexpr", x2_ptr="*bf16",
+               g2_ptr="*bf16", m2_ptr="constexpr", out_ptr="*fp32", N="i32", M="i32",
+               T="i32", S="i32", D_IN="i32", D_OUT="i32", row_base="i32")
+    const = dict(m1_ptr=None, m2_ptr=None, SYM=True, HAS_M1=False, HAS_M2=False,
+                 CDT=cdt, ACC=acc, PREC=prec, **_GHOST_BLOCKS)
+    for k in const:
+        sig.setdefault(k, "constexpr")
+    yield ghost_gram_kernel, "bf16->fp32 sym=1 unmasked", sig, const, dict(num_warps=4, num_stages=2)
+    sig = dict(x_ptr="*bf16", g_ptr="*bf16", m_ptr="constexpr", f_ptr="*fp32", T="i32", D_IN="i32",
+               D_OUT="i32", o0="i32", OC="i32")
+    const = dict(m_ptr=None, HAS_M=False, SIGN=True, CDT=cdt, ACC=acc, PREC=prec,
+                 **_feature_blocks(cdt, acc, False))
+    for k in const:
+        sig.setdefault(k, "constexpr")
+    yield psg_features_kernel, "bf16->fp32 sign=1 unmasked", sig, const, dict(num_warps=4, num_stages=3)
 
 
 def compile_all(arch: int = 90):

@@ -1,10 +1,15 @@
-"""Triton blocked per-sample-gradient Gram (per-layer Jacobian contraction).
+"""Triton per-sample-gradient Gram (per-layer Jacobian contraction), two stages over d_out chunks.
 
-F_i = sum_t m1[i,t] g1[i,t,:]^T x1[i,t,:]   (d_out, d_in), built tile by tile on chip, never stored.
+F_i = sum_t m1[i,t] g1[i,t,:]^T x1[i,t,:]   (d_out, d_in)
 kernel 0: out[i, j] += <F_i, F_j>;  1: <sign F_i, sign F_j>;  2: <F_i, sign F_j> (never symmetric).
 
-One program per pair (i, j), looping over (BLOCK_O x BLOCK_D) tiles of F; each tile of F_i and F_j is
-accumulated over token chunks with tl.dot, signed if requested, multiplied and reduced.
+For each chunk of `oc` rows of F (all samples at once, so no sample's gradient is built twice):
+  1. `psg_features_kernel`: one program per (sample, o-tile, d-tile) builds the F tile with tl.dot
+     over token chunks (16-bit operands on tensor cores, fp32/fp64 accumulation), signs it if asked,
+     and writes it to a scratch of N x oc x d_in (bounded by `scratch_bytes`);
+  2. the Triton `gram` (symmetric half tiles, autotuned on a GPU) adds scratch @ scratch2^T into out.
+The earlier one-program-per-pair kernel rebuilt both samples' F tiles for every pair (N times the
+work of building each once): 0.1% of the bf16 GEMM rate on an H200 at N=256, T=256, d=1024.
 """
 from __future__ import annotations
 
@@ -12,11 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import FP64_PAIR_BLOCK, _MAX_GRID_Y, _compute_config, _device_guard, _is_interpreted, _mma
+from .gram import FP64_PAIR_BLOCK, _compute_config, _device_guard, _is_interpreted, _mma
+from .gram import gram as _gram
 
-__all__ = ["psg_gram", "psg_gram_kernel", "KERNEL_CODES"]
+__all__ = ["psg_gram", "psg_features_kernel", "KERNEL_CODES"]
 
 KERNEL_CODES = {"sgd": 0, "signgd": 1, "asymmetric-signgd": 2}
+# Scratch for one chunk of per-sample-gradient rows (both operands together).
+SCRATCH_BYTES = 256 << 20
 
 
 @triton.jit
@@ -45,63 +53,60 @@ def _f_tile(x_ptr, g_ptr, m_ptr, T, D_IN, D_OUT, oo, dd, mo, md,
 
 
 @triton.jit
-def psg_gram_kernel(x1_ptr, g1_ptr, m1_ptr, x2_ptr, g2_ptr, m2_ptr, out_ptr,
-                    N, M, T, S, D_IN, D_OUT, row_base,
-                    SYM: tl.constexpr, KERNEL: tl.constexpr, HAS_M1: tl.constexpr, HAS_M2: tl.constexpr,
-                    CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                    BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    j = tl.program_id(0)
-    i = tl.program_id(1) + row_base
-    if SYM:
-        if j < i:
-            return
-    i64 = i.to(tl.int64)
-    j64 = j.to(tl.int64)
-    x1_ptr += i64 * T * D_IN
-    g1_ptr += i64 * T * D_OUT
-    x2_ptr += j64 * S * D_IN
-    g2_ptr += j64 * S * D_OUT
-    if HAS_M1:
-        m1_ptr += i64 * T
-    if HAS_M2:
-        m2_ptr += j64 * S
-    offs_o = tl.arange(0, BLOCK_O)
-    offs_d = tl.arange(0, BLOCK_D)
-    tot = tl.zeros((BLOCK_O, BLOCK_D), dtype=ACC)
-    for o0 in range(0, D_OUT, BLOCK_O):
-        oo = o0 + offs_o
-        mo = oo < D_OUT
-        for d0 in range(0, D_IN, BLOCK_D):
-            dd = d0 + offs_d
-            md = dd < D_IN
-            fi = _f_tile(x1_ptr, g1_ptr, m1_ptr, T, D_IN, D_OUT, oo, dd, mo, md,
-                         HAS_M1, CDT, ACC, PREC, BLOCK_O, BLOCK_D, BLOCK_T)
-            fj = _f_tile(x2_ptr, g2_ptr, m2_ptr, S, D_IN, D_OUT, oo, dd, mo, md,
-                         HAS_M2, CDT, ACC, PREC, BLOCK_O, BLOCK_D, BLOCK_T)
-            if KERNEL == 1:
-                fi = _sign(fi)
-                fj = _sign(fj)
-            elif KERNEL == 2:
-                fj = _sign(fj)
-            tot += fi * fj  # out-of-range entries of F are exactly 0 (and sign(0) = 0)
-    val = tl.sum(tl.sum(tot, axis=1), axis=0)
-    o = out_ptr + i64 * M + j64
-    tl.store(o, (tl.load(o).to(ACC) + val).to(out_ptr.dtype.element_ty))
-    if SYM:
-        if j != i:
-            o2 = out_ptr + j64 * M + i64
-            tl.store(o2, (tl.load(o2).to(ACC) + val).to(out_ptr.dtype.element_ty))
+def psg_features_kernel(x_ptr, g_ptr, m_ptr, f_ptr, T, D_IN, D_OUT, o0, OC,
+                        HAS_M: tl.constexpr, SIGN: tl.constexpr, CDT: tl.constexpr, ACC: tl.constexpr,
+                        PREC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
+    """f[n, o - o0, d] = (sign of) F_n[o, d] for o in [o0, o0 + OC): one (BLOCK_O x BLOCK_D) tile."""
+    n = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    tiles_d = tl.cdiv(D_IN, BLOCK_D)
+    oo = o0 + (tile // tiles_d) * BLOCK_O + tl.arange(0, BLOCK_O)
+    dd = (tile % tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mo = (oo < o0 + OC) & (oo < D_OUT)
+    md = dd < D_IN
+    x_ptr += n * T * D_IN
+    g_ptr += n * T * D_OUT
+    if HAS_M:
+        m_ptr += n * T
+    f = _f_tile(x_ptr, g_ptr, m_ptr, T, D_IN, D_OUT, oo, dd, mo, md,
+                HAS_M, CDT, ACC, PREC, BLOCK_O, BLOCK_D, BLOCK_T)
+    if SIGN:
+        f = _sign(f)
+    dst = f_ptr + n * OC * D_IN + (oo - o0)[:, None] * D_IN + dd[None, :]
+    tl.store(dst, f.to(f_ptr.dtype.element_ty), mask=mo[:, None] & md[None, :])
+
+
+def _feature_blocks(cdt, acc, interp: bool) -> dict:
+    if interp:
+        return dict(BLOCK_O=32, BLOCK_D=32, BLOCK_T=32)
+    if acc == tl.float64:  # CUDA-core fp64 products (see gram._mma): small cubes
+        return dict(BLOCK_O=FP64_PAIR_BLOCK, BLOCK_D=FP64_PAIR_BLOCK, BLOCK_T=FP64_PAIR_BLOCK)
+    if cdt in (tl.float16, tl.bfloat16):
+        return dict(BLOCK_O=64, BLOCK_D=64, BLOCK_T=32)
+    return dict(BLOCK_O=32, BLOCK_D=64, BLOCK_T=32)
+
+
+def _features(x, g, m, f, o0, oc, sign, cdt, acc, prec, blocks, kw):
+    N, T, d_in = x.shape
+    d_out = g.shape[2]
+    if T == 0:
+        f.zero_()
+        return f
+    grid = (N, triton.cdiv(oc, blocks["BLOCK_O"]) * triton.cdiv(d_in, blocks["BLOCK_D"]))
+    psg_features_kernel[grid](x, g, m, f, T, d_in, d_out, o0, oc, HAS_M=m is not None, SIGN=sign,
+                              CDT=cdt, ACC=acc, PREC=prec, **blocks, **kw)
+    return f
 
 
 def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
              x2: torch.Tensor | None, g2: torch.Tensor | None, m2: torch.Tensor | None,
-             out: torch.Tensor, kernel: int = 0, *, block_o: int = 32, block_d: int = 32,
-             block_t: int = 32, num_warps: int = 4, num_stages: int = 2,
-             fp32_precision: str = "ieee") -> torch.Tensor:
+             out: torch.Tensor, kernel: int = 0, *, num_warps: int = 4, num_stages: int = 3,
+             fp32_precision: str = "ieee", scratch_bytes: int = SCRATCH_BYTES) -> torch.Tensor:
     """out (N, M) += per-sample-gradient Gram; kernel 0 sgd, 1 signgd, 2 asymmetric-signgd.
 
     x2/g2/m2 None: second operand = first; symmetric (upper tiles only) for kernels 0 and 1, all pairs
-    for kernel 2.
+    for kernel 2. `scratch_bytes` bounds the per-chunk scratch of F rows (at least one row of F).
     """
     if isinstance(kernel, str):
         kernel = KERNEL_CODES[kernel]
@@ -119,20 +124,25 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
         return out
     if T == 0 or S == 0:  # F = 0 on one side: every kernel gives 0
         return out
-    for bs in (block_o, block_d, block_t):
-        if bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block sizes must be powers of two >= 16, got {bs}")
-    interp = _is_interpreted(psg_gram_kernel)
+    interp = _is_interpreted(psg_features_kernel)
     cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], out.dtype,
                                      interp, fp32_precision)
+    blocks = _feature_blocks(cdt, acc, interp)
     kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
-    if acc == tl.float64 and not interp:  # CUDA-core fp64 products (see gram._mma): small cubes
-        block_o = block_d = block_t = FP64_PAIR_BLOCK
+    f_dtype = out.dtype
+    rows = N if sym else N + M
+    oc_max = max(1, min(d_out, scratch_bytes // max(1, rows * d_in * out.element_size())))
+    buf1 = torch.empty(N * oc_max * d_in, dtype=f_dtype, device=out.device)
+    buf2 = None if sym else torch.empty(M * oc_max * d_in, dtype=f_dtype, device=out.device)
     with _device_guard(out):
-        for base in range(0, N, _MAX_GRID_Y):
-            grid = (M, min(_MAX_GRID_Y, N - base))
-            psg_gram_kernel[grid](x1, g1, m1, x2, g2, m2, out, N, M, T, S, d_in, d_out, base,
-                                  SYM=sym, KERNEL=kernel, HAS_M1=m1 is not None,
-                                  HAS_M2=m2 is not None, CDT=cdt, ACC=acc, PREC=prec,
-                                  BLOCK_O=block_o, BLOCK_D=block_d, BLOCK_T=block_t, **kw)
+        for o0 in range(0, d_out, oc_max):
+            oc = min(oc_max, d_out - o0)
+            f1 = _features(x1, g1, m1, buf1[:N * oc * d_in].view(N, oc * d_in), o0, oc, kernel == 1,
+                           cdt, acc, prec, blocks, kw)
+            if sym:
+                _gram(f1, None, out, fp32_precision=fp32_precision)
+                continue
+            f2 = _features(x2, g2, m2, buf2[:M * oc * d_in].view(M, oc * d_in), o0, oc, kernel != 0,
+                           cdt, acc, prec, blocks, kw)
+            _gram(f1, f2, out, fp32_precision=fp32_precision)
     return out

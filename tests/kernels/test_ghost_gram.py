@@ -13,10 +13,12 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_ghost_gram_matches_oracle(backend, device, dtype, symmetric, masked):
+@pytest.mark.parametrize("route", ["ghost", "auto"])
+def test_ghost_gram_matches_oracle(backend, device, dtype, symmetric, masked, route):
+    """route="ghost" runs the ghost kernels themselves; "auto" may take the materializing route."""
     for case in cases(backend):
         x1, g1, m1, x2, g2, m2 = make(case, dtype, device, symmetric, masked)
-        out = lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, backend=backend)
+        out = lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, backend=backend, route=route)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         assert out.dtype == acc
         cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
@@ -33,8 +35,8 @@ def test_ghost_gram_accumulates(backend, device, symmetric):
     M = 4 if symmetric else 5
     start = randn(4, M, dtype=torch.float64, device=device)
     out = start.clone()
-    lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
-    lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
+    lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend, route="ghost")
+    lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend, route="materialize")
     cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
     assert_close_to_oracle(out, start.cpu() + 2 * psg_oracle(*cpu), torch.float64, what="ghost accumulate")
 
@@ -66,3 +68,18 @@ def test_ghost_gram_equals_torch_func_on_linear():
         # Bias block: x = 1 everywhere gives (sum_t g_it) . (sum_s g_js).
         kb = lk.ghost_gram(torch.ones(N, T, 1, dtype=torch.float64), g, mask1=mask, backend=backend)
         assert_close_to_oracle(kb, jb @ jb.T, torch.float64, what=f"bias block {backend}")
+
+
+def test_ghost_route_picks_fewer_multiply_adds():
+    from linft_kernels.ops import ghost_route
+    # long sequences, moderate width: building each gradient once is cheaper
+    assert ghost_route(64, 64, 128, 128, 512, 512, True) == "materialize"
+    # short sequences, wide layers: the T x S products are cheaper than d_in x d_out gradients
+    assert ghost_route(256, 256, 4, 4, 4096, 4096, True) == "ghost"
+    assert ghost_route(8, 3, 2, 5, 1024, 1024, False) == "ghost"
+
+
+def test_ghost_route_is_checked():
+    x, g = randn(2, 3, 4, dtype=torch.float32), randn(2, 3, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="route must be"):
+        lk.ghost_gram(x, g, route="fast")

@@ -13,8 +13,8 @@ def _cases():
     for backend in cpu_backends():
         yield "gram_", (torch.zeros(5, 3), a, b, backend)
         yield "gram_", (torch.zeros(5, 5, dtype=torch.float64), a, None, backend)
-        yield "ghost_gram_", (torch.zeros(4, 3), x1, g1, m1, x2, g2, m2, backend)
-        yield "ghost_gram_", (torch.zeros(4, 4), x1, g1, None, None, None, None, backend)
+        yield "ghost_gram_", (torch.zeros(4, 3), x1, g1, m1, x2, g2, m2, backend, "ghost")
+        yield "ghost_gram_", (torch.zeros(4, 4), x1, g1, None, None, None, None, backend, "auto")
         for kernel in ("sgd", "signgd", "asymmetric-signgd"):
             yield "psg_gram_", (torch.zeros(4, 3), x1, g1, m1, x2, g2, m2, kernel, backend)
 

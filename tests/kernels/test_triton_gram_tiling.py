@@ -64,3 +64,25 @@ def test_autotuned_gpu_gram_large(dtype):
         b64 = a64 if sym else b.double().cpu()
         # fp32 operands run exact fp32 (ieee) by default; 16-bit ones are exact products
         assert_close_to_oracle(out, a64 @ b64.T, acc, what=f"autotuned {dtype} {N}x{M}x{P}")
+
+
+@pytest.mark.parametrize("kernel", [0, 1, 2], ids=["sgd", "signgd", "asym"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_psg_gram_in_d_out_chunks(kernel, symmetric):
+    """A scratch far too small for all of F: per-sample gradients are built d_out-chunk by chunk (the
+    last chunk partial, tiles straddling a chunk's end) and the chunk Grams add up to the oracle."""
+    from factor_cases import make
+    from linft_testing import psg_oracle, sign_flip_atol
+
+    from linft_kernels.triton import psg_gram
+    x1, g1, m1, x2, g2, m2 = make((5, 4, 9, 7, 37, 45), torch.float32, DEVICE, symmetric, True)
+    N, M = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+    out = torch.zeros(N, M, dtype=torch.float64, device=DEVICE)
+    d_in = x1.shape[2]
+    rows = N if (symmetric and kernel != 2) else N + M
+    psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, scratch_bytes=rows * d_in * 8 * 7)  # 7 rows of F a chunk
+    names = {0: "sgd", 1: "signgd", 2: "asymmetric-signgd"}
+    cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
+    assert_close_to_oracle(out, psg_oracle(*cpu, kernel=names[kernel]), torch.float64,
+                           extra_atol=sign_flip_atol(*cpu, names[kernel], torch.float64),
+                           what=f"psg chunks kernel={kernel} sym={symmetric}")
