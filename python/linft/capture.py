@@ -1,12 +1,15 @@
-"""Capture of per-sample layer factors for one sample tile: forward hooks record each tracked module's
-input and output; one `autograd.grad` per model output gives the output gradients of every tracked
-module at once (frozen parameters never get gradients). From those, each block's stored form:
+"""Capture of per-sample layer factors, one sample tile at a time: forward hooks record each tracked
+module's input and output; one `autograd.grad` per model output gives the output gradients of every
+tracked module at once (frozen parameters never get gradients). From those, each block's stored form,
+written into a `Store` that holds the block for all samples:
 
-  linear     x (B, T', d_in), g (B, C, T', d_out), mask (B, T')      [method ghost / psg]
-             or features F (B, C, d_out*d_in)                       [method features]
-  bias       features (B, C, d_out)
-  embedding  ids (B, T'), g (B, C, T', d), mask (B, T')
-  local      features (B, C, P) by torch.func vjp of the module alone
+  linear     x (N, T', d_in), g (N, C, T', d_out), mask (N, T')      [method ghost / psg]
+             or features F (N, C, d_out*d_in)                       [method features]
+  bias       features (N, C, d_out)
+  embedding  ids (N, T'), g (N, C, T', d), mask (N, T')
+  local      features (N, C, P) by torch.func vjp of the module alone
+
+T' counts only tokens whose output gradient is nonzero for some output (see `_compact`).
 """
 from __future__ import annotations
 
@@ -90,8 +93,18 @@ def _mask_for(x_shape, mask: torch.Tensor | None, B: int):
     return mask
 
 
-def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor | None, C_expected=None):
-    """Stored forms of `blocks` for one tile. Returns ({block name: dict of tensors}, C)."""
+def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor | None, C_expected=None,
+                 store: "Store | None" = None, start: int = 0):
+    """Stored forms of `blocks` for one tile, written into `store` at rows start, start+1, ...
+    (a new Store of this tile alone when None). Returns (store, C)."""
+    # Resident memory peaks in the last tiles: the store is nearly full and a tile's autograd graph is
+    # alive beside it. What earlier tiles freed is handed back to the system before the last tile, and
+    # each graph in the second half of the store after its backward (each release costs the next tile
+    # page faults, so not earlier: there the store is small).
+    end = start + _batch_rows(batch)
+    late = store is not None and 2 * end > store.n
+    if store is not None and end >= store.n:
+        release_free_memory()
     rec = _Recorder(blocks)
     with rec:
         with torch.enable_grad():
@@ -100,74 +113,155 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     B, C = f.shape
     if C_expected is not None and C != C_expected:
         raise ValueError(f"output returned {C} values per sample on one tile and {C_expected} on another")
+    if store is None:
+        store, start = Store(B), 0
     names = [n for n in rec.modules if rec.outputs[n]]
     ys = [y for n in names for y in rec.outputs[n]]
-    grads = {n: [[] for _ in rec.outputs[n]] for n in names}
+    # grads[module][call][c]: output gradient of output c, shaped like the module output
+    grads = {n: [[None] * C for _ in rec.outputs[n]] for n in names}
     if ys and any(y.requires_grad for y in ys):
         for c in range(C):
             gs = torch.autograd.grad(f[:, c].sum(), ys, retain_graph=c < C - 1, allow_unused=True)
             k = 0
             for n in names:
                 for call in range(len(rec.outputs[n])):
-                    g = gs[k]
-                    grads[n][call].append(torch.zeros_like(ys[k]) if g is None else g.detach())
+                    grads[n][call][c] = torch.zeros_like(ys[k]) if gs[k] is None else gs[k].detach()
                     k += 1
-    stored = {}
+            del gs
+    else:
+        for n in names:
+            for call, y in enumerate(rec.outputs[n]):
+                grads[n][call] = [torch.zeros_like(y)] * C
+    # The graph and the module outputs are no longer needed: free them before the forms are written.
+    del f, ys
+    for n in rec.outputs:
+        rec.outputs[n].clear()
+    if late:
+        release_free_memory()
+    uses = {}
+    for b in blocks:
+        if b.kind != "generic":
+            uses[b.module_name] = uses.get(b.module_name, 0) + 1
     for b in blocks:
         if b.kind == "generic":
             continue
         calls_x = rec.inputs.get(b.module_name, [])
-        calls_g = [torch.stack(gc, dim=1) for gc in grads.get(b.module_name, [])]  # (B, C, ...)
-        if not calls_x:
-            stored[b.name] = {"empty": True, "B": B}
-            continue
-        stored[b.name] = _block_form(b, calls_x, calls_g, rec.outputs[b.module_name], mask, B, C)
-    return stored, C
+        calls_g = grads.get(b.module_name, [])
+        form = _block_form(b, calls_x, calls_g, mask, B, C, store.compacts(b.name)) if calls_x else None
+        if form is not None and "mask" in form:  # tokens per sample before and after _compact
+            width = 1 if b.kind == "embedding" else calls_x[0].shape[-1]
+            store.note_tokens(b.name, sum(x.numel() // (B * width) for x in calls_x), form["mask"].shape[1])
+        store.put(b.name, start, B, form)
+        del form
+        uses[b.module_name] -= 1
+        if not uses[b.module_name]:  # this tile's tensors of the module go as soon as they are stored
+            rec.inputs.pop(b.module_name, None)
+            grads.pop(b.module_name, None)
+    return store, C
+
+
+def _batch_rows(batch) -> int:
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Return the process heap's free memory to the system (glibc malloc_trim; elsewhere nothing).
+    Tensors below glibc's mmap threshold (up to 32 MiB) live in the heap, and the heap keeps what they
+    freed (a tile's autograd graph, its output gradients): without this, that memory stays resident
+    beside the store as it fills up, and through the contraction."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _cat_tokens(tensors, dim):
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
-def _block_form(b: Block, calls_x, calls_g, calls_y, mask, B, C) -> dict:
+def _compact(tok: torch.Tensor, gs: list, m: torch.Tensor, check: bool = True):
+    """Keep only the tokens that carry gradient. A token whose output gradient is exactly zero for every
+    output (a position the outputs do not depend on, e.g. every position but the last in the last
+    layer's MLP when the outputs are read at the last token) adds nothing to g^T x: it is dropped, and
+    the tokens left are moved to the front of each sample. Returns (tok, gs, mask) with T' >= 1 tokens,
+    T' the largest count of kept tokens in a sample. check=False skips the test (one pass over g)
+    and keeps every token: exact too, only not compacted."""
+    if not check:
+        return tok, gs, m
+    live = m & gs[0].any(dim=-1)
+    for g in gs[1:]:
+        live |= m & g.any(dim=-1)
+    T = live.shape[1]
+    Tp = max(1, int(live.sum(dim=1).max())) if live.numel() else 1
+    if Tp >= T:
+        return tok, gs, live
+    order = torch.sort(live.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :Tp]
+
+    def take(t):
+        if t.dim() == 2:
+            return t.gather(1, order)
+        return t.gather(1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    return take(tok), [take(g) for g in gs], take(live)
+
+
+def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) -> dict:
+    """One block's stored form for one tile. calls_g[call][c] is the output gradient of output c at that
+    call. Entries given as a list hold one tensor per output (stored at dim 1 of the store). compact:
+    drop the tokens without gradient (`_compact`)."""
     if b.kind in ("linear", "bias"):
-        xs, gs, ms = [], [], []
-        for x, g in zip(calls_x, calls_g):
+        xs, ms, gs = [], [], [[] for _ in range(C)]
+        for x, g_call in zip(calls_x, calls_g):
             m = _mask_for(x.shape, mask, B)
             x3 = _flat3(x)
-            g4 = g.reshape(B, C, x3.shape[1], g.shape[-1])
             if m is None:
                 m = torch.ones(B, x3.shape[1], dtype=torch.bool, device=x.device)
-            xs.append(x3), gs.append(g4), ms.append(m)
-        x, g, m = _cat_tokens(xs, 1), _cat_tokens(gs, 2), _cat_tokens(ms, 1)
+            xs.append(x3), ms.append(m)
+            for c in range(C):
+                gs[c].append(g_call[c].reshape(B, x3.shape[1], g_call[c].shape[-1]))
+        x, m = _cat_tokens(xs, 1), _cat_tokens(ms, 1)
+        g = [_cat_tokens(gc, 1) for gc in gs]
         if b.kind == "bias":
-            feats = (g * m[:, None, :, None]).sum(dim=2)  # (B, C, d_out)
-            return {"features": feats}
+            return {"features": [(gc * m[:, :, None]).sum(dim=1) for gc in g]}  # C x (B, d_out)
         if b.method == "features":
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            gm = (g * m[:, None, :, None]).to(acc)
-            F = torch.einsum("bcto,btd->bcod", gm, x.to(acc))
-            return {"features": F.reshape(B, C, -1)}
+            xa = x.to(acc)
+            return {"features": [torch.einsum("bto,btd->bod", (gc * m[:, :, None]).to(acc), xa).reshape(B, -1)
+                                 for gc in g]}
+        x, g, m = _compact(x, g, m, compact)
         return {"x": x, "g": g, "mask": m}
     if b.kind == "embedding":
-        ids, gs, ms = [], [], []
-        for x, g in zip(calls_x, calls_g):
+        ids, ms, gs = [], [], [[] for _ in range(C)]
+        for x, g_call in zip(calls_x, calls_g):
             ids2 = x.reshape(B, -1)
             m = _mask_for((B, ids2.shape[1], 1) if x.dim() == 2 else x.shape, mask, B)
             if m is None:
                 m = torch.ones_like(ids2, dtype=torch.bool)
             if b.module.padding_idx is not None:  # that row gets no gradient
                 m = m & (ids2 != b.module.padding_idx)
-            ids.append(ids2), gs.append(g.reshape(B, C, ids2.shape[1], g.shape[-1])), ms.append(m)
-        return {"ids": _cat_tokens(ids, 1), "g": _cat_tokens(gs, 2), "mask": _cat_tokens(ms, 1)}
+            ids.append(ids2), ms.append(m)
+            for c in range(C):
+                gs[c].append(g_call[c].reshape(B, ids2.shape[1], g_call[c].shape[-1]))
+        tok, g, m = _compact(_cat_tokens(ids, 1), [_cat_tokens(gc, 1) for gc in gs], _cat_tokens(ms, 1),
+                             compact)
+        return {"ids": tok, "g": g, "mask": m}
     if b.kind == "local":
         return {"features": _local_features(b, calls_x, calls_g, B, C)}
     raise AssertionError(b.kind)
 
 
-def _local_features(b: Block, calls_x, calls_g, B, C) -> torch.Tensor:
+def _local_features(b: Block, calls_x, calls_g, B, C) -> list:
     """Per-sample gradients of one leaf module's parameter by torch.func: for each call and output c,
-    vjp of module(x_i) with cotangent g_i,c, vmapped over samples."""
+    vjp of module(x_i) with cotangent g_i,c, vmapped over samples. C x (B, P)."""
     leaf = b.name.rsplit(".", 1)[-1]
     module = b.module
     params = {leaf: b.param.detach()}
@@ -180,8 +274,90 @@ def _local_features(b: Block, calls_x, calls_g, B, C) -> torch.Tensor:
         return vjp_fn(g_i)[0][leaf]
 
     vm = torch.func.vmap(per_sample, in_dims=(0, 0))
-    total = None
-    for x, g in zip(calls_x, calls_g):  # a module called several times: gradients add up
-        per_c = torch.stack([vm(x, g[:, c]).reshape(B, -1) for c in range(C)], dim=1)
-        total = per_c if total is None else total + per_c
+    total = [None] * C
+    for x, g_call in zip(calls_x, calls_g):  # a module called several times: gradients add up
+        for c in range(C):
+            f = vm(x, g_call[c]).reshape(B, -1)
+            total[c] = f if total[c] is None else total[c] + f
     return total
+
+
+# Axis of the token dimension in each stored entry (per output for entries kept per output).
+_TOKEN_AXIS = {"x": 1, "ids": 1, "mask": 1, "g": 1}
+
+
+class Store:
+    """The stored forms of some blocks over all `n` samples of one dataset, written tile by tile into
+    tensors allocated once per block: no per-tile pieces are kept, joined or copied a second time
+    (a join would briefly hold two copies, and the freed pieces stay in the process heap).
+
+    forms[name] holds the entries of `_block_form`, those given per output stacked at dim 1:
+    x (n, T, d_in), g (n, C, T, d_out), mask (n, T), ids (n, T), features (n, C, P). A block's token
+    length is its first tile's; a later tile with more tokens grows it (earlier rows are padded with
+    mask False and zeros), one with fewer is padded. Rows of tiles where the block's module did not run
+    are zero (no gradient); a block whose module never ran has no entry.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.forms: dict[str, dict] = {}
+        self._compacts: dict[str, bool] = {}
+
+    def compacts(self, name: str) -> bool:
+        """Whether to look for tokens without gradient in this block's next tile: yes until its first
+        tile is stored, then only if that tile had at most half of its tokens carrying gradient (the
+        test is a pass over g; where nearly all tokens carry gradient it would only cost time)."""
+        return self._compacts.get(name, True)
+
+    def note_tokens(self, name: str, before: int, kept: int) -> None:
+        """A tile of the block had `before` tokens per sample, of which `kept` were stored."""
+        if name not in self._compacts:
+            self._compacts[name] = 2 * kept <= before
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for form in self.forms.values() for t in form.values())
+
+    def put(self, name: str, start: int, B: int, form: dict | None) -> None:
+        cur = self.forms.get(name)
+        if form is None:
+            if cur is not None:
+                for t in cur.values():
+                    t[start:start + B].zero_()
+            return
+        if cur is None:
+            cur = {}
+            for k, v in form.items():
+                per_out = isinstance(v, list)
+                ref = v[0] if per_out else v
+                shape = (self.n,) + ((len(v),) if per_out else ()) + tuple(ref.shape[1:])
+                cur[k] = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+                cur[k][:start].zero_()  # earlier tiles where the module did not run
+            self.forms[name] = cur
+        for k, v in form.items():
+            axis = _TOKEN_AXIS.get(k)
+            per_out = isinstance(v, list)
+            if axis is not None:
+                T_new = (v[0] if per_out else v).shape[axis]
+                T_cur = cur[k].shape[axis + (1 if per_out else 0)]
+                if T_new > T_cur:
+                    cur[k] = self._grow(cur[k], axis + (1 if per_out else 0), T_new, start)
+            rows = cur[k][start:start + B]
+            for c, src in (enumerate(v) if per_out else [(None, v)]):
+                dst = rows if c is None else rows[:, c]
+                if axis is None:
+                    dst.copy_(src)
+                    continue
+                T_src = src.shape[axis]
+                dst.narrow(axis, 0, T_src).copy_(src)
+                if dst.shape[axis] > T_src:
+                    dst.narrow(axis, T_src, dst.shape[axis] - T_src).zero_()
+
+    @staticmethod
+    def _grow(t: torch.Tensor, axis: int, T_new: int, filled: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[axis] = T_new
+        grown = torch.empty(shape, dtype=t.dtype, device=t.device)
+        head = grown[:filled]
+        head.narrow(axis, 0, t.shape[axis]).copy_(t[:filled])
+        head.narrow(axis, t.shape[axis], T_new - t.shape[axis]).zero_()
+        return grown

@@ -1,5 +1,5 @@
-"""Contraction of one block's stored forms into its kernel matrix (N*C, M*C), row index i*C + a.
-The heavy work goes to `linft_kernels` (gram, ghost_gram, psg_gram)."""
+"""Contraction of one block's stored forms (capture.Store) into its kernel matrix (N*C, M*C), row
+index i*C + a. The heavy work goes to `linft_kernels` (gram, ghost_gram, psg_gram)."""
 from __future__ import annotations
 
 import torch
@@ -7,32 +7,9 @@ import torch
 import linft_kernels as lk
 
 from .blocks import Block
+from .planner import linear_costs
 
 _CHUNK = 1 << 24  # elements of the largest temporary in the embedding contraction
-
-
-def _pad_tokens(t: torch.Tensor, T: int, dim: int) -> torch.Tensor:
-    if t.shape[dim] == T:
-        return t
-    pad = list(t.shape)
-    pad[dim] = T - t.shape[dim]
-    return torch.cat([t, t.new_zeros(pad)], dim=dim)
-
-
-def concat_tiles(parts: list[dict]) -> dict:
-    """Stored forms of consecutive tiles -> one stored form over all samples (tokens padded, masked)."""
-    parts = [p for p in parts if not p.get("empty")]
-    if not parts:
-        return {}
-    keys = parts[0].keys()
-    if "features" in keys:
-        return {"features": torch.cat([p["features"] for p in parts], dim=0)}
-    T = max(p["mask"].shape[1] for p in parts)
-    out = {"mask": torch.cat([_pad_tokens(p["mask"], T, 1) for p in parts], dim=0),
-           "g": torch.cat([_pad_tokens(p["g"], T, 2) for p in parts], dim=0)}
-    key = "x" if "x" in keys else "ids"
-    out[key] = torch.cat([_pad_tokens(p[key], T, 1) for p in parts], dim=0)
-    return out
 
 
 def _features(s: dict, C: int) -> torch.Tensor:
@@ -41,33 +18,50 @@ def _features(s: dict, C: int) -> torch.Tensor:
 
 
 def contract_block(block: Block, s1: dict, s2: dict | None, kernel: str, out: torch.Tensor,
-                   C: int, backend=None) -> torch.Tensor:
-    """out += K_block. s2 None means the second dataset is the first (symmetric unless asymmetric)."""
-    if not s1 or (s2 is not None and not s2):
-        return out  # the module never ran on these inputs: its parameter has zero gradient
+                   C: int, backend=None, auto: bool = True) -> str:
+    """out += K_block. s2 None means the second dataset is the first (symmetric unless asymmetric).
+    Returns the method used: the planned one, except that with auto=True a linear block of the sgd
+    kernel takes ghost or materialize (psg) by the cost model at the token counts actually stored,
+    which can be far below the planned ones when only a few tokens carry gradient."""
     method = block.method
+    if not s1 or (s2 is not None and not s2):
+        return method  # the module never ran on these inputs: its parameter has zero gradient
     if method in ("features", "generic"):
         a = _features(s1, C)
         b = None if s2 is None else _features(s2, C)
         if kernel == "sgd":
-            return lk.gram(a, b, out=out, backend=backend)
-        if kernel == "signgd":
-            return lk.gram(torch.sign(a), None if b is None else torch.sign(b), out=out, backend=backend)
-        return lk.gram(a, torch.sign(a if b is None else b), out=out, backend=backend)
+            lk.gram(a, b, out=out, backend=backend)
+        elif kernel == "signgd":
+            lk.gram(torch.sign(a), None if b is None else torch.sign(b), out=out, backend=backend)
+        else:
+            lk.gram(a, torch.sign(a if b is None else b), out=out, backend=backend)
+        return method
     if method in ("ghost", "psg"):
+        if auto and kernel == "sgd":
+            T = s1["mask"].shape[1]
+            S = T if s2 is None else s2["mask"].shape[1]
+            NC = s1["mask"].shape[0] * C
+            MC = NC if s2 is None else s2["mask"].shape[0] * C
+            ghost, mat = linear_costs(NC, MC, T, S, s1["x"].shape[-1], s1["g"].shape[-1])
+            method = "ghost" if ghost < mat else "psg"
+
         def expand(s):
+            # rows i*C + a: x and mask repeat per output (a view when C == 1), g is stored that way
             N, T = s["mask"].shape
-            x = s["x"].repeat_interleave(C, dim=0)                   # (N*C, T, d_in)
-            g = s["g"].reshape(N * C, T, s["g"].shape[-1])           # row i*C + a
-            m = s["mask"].repeat_interleave(C, dim=0)
+            x = s["x"].unsqueeze(1).expand(N, C, T, s["x"].shape[-1]).reshape(N * C, T, -1)
+            g = s["g"].reshape(N * C, T, s["g"].shape[-1])
+            m = s["mask"].unsqueeze(1).expand(N, C, T).reshape(N * C, T)
             return x, g, m
         x1, g1, m1 = expand(s1)
         x2, g2, m2 = (None, None, None) if s2 is None else expand(s2)
         if method == "ghost":
-            return lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
-        return lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, out=out, backend=backend)
+            lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
+        else:
+            lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, out=out, backend=backend)
+        return method
     if method == "embedding":
-        return _embedding(s1, s2, kernel, out, C, backend)
+        _embedding(s1, s2, kernel, out, C, backend)
+        return method
     raise AssertionError(method)
 
 
@@ -79,7 +73,7 @@ def _embedding(s1, s2, kernel, out, C, backend):
     def rows(s):
         N, T = s["mask"].shape
         g = (s["g"] * s["mask"][:, None, :, None]).to(acc).reshape(N * C, T, -1)
-        ids = torch.where(s["mask"], s["ids"], -1).repeat_interleave(C, dim=0)
+        ids = torch.where(s["mask"], s["ids"], -1).repeat_interleave(C, dim=0)  # (N*C, T), small
         return ids, g
 
     ids1, g1 = rows(s1)

@@ -2,9 +2,10 @@
 
 Flow: select parameters -> classify each into a Block (blocks.py) -> probe one sample for token counts
 and output size -> plan methods and passes (planner.py) -> per pass, capture the blocks' factors tile by
-tile over the data (capture.py; generic blocks by generic.py) -> contract each block (contract.py) into
-its (N*C, M*C) matrix in `dtype` -> sum. The model is put in eval mode (dropout off, LoRA dropout
-included) and only the selected parameters require grad while it runs; both are restored after.
+tile over the data into one preallocated store per block (capture.py; generic blocks by generic.py) ->
+contract each block (contract.py) into its (N*C, M*C) matrix in `dtype`, freeing its store -> sum.
+The model is put in eval mode (dropout off, LoRA dropout included) and only the selected parameters
+require grad while it runs; both are restored after.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch
 
 from . import data as _data
 from .blocks import Block, classify, select_parameters
-from .capture import _NotSingleInput, capture_tile, run_output
-from .contract import concat_tiles, contract_block
+from .capture import Store, capture_tile, run_output
+from .contract import contract_block
 from .generic import generic_features
 from .ntk import NTK
 from .planner import plan_blocks
@@ -168,6 +169,7 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         bar = _progress(progress, len(plan.passes) * n_tiles, "NTK")
         timings["capture"] = timings["contract"] = timings["generic"] = 0.0
         peak = 0
+        plans = {bp.name: bp for bp in plan.blocks}
         for names in plan.passes:
             group = [by_name[n] for n in names]
             factored = [b for b in group if b.method != "generic"]
@@ -175,45 +177,44 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
             stores = []
             for batches in ([batches1] if batches2 is None else [batches1, batches2]):
                 t0 = time.perf_counter()
-                parts: dict[str, list] = {b.name: [] for b in factored}
+                store = Store(_data.n_samples(batches))
                 if factored:
-                    for _, tile in _data.tiles(batches, sample_tile):
+                    for start, tile in _data.tiles(batches, sample_tile):
                         tile = _data.to_device(tile, device)
-                        st, c_tile = capture_tile(model, tile, output, factored, _data.token_mask(tile), C)
-                        for name, form in st.items():
-                            parts[name].append(form)
+                        capture_tile(model, tile, output, factored, _data.token_mask(tile), C, store, start)
                         if bar is not None:
                             bar.update(1)
                 elif bar is not None:
                     bar.update(-(-_data.n_samples(batches) // sample_tile))
-                store = {}
-                for name in list(parts):  # one block at a time: tiles freed as each is joined
-                    store[name] = concat_tiles(parts.pop(name))
                 timings["capture"] += time.perf_counter() - t0
                 if generic:
                     t0 = time.perf_counter()
                     feats = generic_features(model, _data.tiles(batches, sample_tile), output, generic, C,
                                              dtype, device, _data.to_device)
-                    store.update({name: {"features": f} for name, f in feats.items()})
+                    store.forms.update({name: {"features": f} for name, f in feats.items()})
+                    feats = None
                     timings["generic"] += time.perf_counter() - t0
                 stores.append(store)
-            peak = max(peak, sum(t.numel() * t.element_size() for s in stores for form in s.values()
-                                 for t in form.values() if isinstance(t, torch.Tensor)))
+            peak = max(peak, sum(s.nbytes() for s in stores))
             t0 = time.perf_counter()
             for b in group:
-                s1 = stores[0].get(b.name, {})
-                s2 = None if batches2 is None else stores[1].get(b.name, {})
+                # each block's factors are freed as soon as it is contracted
+                s1 = stores[0].forms.pop(b.name, {})
+                s2 = None if batches2 is None else stores[1].forms.pop(b.name, {})
                 if per_layer:
                     k = torch.zeros_like(total)
-                    contract_block(b, s1, s2, kernel, k, C, backend)
+                    used = contract_block(b, s1, s2, kernel, k, C, backend, auto=strategy == "auto")
                     kept[b.name] = k
                     total += k
                 else:
-                    contract_block(b, s1, s2, kernel, total, C, backend)
+                    used = contract_block(b, s1, s2, kernel, total, C, backend, auto=strategy == "auto")
+                s1 = s2 = None
+                if used != b.method:
+                    _note_method(plans[b.name], used)
             timings["contract"] += time.perf_counter() - t0
             # Drop every reference to this pass's factors before the next pass captures its own,
             # or two passes' worth would be alive at once (loop variables outlive the loop body).
-            stores = store = parts = s1 = s2 = feats = None
+            stores = store = None
         if bar is not None:
             bar.close()
     timings["total"] = time.perf_counter() - t_start
@@ -228,6 +229,13 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         "peak_kept_bytes": peak,
     }
     return NTK(matrix=total, blocks=kept, meta=meta, plan=plan.as_dict(), timings=timings)
+
+
+def _note_method(bp, used: str) -> None:
+    """Record in the plan that a block was contracted by another method than planned."""
+    bp.reason = (f"{bp.reason}; contracted by {used} instead of {bp.method}: the cost model at the "
+                 f"token counts that carry gradient favours it")
+    bp.method = used
 
 
 def _progress(enabled: bool, total: int, desc: str):

@@ -64,6 +64,13 @@ def _fmt_bytes(n) -> str:
         n /= 1024
 
 
+def linear_costs(NC: int, MC: int, T: int, S: int, d_in: int, d_out: int) -> tuple[float, float]:
+    """Multiply-adds of the two exact contractions of a linear block: (ghost, materialize)."""
+    ghost = NC * MC * T * S * (d_in + d_out)
+    mat = (NC + MC) * max(T, S) * d_in * d_out + NC * MC * d_in * d_out
+    return ghost, mat
+
+
 class BudgetTooSmall(MemoryError):
     """memory_budget cannot hold what the smallest pass must keep."""
 
@@ -99,8 +106,7 @@ def plan_blocks(blocks: list[Block], tokens: dict[str, tuple[int, int]], N: int,
             d_in, d_out = b.d_in, b.d_out
             keep_factors = n_keep * Tm * (d_in + C * d_out) * elem_bytes + n_keep * Tm
             keep_features = n_keep * C * d_in * d_out * feat_bytes
-            ghost = NC * MC * T * S * (d_in + d_out)
-            mat = (NC + MC) * Tm * d_in * d_out + NC * MC * d_in * d_out
+            ghost, mat = linear_costs(NC, MC, T, S, d_in, d_out)
             features_fit = keep_features <= keep_factors
             if strategy == "ghost" and kernel == "sgd":
                 method, reason = "ghost", "forced"
