@@ -20,7 +20,7 @@ from .blocks import Block, classify, select_parameters
 from .capture import Store, capture_tile, run_output
 from .contract import contract_block
 from .generic import generic_features
-from .ntk import NTK
+from .ntk import NTK, Checkpoint, fingerprint_tensors
 from .planner import plan_blocks
 
 KERNELS = ("sgd", "signgd", "asymmetric-signgd")
@@ -109,7 +109,8 @@ def default_memory_budget(device: torch.device) -> int:
 def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, params="trainable",
                   kernel: str = "sgd", per_layer: bool = False, dtype: torch.dtype = torch.float64,
                   memory_budget: int | None = None, strategy: str = "auto", progress: bool = False,
-                  sample_tile: int = 16, backend: str | None = None, verbose: bool = False) -> NTK:
+                  sample_tile: int = 16, backend: str | None = None, verbose: bool = False,
+                  checkpoint=None) -> NTK:
     """Exact empirical NTK K[(i,a),(j,b)] = <J_a(x_i), J_b(x2_j)> of the selected parameters.
 
     inputs/inputs2: a mapping of tensors with a leading batch dimension (tokenizer output) or an
@@ -123,6 +124,9 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         to fit. None: half the memory available when the call starts.
     strategy: "auto" (cost model), or force "ghost", "materialize" or "generic" for every block.
     sample_tile: samples per forward/backward. backend: kernel backend for linft_kernels ops.
+    checkpoint: a directory where each finished block is saved (atomically); a call that stopped
+        resumes there at the first unfinished block and returns the identical matrix. A directory of
+        another computation (inputs, parameters, options, plan) is refused.
     Returns an `NTK` with matrix (N*C, M*C), row index i*C + a.
     """
     if kernel not in KERNELS:
@@ -165,13 +169,26 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         total = torch.zeros(N * C, M * C, dtype=dtype, device=device)
         kept: dict[str, torch.Tensor] = {}
         by_name = {b.name: b for b in blocks}
+        plans = {bp.name: bp for bp in plan.blocks}
+        ckpt = None
+        if checkpoint is not None:
+            ckpt = Checkpoint(checkpoint, _fingerprint(model, batches1, batches2, plan, N, M, C, kernel, dtype,
+                                                       per_layer, strategy, sample_tile, backend, output))
+            ckpt.restore(total, kept)
+            for name, (method, reason) in ckpt.methods.items():
+                plans[name].method, plans[name].reason = method, reason
+            if ckpt.done:
+                plan.notes.append(f"resumed from checkpoint {ckpt.dir}: {len(ckpt.done)} blocks already done")
         n_tiles = -(-N // sample_tile) + (0 if batches2 is None else -(-M // sample_tile))
         bar = _progress(progress, len(plan.passes) * n_tiles, "NTK")
         timings["capture"] = timings["contract"] = timings["generic"] = 0.0
         peak = 0
-        plans = {bp.name: bp for bp in plan.blocks}
         for names in plan.passes:
-            group = [by_name[n] for n in names]
+            group = [by_name[n] for n in names if ckpt is None or n not in ckpt.methods]
+            if not group:
+                if bar is not None:
+                    bar.update(n_tiles)
+                continue
             factored = [b for b in group if b.method != "generic"]
             generic = [b for b in group if b.method == "generic"]
             stores = []
@@ -211,6 +228,8 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                 s1 = s2 = None
                 if used != b.method:
                     _note_method(plans[b.name], used)
+                if ckpt is not None:
+                    ckpt.block_done(b.name, total, kept.get(b.name), plans[b.name].method, plans[b.name].reason)
             timings["contract"] += time.perf_counter() - t0
             # Drop every reference to this pass's factors before the next pass captures its own,
             # or two passes' worth would be alive at once (loop variables outlive the loop body).
@@ -229,6 +248,23 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         "peak_kept_bytes": peak,
     }
     return NTK(matrix=total, blocks=kept, meta=meta, plan=plan.as_dict(), timings=timings)
+
+
+def _fingerprint(model, batches1, batches2, plan, N, M, C, kernel, dtype, per_layer, strategy, sample_tile,
+                 backend, output) -> dict:
+    """What a checkpoint must match to be resumed: the data, every parameter and buffer of the model
+    (frozen ones shape the kernel too), and the options and plan that fix the order of the sums."""
+    def data(batches):
+        return None if batches is None else fingerprint_tensors(
+            (f"{i}.{k}", v) for i, b in enumerate(batches) for k, v in sorted(b.items()) if isinstance(v, torch.Tensor))
+    return {
+        "inputs": data(batches1), "inputs2": data(batches2),
+        "model": fingerprint_tensors(list(model.named_parameters()) + list(model.named_buffers())),
+        "shape": [N, M, C], "kernel": kernel, "dtype": str(dtype), "per_layer": per_layer,
+        "strategy": strategy, "sample_tile": sample_tile, "backend": backend,
+        "output": getattr(output, "__name__", type(output).__name__), "passes": plan.passes,
+        "planned": {bp.name: bp.method for bp in plan.blocks},
+    }
 
 
 def _note_method(bp, used: str) -> None:

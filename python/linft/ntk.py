@@ -131,3 +131,99 @@ class NTK:
     def __repr__(self) -> str:
         return (f"NTK(shape={self.shape}, n_outputs={self.n_outputs}, kernel={self.meta.get('kernel')!r}, "
                 f"blocks={len(self.blocks)}, dtype={self.matrix.dtype})")
+
+
+def fingerprint_tensors(tensors) -> str:
+    """A digest of (name, tensor) pairs: names, dtypes, shapes and bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in tensors:
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+class Checkpoint:
+    """The finished blocks of one `empirical_ntk` call, kept in a directory so that a run that stops
+    (killed, out of memory, an exception) resumes at the first unfinished block and gives the identical
+    matrix: blocks are added to the total in the same order either way.
+
+    Files, each replaced atomically (written under a temporary name, then renamed):
+      checkpoint.json         format, the call's fingerprint, finished blocks in order (with the method
+                              each was contracted by), and the sequence number of the current state
+      state-<seq>.safetensors the running total after those blocks (the previous state is deleted only
+                              once the JSON names the new one)
+      block-<i>.safetensors   with per_layer=True, the matrix of the i-th finished block
+    A directory holding another computation (other inputs, parameters, options or plan) is refused
+    rather than overwritten.
+    """
+
+    FORMAT = "linft.NTK-checkpoint/1"
+
+    def __init__(self, directory, fingerprint: dict):
+        from safetensors.torch import load_file
+
+        self.dir = os.fspath(directory)
+        os.makedirs(self.dir, exist_ok=True)
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self.done: list[str] = []
+        self.methods: dict[str, list] = {}
+        self.seq = 0
+        self._state = None
+        path = os.path.join(self.dir, "checkpoint.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                side = json.load(f)
+            if side.get("format") != self.FORMAT:
+                raise ValueError(f"{path} is not a linft NTK checkpoint (format {side.get('format')!r})")
+            theirs = side.get("fingerprint", {})
+            differ = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
+            if differ:
+                raise ValueError(f"checkpoint directory {self.dir} holds another computation (it differs in "
+                                 f"{differ}); give another directory, or empty this one to start over")
+            self.done, self.methods, self.seq = list(side["done"]), dict(side["methods"]), int(side["seq"])
+            self._state = load_file(self._state_path(self.seq))
+
+    def _state_path(self, seq: int) -> str:
+        return os.path.join(self.dir, f"state-{seq}.safetensors")
+
+    def _block_path(self, i: int) -> str:
+        return os.path.join(self.dir, f"block-{i}.safetensors")
+
+    def restore(self, total: torch.Tensor, kept: dict) -> None:
+        """Put the saved total into `total` and the saved per-block matrices into `kept`."""
+        from safetensors.torch import load_file
+
+        if self._state is None:
+            return
+        total.copy_(self._state["total"])
+        for i, name in enumerate(self.done):
+            if os.path.exists(self._block_path(i)):
+                kept[name] = load_file(self._block_path(i))["k"].to(total.device)
+        self._state = None
+
+    def block_done(self, name: str, total: torch.Tensor, block: torch.Tensor | None, method: str,
+                   reason: str) -> None:
+        from safetensors.torch import save_file
+
+        i = len(self.done)
+        if block is not None:
+            save_file({"k": block.contiguous().cpu()}, self._block_path(i) + ".tmp")
+            os.replace(self._block_path(i) + ".tmp", self._block_path(i))
+        seq = self.seq + 1
+        save_file({"total": total.contiguous().cpu()}, self._state_path(seq) + ".tmp")
+        os.replace(self._state_path(seq) + ".tmp", self._state_path(seq))
+        side = {"format": self.FORMAT, "fingerprint": self.fingerprint, "done": self.done + [name],
+                "methods": {**self.methods, name: [method, reason]}, "seq": seq}
+        path = os.path.join(self.dir, "checkpoint.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(side, f, indent=1)
+        os.replace(path + ".tmp", path)
+        if os.path.exists(self._state_path(self.seq)):
+            os.remove(self._state_path(self.seq))
+        self.done.append(name)
+        self.methods[name] = [method, reason]
+        self.seq = seq
