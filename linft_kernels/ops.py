@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _native, reference
+from . import _blas, _dispatch, _native, reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OUT_DTYPES = (torch.float32, torch.float64)
@@ -94,6 +94,8 @@ def _run_gram(out, a, b, backend):
         reference.gram(a, b, out)
     elif backend == "triton":
         _triton().gram(a, b, out)
+    elif backend == "cpu" and _blas.applies(a, b, out):
+        _blas.gram(a, b, out)  # same-dtype fp32/fp64: the vendor GEMM in diagonal blocks (see _blas)
     else:
         lib = _native.cpu_lib() if backend == "cpu" else _native.cuda_lib()
         _native.gram(lib, a, b, out)
