@@ -587,6 +587,16 @@ def _run_worker(spec: dict, timeout: float) -> dict:
     return {"error": f"worker exited with {p.returncode}: {tail}"}
 
 
+def _measure(spec: dict, timeout: float) -> dict:
+    """One measurement in a worker subprocess, logged (its error, or its time and peak memory)."""
+    res = _run_worker(spec, timeout)
+    if "error" in res:
+        log(f"      ERROR {res['error'][-1500:]}")
+    else:
+        log(f"      {res['wall_s']:.2f} s, peak {res['peak_mem_bytes'] / GiB:.2f} GiB")
+    return res
+
+
 def ntk_config(device: str, quick: bool) -> dict:
     if quick:
         return dict(n_embd=256, n_layer=2, n_head=4, vocab=8192, T=64, N=16, large_N=64, rounds=1)
@@ -641,12 +651,7 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
                 if r == 0 and method in ("linft", "vmap_jacrev"):
                     spec["save_k"] = str(tmp / f"{kernel}-{method}.pt")
                 log(f"    round {r} {method} n={n_m} ...")
-                res = _run_worker(spec, worker_timeout)
-                if "error" in res:
-                    log(f"      ERROR {res['error'][-800:]}")
-                else:
-                    log(f"      {res['wall_s']:.1f} s, peak {res['peak_mem_bytes'] / GiB:.2f} GiB")
-                results[method].append(res)
+                results[method].append(_measure(spec, worker_timeout))
         # Correctness: linft's K against the baseline's (same first samples when extrapolated).
         err = None
         fa, fb = tmp / f"{kernel}-linft.pt", tmp / f"{kernel}-vmap_jacrev.pt"
@@ -666,11 +671,7 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
             spec = {**spec0, "method": "linft", "n_measure": NL, "ntk_dtype": "float32", "memory_budget": budget}
             log(f"[ntk] large: linft full-weight N={NL} (factors {factors_bytes / GiB:.1f} GiB, "
                 f"budget {budget}); baseline Jacobian would be {_jacobian_bytes(NL, C, P) / GiB:.1f} GiB")
-            res = _run_worker(spec, worker_timeout)
-            if "error" in res:
-                log(f"      ERROR {res['error'][-800:]}")
-            else:
-                log(f"      {res['wall_s']:.1f} s, peak {res['peak_mem_bytes'] / GiB:.2f} GiB")
+            res = _measure(spec, worker_timeout)
             rows.append(_large_row(kernel, cfg, NL, P, C, res, results, mem_limit, meta, device))
         if on_rows is not None:
             on_rows(rows)
@@ -706,12 +707,7 @@ def run_ntk_llama(device: torch.device, meta: dict, N: int, T: int, rounds: int,
         for method in methods:
             spec = {**spec0, "method": method, "n_measure": N}
             log(f"    round {r} {method} n={N} ...")
-            res = _run_worker(spec, worker_timeout)
-            if "error" in res:
-                log(f"      ERROR {res['error'][-1500:]}")
-            else:
-                log(f"      {res['wall_s']:.2f} s, peak {res['peak_mem_bytes'] / GiB:.2f} GiB")
-            results[method].append(res)
+            results[method].append(_measure(spec, worker_timeout))
             rows = _llama_rows(results, cfg, N, T, C, P, n_total, meta, device)
             if on_rows is not None:  # saved after every measurement: a killed run keeps what it had
                 on_rows(rows)

@@ -152,18 +152,25 @@ def test_zero_matrix():
     assert res.all_converged
 
 
+CLUSTER_VALUE = 1.0 / 21 ** 0.4 + 1e-3
+
+
+def _twelve_fold_cluster():
+    """n=500, slowly decaying spectrum with 12 eigenvalues equal to CLUSTER_VALUE among the top 32."""
+    ev = powerlaw(500, 0.4)
+    ev[20:32] = CLUSTER_VALUE
+    ev, _ = torch.sort(ev, descending=True)
+    return with_spectrum(ev, 11)
+
+
 def test_large_cluster_needs_wide_block():
     # 12 equal eigenvalues inside a slowly decaying spectrum; a block at least as wide finds them all
-    n = 500
-    ev = powerlaw(n, 0.4)
-    ev[20:32] = 1.0 / 21 ** 0.4 + 1e-3
-    ev, _ = torch.sort(ev, descending=True)
-    a = with_spectrum(ev, 11)
+    a = _twelve_fold_cluster()
     k = 32
     res = eigsh(a, k, method="lanczos", block_size=12, seed=3)
     check_result(res, a, k)
     ref = oracle(a)
-    t = float(ev[20]) - 1e-6
+    t = CLUSTER_VALUE - 1e-6
     assert int((res.eigenvalues > t).sum()) == int((ref > t).sum())
 
 
@@ -303,18 +310,14 @@ def test_operator_default_uses_fewer_products_than_arpack(name, bound):
 def test_operator_default_widens_for_a_large_cluster():
     # 12 equal eigenvalues: the single-vector default sees a few of them through rounding, then widens
     # its block until the cluster no longer fills it, and returns all 12
-    n = 500
-    ev = powerlaw(n, 0.4)
-    ev[20:32] = 1.0 / 21 ** 0.4 + 1e-3
-    ev, _ = torch.sort(ev, descending=True)
-    a = with_spectrum(ev, 11)
+    a = _twelve_fold_cluster()
     k = 32
     res = eigsh(CountingOperator(a), k, seed=3)
     check_result(res, a, k)
     assert res.info["initial_block_size"] == 1 and res.info["widenings"] >= 1
     assert res.info["final_block_size"] > 12
     ref = oracle(a)
-    t = float(ev[20]) - 1e-6
+    t = CLUSTER_VALUE - 1e-6
     assert int((res.eigenvalues > t).sum()) == int((ref > t).sum()) == 32
     # a fixed block is not widened
     fixed = eigsh(CountingOperator(a), k, seed=3, block_size=4)
