@@ -80,7 +80,7 @@ def test_cpu_blas_path_blocks(dtype, blocks):
     start = randn(37, 37, dtype=dtype)
     start = start + start.T
     assert _blas.applies(a, None, start)
-    out = _blas.gram(a, None, start.clone(), blocks=blocks)
+    out = _blas.gram(a, None, start.clone(), blocks=blocks, min_rows=1)
     acc = dtype
     assert_close_to_oracle(out, start.double() + a.double() @ a.double().T, acc, what=f"blas sym {blocks}")
     assert torch.equal(out, out.T)
@@ -89,3 +89,6 @@ def test_cpu_blas_path_blocks(dtype, blocks):
     assert_close_to_oracle(cross, a.double() @ b.double().T, acc, what="blas cross")
     assert not _blas.applies(a.to(torch.bfloat16), None, start)
     assert not _blas.applies(a.float(), None, start.double())
+    # the default keeps strips >= 256 rows: a small N is one strip (the plain product)
+    one = _blas.gram(a, None, torch.zeros(37, 37, dtype=dtype))
+    assert_close_to_oracle(one, a.double() @ a.double().T, acc, what="blas one strip")
