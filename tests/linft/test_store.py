@@ -79,3 +79,26 @@ def test_store_grows_pads_and_zeroes_tiles_where_the_module_did_not_run():
     fb = s.forms["b"]["features"]
     assert fb.shape == (6, 2, 3) and not fb[:2].any() and (fb[2:, 1] == 2).all()
     assert s.nbytes() == sum(t.numel() * t.element_size() for form in s.forms.values() for t in form.values())
+
+
+def test_capture_tiles_cover_every_sample_once_and_halve_in_the_second_half():
+    from linft.engine import _capture_tiles
+    ids = torch.arange(23).unsqueeze(1)
+    batches = [{"input_ids": ids[:13], "attention_mask": torch.ones(13, 1)},
+               {"input_ids": ids[13:], "attention_mask": torch.ones(10, 1)}]
+    got = list(_capture_tiles(batches, 4, 23))
+    starts = [s for s, _ in got]
+    rows = torch.cat([t["input_ids"] for _, t in got])
+    assert torch.equal(rows, ids) and starts == sorted(starts)
+    for s, t in got:
+        B = t["input_ids"].shape[0]
+        assert torch.equal(t["input_ids"][:, 0], torch.arange(s, s + B))
+        assert B <= (4 if 2 * (s + B) <= 23 else 2)
+
+
+def test_progress_counts_samples(capsys):
+    model = build("gpt2")
+    ntk = linft.empirical_ntk(model, batch(5, 6), output=linft.outputs.label_word_logits([5, 9]),
+                              params=["*h.1.mlp.c_fc.weight"], sample_tile=2, progress=True)
+    assert ntk.matrix.shape == (10, 10)
+    assert "5/5" in capsys.readouterr().err
