@@ -133,14 +133,15 @@ def _run_ghost(out, x1, g1, m1, x2, g2, m2, backend, route="auto"):
         _native.ghost_gram(lib, x1, g1, m1, x2, g2, m2, out)
 
 
-def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend):
+def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):
+    tile_dtype = None if tiles == "out" else getattr(torch, tiles)
     if backend == "reference":
-        reference.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel)
+        reference.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, tile_dtype)
     elif backend == "triton":
-        _triton().psg_gram(x1, g1, m1, x2, g2, m2, out, _native.KERNEL_CODES[kernel])
+        _triton().psg_gram(x1, g1, m1, x2, g2, m2, out, _native.KERNEL_CODES[kernel], tile_dtype=tile_dtype)
     else:
         lib = _native.cpu_lib() if backend == "cpu" else _native.cuda_lib()
-        _native.psg_gram(lib, x1, g1, m1, x2, g2, m2, out, kernel)
+        _native.psg_gram(lib, x1, g1, m1, x2, g2, m2, out, kernel, tile_dtype)
 
 
 @torch.library.custom_op("linft::gram_", mutates_args=("out",))
@@ -168,12 +169,12 @@ def _(out, x1, g1, m1, x2, g2, m2, backend, route):
 @torch.library.custom_op("linft::psg_gram_", mutates_args=("out",))
 def _psg_op(out: torch.Tensor, x1: torch.Tensor, g1: torch.Tensor, m1: Optional[torch.Tensor],
             x2: Optional[torch.Tensor], g2: Optional[torch.Tensor], m2: Optional[torch.Tensor],
-            kernel: str, backend: str) -> None:
-    _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend)
+            kernel: str, backend: str, tiles: str) -> None:
+    _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles)
 
 
 @_psg_op.register_fake
-def _(out, x1, g1, m1, x2, g2, m2, kernel, backend):
+def _(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles):
     return None
 
 
@@ -262,18 +263,29 @@ def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = 
 def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = None,
              g2: Optional[torch.Tensor] = None, *, kernel: str = "sgd",
              mask1: Optional[torch.Tensor] = None, mask2: Optional[torch.Tensor] = None,
-             out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+             out: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+             tile_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Blocked contraction of per-sample gradients F_i = g_i^T x_i (d_out, d_in) of a linear layer.
 
     kernel="sgd": <F_i, F_j> (equals `ghost_gram`); "signgd": <sign F_i, sign F_j>;
     "asymmetric-signgd": <F_i, sign F_j> (not symmetric, even when x2 is None).
-    F tiles live only in on-chip memory. Shapes, masks, dtypes and `out` as in `ghost_gram`.
+    F is built tile by tile and never whole. Shapes, masks, dtypes and `out` as in `ghost_gram`.
+    tile_dtype: None builds F in out's dtype (exact to its rounding); torch.float32 with an fp64 out
+    builds each F entry (a sum over one sample's tokens) in fp32 and the Gram in fp64, the precision of
+    an fp32 model's own weight gradients with fp64 accumulation over parameters, and about twice as
+    fast on CPU. The native CUDA library always builds F in out's dtype.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if tile_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"tile_dtype must be None, torch.float32 or torch.float64, got {tile_dtype}")
     N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
     out = _out(out, (N, M), x1.dtype, x1.device)
+    if tile_dtype == torch.float64 and out.dtype != torch.float64:
+        raise ValueError("tile_dtype=torch.float64 needs an fp64 out (tiles are never finer than out)")
+    tiles = "out" if tile_dtype in (None, out.dtype) else "float32"
     name = _dispatch.resolve("psg_gram", x1.device, backend, out.dtype)
     if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
-        _psg_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, kernel, name)
+        _psg_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, kernel, name,
+                tiles)
     return out

@@ -39,17 +39,19 @@ def _signed(f, kernel, second):
     return f
 
 
-def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel="sgd"):
-    """out[i, j] += <s1(F1_i), s2(F2_j)> with per-sample gradients built d_out-chunk by chunk."""
+def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel="sgd", tile_dtype=None):
+    """out[i, j] += <s1(F1_i), s2(F2_j)> with per-sample gradients built d_out-chunk by chunk
+    (in `tile_dtype` when given, then the Gram in out's dtype)."""
     acc = out.dtype
+    tile = acc if tile_dtype is None else tile_dtype
     if x2 is None:
         x2, g2, m2 = x1, g1, m1
     N, M, d_in, d_out = x1.shape[0], x2.shape[0], x1.shape[2], g1.shape[2]
     step = max(1, _CHUNK_ELEMENTS // max(1, (N + M) * d_in))
     for o0 in range(0, d_out, step):
         sl = slice(o0, o0 + step)
-        f1 = _signed(per_sample_grads(x1, g1, m1, acc, sl), kernel, False).flatten(1)
-        f2 = _signed(per_sample_grads(x2, g2, m2, acc, sl), kernel, True).flatten(1)
+        f1 = _signed(per_sample_grads(x1, g1, m1, tile, sl), kernel, False).flatten(1).to(acc)
+        f2 = _signed(per_sample_grads(x2, g2, m2, tile, sl), kernel, True).flatten(1).to(acc)
         out += f1 @ f2.T
     return out
 

@@ -107,21 +107,27 @@ PYBIND11_MODULE(_C_cpu, m) {
       "psg_gram",
       [](uintptr_t x1, uintptr_t g1, uintptr_t m1, uintptr_t x2, uintptr_t g2, uintptr_t m2,
          uintptr_t out, int64_t N, int64_t M, int64_t T, int64_t S, int64_t d_in, int64_t d_out,
-         int dtype, int out_dtype, int kernel) {
+         int dtype, int out_dtype, int kernel, int tile_dtype) {
         check_factors("psg_gram", x1, g1, x2, g2, m2, out, N, M, T, S, d_in, d_out, dtype,
                       out_dtype);
         if (kernel < linft::kSGD || kernel > linft::kAsymmetricSignGD)
           fail("psg_gram: kernel code must be 0 (sgd), 1 (signgd) or 2 (asymmetric-signgd), got " +
                std::to_string(kernel));
+        if (tile_dtype < 0) tile_dtype = out_dtype;
+        if (tile_dtype != linft::kFloat32 && !(tile_dtype == linft::kFloat64 && out_dtype == linft::kFloat64))
+          fail("psg_gram: tile_dtype code must be 0 (fp32) or, with an fp64 out, 1 (fp64), got " +
+               std::to_string(tile_dtype));
         py::gil_scoped_release release;
         linft::cpu::psg_gram(x1, g1, m1, x2, g2, m2, out, N, M, T, S, d_in, d_out, dtype,
-                             out_dtype, kernel);
+                             out_dtype, kernel, tile_dtype);
       },
       py::arg("x1"), py::arg("g1"), py::arg("m1"), py::arg("x2"), py::arg("g2"), py::arg("m2"),
       py::arg("out"), py::arg("N"), py::arg("M"), py::arg("T"), py::arg("S"), py::arg("d_in"),
       py::arg("d_out"), py::arg("dtype"), py::arg("out_dtype"), py::arg("kernel"),
+      py::arg("tile_dtype") = -1,
       "out[i, j] += <F1_i, F2_j> with F = g^T x per sample (kernel 0 sgd, 1 signgd, "
-      "2 asymmetric-signgd)");
+      "2 asymmetric-signgd); F tiles built in tile_dtype (default: out_dtype), products and sums "
+      "of the Gram in out_dtype");
 
   m.def(
       "build_info",

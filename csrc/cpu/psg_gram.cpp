@@ -13,6 +13,11 @@
 // order, so the result does not depend on the thread count.
 //
 // Kernel 2 is never symmetric: with x2 == 0 the second operand is sign(F1) (a second buffer).
+//
+// Precision: the tiles of F are built in TF and the Gram of phase 2 in the output type T. TF = T
+// by default (exact to T's rounding); TF = float with a double output is the mixed mode of an fp32
+// model with fp64 accumulation: each F entry is a sum over one sample's tokens in fp32 (as the
+// model's own weight gradient would be), the Gram over all of F in fp64.
 #include <omp.h>
 
 #include <algorithm>
@@ -66,12 +71,13 @@ void build_tile(const Side& sd, int64_t i, int64_t o0, int64_t d0, int64_t ob, i
   gemm_nt(g, x, ob, db, cnt, F, db);
 }
 
-template <class T>
+template <class TF, class T>
 void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, int64_t d_in,
              int64_t d_out, T* out) {
   const int64_t N = s1.n;
   const int nt = omp_get_max_threads();
   const bool fp64 = sizeof(T) == 8;
+  const int tile_code = sizeof(TF) == 8 ? kFloat64 : kFloat32;
   const int64_t mr = gemm_mr(fp64), nr = gemm_nr(fp64);
   // Second operand of phase 2: F1 itself (symmetric sgd/signgd), sign(F1) (symmetric asymmetric-
   // signgd), or side 2's own buffer.
@@ -83,7 +89,7 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
   // tiles; phase 2 reads the whole buffer at least twice per tile, so it should stay cache-sized.
   // Hence a buffer of about 8 MiB, with 96 x 96 to 256 x 256 values per sample (and never more than
   // 64 MiB). Ob is a multiple of MR and Db of NR, split evenly over d_out and d_in.
-  const int64_t rows = N + rows2, esz = static_cast<int64_t>(sizeof(T));
+  const int64_t rows = N + rows2, esz = static_cast<int64_t>(sizeof(TF));
   auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
   int64_t E = std::min<int64_t>(65536, std::max<int64_t>(9216, (int64_t(8) << 20) / (rows * esz)));
   E = std::max(mr * nr, std::min(E, (int64_t(64) << 20) / (rows * esz)));
@@ -115,17 +121,17 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
   // one tile) are then added to out in tile order, so every out element receives exactly the same
   // sequence of additions as in the phase-synchronized path below: results are identical between
   // the two paths and independent of the thread count.
-  const int64_t pbytes = N * M * esz;
+  const int64_t pbytes = N * M * static_cast<int64_t>(sizeof(T));
   if (ntiles >= 2 * nt && int64_t(nt) * brows * E * esz <= (int64_t(64) << 20)) {
     const int64_t batch = std::max<int64_t>(1, std::min(ntiles, (int64_t(32) << 20) / pbytes));
     AlignedArray<T> part(static_cast<std::size_t>(batch * N * M));
 #pragma omp parallel
     {
-      thread_local AlignedArray<T> buf;
+      thread_local AlignedArray<TF> buf;
       buf.resize(brows * E);
       Operand A;
       A.base = reinterpret_cast<const unsigned char*>(buf.data());
-      A.dtype = fp64 ? kFloat64 : kFloat32;
+      A.dtype = tile_code;
       A.ld = E;
       Operand B = A;
       if (!gram_sym) B.base = reinterpret_cast<const unsigned char*>(buf.data() + N * E);
@@ -137,7 +143,7 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
           const int64_t ob = std::min(Ob, d_out - o0), db = std::min(Db, d_in - d0);
           const int64_t e = ob * db;
           for (int64_t s = 0; s < n_build; ++s) {
-            T* f = buf.data() + s * E;
+            TF* f = buf.data() + s * E;
             if (s < N) {
               build_tile(s1, s, o0, d0, ob, db, f);
               if (sym && kernel == kAsymmetricSignGD)
@@ -171,10 +177,10 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
   }
 
   // Phase-synchronized path (few tiles: the parallelism is over samples, then output blocks).
-  AlignedArray<T> F1(N * E), F2(std::max<int64_t>(rows2, 1) * E);
+  AlignedArray<TF> F1(N * E), F2(std::max<int64_t>(rows2, 1) * E);
   Operand A;
   A.base = reinterpret_cast<const unsigned char*>(F1.data());
-  A.dtype = fp64 ? kFloat64 : kFloat32;
+  A.dtype = tile_code;
   A.ld = E;
   Operand B = A;
   if (!gram_sym) B.base = reinterpret_cast<const unsigned char*>(F2.data());
@@ -196,16 +202,16 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
 #pragma omp for schedule(dynamic, 1)
         for (int64_t s = 0; s < n_build; ++s) {
           if (s < N) {
-            T* f = F1.data() + s * E;
+            TF* f = F1.data() + s * E;
             build_tile(s1, s, o0, d0, ob, db, f);
             if (sym && kernel == kAsymmetricSignGD) {
-              T* g = F2.data() + s * E;
+              TF* g = F2.data() + s * E;
               to_sign(f, g, e);
             } else if (sign1) {
               to_sign(f, f, e);
             }
           } else {
-            T* f = F2.data() + (s - N) * E;
+            TF* f = F2.data() + (s - N) * E;
             build_tile(*s2, s - N, o0, d0, ob, db, f);
             if (sign2)
               to_sign(f, f, e);
@@ -231,7 +237,7 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
 void psg_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uintptr_t x2,
               std::uintptr_t g2, std::uintptr_t m2, std::uintptr_t out, int64_t N, int64_t M,
               int64_t T, int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype,
-              int kernel) {
+              int kernel, int tile_dtype) {
   if (N <= 0 || M <= 0 || T <= 0 || S <= 0 || d_in <= 0 || d_out <= 0) return;
   const bool sym = x2 == 0;
   Side s1, s2;
@@ -243,10 +249,12 @@ void psg_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uint
                reinterpret_cast<const unsigned char*>(g2), reinterpret_cast<const uint8_t*>(m2), M,
                S, d_in, d_out, dtype);
   const Side* second = sym ? nullptr : &s2;
-  if (out_dtype == kFloat64)
-    psg_run<double>(s1, second, sym, kernel, M, d_in, d_out, reinterpret_cast<double*>(out));
+  if (out_dtype == kFloat64 && tile_dtype == kFloat32)
+    psg_run<float, double>(s1, second, sym, kernel, M, d_in, d_out, reinterpret_cast<double*>(out));
+  else if (out_dtype == kFloat64)
+    psg_run<double, double>(s1, second, sym, kernel, M, d_in, d_out, reinterpret_cast<double*>(out));
   else
-    psg_run<float>(s1, second, sym, kernel, M, d_in, d_out, reinterpret_cast<float*>(out));
+    psg_run<float, float>(s1, second, sym, kernel, M, d_in, d_out, reinterpret_cast<float*>(out));
 }
 
 }  // namespace cpu

@@ -102,11 +102,13 @@ def _features(x, g, m, f, o0, oc, sign, cdt, acc, prec, blocks, kw):
 def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
              x2: torch.Tensor | None, g2: torch.Tensor | None, m2: torch.Tensor | None,
              out: torch.Tensor, kernel: int = 0, *, num_warps: int = 4, num_stages: int = 3,
-             fp32_precision: str = "ieee", scratch_bytes: int = SCRATCH_BYTES) -> torch.Tensor:
+             fp32_precision: str = "ieee", scratch_bytes: int = SCRATCH_BYTES,
+             tile_dtype: torch.dtype | None = None) -> torch.Tensor:
     """out (N, M) += per-sample-gradient Gram; kernel 0 sgd, 1 signgd, 2 asymmetric-signgd.
 
     x2/g2/m2 None: second operand = first; symmetric (upper tiles only) for kernels 0 and 1, all pairs
     for kernel 2. `scratch_bytes` bounds the per-chunk scratch of F rows (at least one row of F).
+    tile_dtype: the dtype F is built and stored in (default out's; fp32 with an fp64 out: mixed mode).
     """
     if isinstance(kernel, str):
         kernel = KERNEL_CODES[kernel]
@@ -125,13 +127,13 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
     if T == 0 or S == 0:  # F = 0 on one side: every kernel gives 0
         return out
     interp = _is_interpreted(psg_features_kernel)
-    cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], out.dtype,
+    f_dtype = out.dtype if tile_dtype is None else tile_dtype
+    cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], f_dtype,
                                      interp, fp32_precision)
     blocks = _feature_blocks(cdt, acc, interp)
     kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
-    f_dtype = out.dtype
     rows = N if sym else N + M
-    oc_max = max(1, min(d_out, scratch_bytes // max(1, rows * d_in * out.element_size())))
+    oc_max = max(1, min(d_out, scratch_bytes // max(1, rows * d_in * torch.finfo(f_dtype).bits // 8)))
     buf1 = torch.empty(N * oc_max * d_in, dtype=f_dtype, device=out.device)
     buf2 = None if sym else torch.empty(M * oc_max * d_in, dtype=f_dtype, device=out.device)
     with _device_guard(out):

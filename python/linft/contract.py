@@ -57,7 +57,11 @@ def contract_block(block: Block, s1: dict, s2: dict | None, kernel: str, out: to
         if method == "ghost":
             lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
         else:
-            lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, out=out, backend=backend)
+            # An fp32/16-bit model's per-sample gradients are built in fp32 (as its own weight gradients
+            # would be) and only their Gram is accumulated in fp64: about 2x faster than fp64 tiles
+            tiles = torch.float32 if out.dtype == torch.float64 and x1.dtype != torch.float64 else None
+            lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, out=out, backend=backend,
+                        tile_dtype=tiles)
         return method
     if method == "embedding":
         _embedding(s1, s2, kernel, out, C, backend)

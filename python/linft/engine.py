@@ -119,7 +119,10 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
     params: "trainable" (parameters with requires_grad) or a list of glob patterns over names.
     kernel: "sgd" (J J^T), "signgd" (sign J sign J^T) or "asymmetric-signgd" (J sign J^T).
     per_layer: keep the per-parameter-tensor blocks in `NTK.blocks` (they sum to `NTK.matrix`).
-    dtype: accumulation and result dtype (float64 default, or float32); layers compute in the model's.
+    dtype: accumulation and result dtype (float64 default, or float32); layers compute in the model's,
+        and so do per-sample gradients that are materialized (an fp32 model's in fp32, as its own
+        weight gradients would be); sums over parameters, tokens of the ghost form and samples'
+        products are accumulated in `dtype`.
     memory_budget: bytes that captured factors may occupy; blocks are split into passes over the data
         to fit. None: half the memory available when the call starts.
     strategy: "auto" (cost model), or force "ghost", "materialize" or "generic" for every block.

@@ -16,7 +16,9 @@ def _cases():
         yield "ghost_gram_", (torch.zeros(4, 3), x1, g1, m1, x2, g2, m2, backend, "ghost")
         yield "ghost_gram_", (torch.zeros(4, 4), x1, g1, None, None, None, None, backend, "auto")
         for kernel in ("sgd", "signgd", "asymmetric-signgd"):
-            yield "psg_gram_", (torch.zeros(4, 3), x1, g1, m1, x2, g2, m2, kernel, backend)
+            yield "psg_gram_", (torch.zeros(4, 3), x1, g1, m1, x2, g2, m2, kernel, backend, "out")
+        yield "psg_gram_", (torch.zeros(4, 4, dtype=torch.float64), x1, g1, m1, None, None, None, "sgd",
+                            backend, "float32")
 
 
 @pytest.mark.parametrize("name,args", list(_cases()))

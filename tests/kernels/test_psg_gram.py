@@ -67,3 +67,31 @@ def test_psg_gram_equals_torch_func_on_linear():
         for kernel, want in expected.items():
             got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, backend=backend)
             assert_close_to_oracle(got, want, torch.float64, what=f"psg {kernel} {backend} vs torch.func")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_psg_gram_fp32_tiles_with_fp64_out(backend, device, symmetric):
+    """tile_dtype=float32, out fp64: F built in fp32, the Gram in fp64. Within fp32 accuracy of the
+    float64 oracle, and (except the native CUDA library, which keeps fp64 tiles) really fp32 tiles:
+    the result equals the Gram of F rounded through fp32 far more closely than the fp64-tile result."""
+    x1, g1, m1, x2, g2, m2 = make((7, 5, 30, 25, 37, 45), torch.float32, device, symmetric, True)
+    N, M = 7, (7 if symmetric else 5)
+    mixed = lk.psg_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, backend=backend, tile_dtype=torch.float32,
+                        out=torch.zeros(N, M, dtype=torch.float64, device=device))
+    exact = lk.psg_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, backend=backend,
+                        out=torch.zeros(N, M, dtype=torch.float64, device=device))
+    cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
+    oracle = psg_oracle(*cpu)
+    assert_close_to_oracle(mixed, oracle, torch.float32, what=f"psg fp32 tiles {backend}")
+    assert_close_to_oracle(exact, oracle, torch.float64, what=f"psg fp64 tiles {backend}")
+    if backend != "cuda":
+        assert not torch.equal(mixed, exact)
+
+
+def test_psg_gram_tile_dtype_is_checked():
+    x, g = randn(2, 3, 4, dtype=torch.float32), randn(2, 3, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="tile_dtype must be"):
+        lk.psg_gram(x, g, tile_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs an fp64 out"):
+        lk.psg_gram(x, g, tile_dtype=torch.float64)

@@ -29,7 +29,7 @@ void ghost_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::ui
 void psg_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uintptr_t x2,
               std::uintptr_t g2, std::uintptr_t m2, std::uintptr_t out, int64_t N, int64_t M,
               int64_t T, int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype,
-              int kernel);
+              int kernel, int tile_dtype);
 
 // ---------------------------------------------------------------------------------------------
 // Element conversions. fp16 is IEEE binary16, bf16 the upper half of a binary32; both as uint16.
