@@ -155,6 +155,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         d["cplusplus"] = static_cast<long>(__cplusplus);
         // Instruction set the GEMM engine dispatched to at run time; what the build flags allow.
         d["simd"] = std::string(linft::cpu::simd_name());
+        d["amx_bf16"] = linft::cpu::amx_bf16_usable();  // bf16 gram on AMX tiles (LINFT_NO_AMX=1: off)
         py::list baseline;
 #ifdef __AVX512F__
         baseline.append("avx512f");

@@ -440,6 +440,11 @@ void gram(std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t N, int
           int dtype, int out_dtype) {
   if (N <= 0 || M <= 0 || P <= 0) return;
   const bool sym = b == 0;
+  if (dtype == kBFloat16 && out_dtype == kFloat32 && amx_bf16_usable()) {
+    gram_bf16_amx(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b),
+                  reinterpret_cast<float*>(out), N, M, P);
+    return;
+  }
   Operand A;
   A.base = reinterpret_cast<const unsigned char*>(a);
   A.dtype = dtype;

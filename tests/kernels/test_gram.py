@@ -92,3 +92,45 @@ def test_cpu_blas_path_blocks(dtype, blocks):
     # the default keeps strips >= 256 rows: a small N is one strip (the plain product)
     one = _blas.gram(a, None, torch.zeros(37, 37, dtype=dtype))
     assert_close_to_oracle(one, a.double() @ a.double().T, acc, what="blas one strip")
+
+
+def test_cpu_bf16_amx_and_portable_paths_agree(tmp_path):
+    """bf16 -> fp32 gram on CPU runs on AMX tiles where the CPU has them; LINFT_NO_AMX=1 forces the
+    portable packed kernel. Both must give the float64 oracle (fp32 accumulation) for odd shapes,
+    symmetric (exactly symmetric) and cross, accumulated into out."""
+    import os
+    import subprocess
+    import sys
+
+    from linft_testing import native_cpu_available
+    if not native_cpu_available():
+        pytest.skip("native CPU library not built")
+    code = r'''
+import sys, torch, linft_kernels as lk
+from linft_kernels import _native
+torch.manual_seed(0)
+res = {"amx": _native.cpu_lib().build_info()["amx_bf16"]}
+for N, M, P in [(1, None, 1), (37, None, 100), (37, 53, 70), (65, None, 4200), (33, 17, 2049)]:
+    a = torch.randn(N, P).bfloat16(); b = None if M is None else torch.randn(M, P).bfloat16()
+    start = torch.randn(N, N if M is None else M)
+    if M is None: start = start + start.T
+    out = lk.gram(a, b, out=start.clone(), backend="cpu")
+    ref = start.double() + a.double() @ (a if b is None else b).double().T
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    sym = bool(torch.equal(out, out.T)) if b is None else True
+    res[f"{N},{M},{P}"] = (err, sym)
+print(repr(res))
+'''
+    outs = {}
+    for off in ("0", "1"):
+        env = {**os.environ, "LINFT_NO_AMX": off}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        outs[off] = eval(p.stdout.strip().splitlines()[-1])
+    assert outs["1"]["amx"] is False  # turned off
+    for off, res in outs.items():
+        for key, val in res.items():
+            if key == "amx":
+                continue
+            err, sym = val
+            assert err < 2e-5 and sym, f"LINFT_NO_AMX={off} {key}: err {err:.2e} symmetric {sym}"

@@ -26,6 +26,10 @@ void gram(std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, int64_t N, int
 void ghost_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uintptr_t x2,
                 std::uintptr_t g2, std::uintptr_t m2, std::uintptr_t out, int64_t N, int64_t M,
                 int64_t T, int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype);
+// Intel AMX path of gram for bf16 inputs and an fp32 output (gram_amx.cpp): usable when the CPU has
+// AMX-BF16 and the kernel grants the tile state (checked once); b == nullptr is the symmetric form.
+bool amx_bf16_usable();
+void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, int64_t M, int64_t P);
 void psg_gram(std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uintptr_t x2,
               std::uintptr_t g2, std::uintptr_t m2, std::uintptr_t out, int64_t N, int64_t M,
               int64_t T, int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype,
