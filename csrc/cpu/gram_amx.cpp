@@ -100,6 +100,34 @@ __attribute__((target("amx-tile,amx-bf16"))) void block32(const uint16_t* Ap, in
   _tile_stored(3, C + 16 * 32 + 16, 128);
 }
 
+// Rows [0, n_pad) of a k chunk, row-major with kp columns, zero-padded (rows >= n, columns >= kl).
+void pack_rows(const uint16_t* src, int64_t n, int64_t n_pad, int64_t ld, int64_t k0, int64_t kl,
+               int64_t kp, uint16_t* dst) {
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < n_pad; ++i) {
+    uint16_t* d = dst + i * kp;
+    if (i < n) {
+      std::memcpy(d, src + i * ld + k0, kl * sizeof(uint16_t));
+      std::memset(d + kl, 0, (kp - kl) * sizeof(uint16_t));
+    } else {
+      std::memset(d, 0, kp * sizeof(uint16_t));
+    }
+  }
+}
+
+// VNNI panels of 16 packed rows: panel[k/2][c][k%2] = rows[16 p + c][k], i.e. a transpose of 32-bit
+// pairs, written contiguously (16 sequential read streams).
+void vnni_panels(const uint16_t* rows, int64_t n_pad, int64_t kp, uint16_t* dst) {
+#pragma omp for schedule(static)
+  for (int64_t p = 0; p < n_pad / 16; ++p) {
+    const uint32_t* src[16];
+    for (int c = 0; c < 16; ++c) src[c] = reinterpret_cast<const uint32_t*>(rows + (p * 16 + c) * kp);
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst + p * 16 * kp);
+    for (int64_t r = 0; r < kp / 2; ++r)
+      for (int c = 0; c < 16; ++c) d[r * 16 + c] = src[c][r];
+  }
+}
+
 }  // namespace
 
 bool amx_bf16_usable() {
@@ -113,8 +141,10 @@ void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, 
   if (sym) b = a;
   const int64_t Np = (N + 31) / 32 * 32, Mp = (M + 31) / 32 * 32;
   const int64_t kc_max = std::min<int64_t>(KC, (P + 31) / 32 * 32);
+  // Per chunk: A rows (packed, padded), B's VNNI panels (from its own packed rows, or from A's)
   AlignedArray<uint16_t> Apack(static_cast<std::size_t>(Np * kc_max));
-  AlignedArray<uint16_t> Bpack(sym ? 1 : static_cast<std::size_t>(Mp * kc_max));
+  AlignedArray<uint16_t> Brows(sym ? 1 : static_cast<std::size_t>(Mp * kc_max));
+  AlignedArray<uint16_t> Bvnni(static_cast<std::size_t>((sym ? Np : Mp) * kc_max));
   const int64_t nbi = Np / 32, nbj = Mp / 32;
   std::vector<std::pair<int64_t, int64_t>> blocks;
   for (int64_t gi = 0; gi < nbi; gi += SB)
@@ -127,53 +157,16 @@ void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, 
   for (int64_t k0 = 0; k0 < P; k0 += KC) {
     const int64_t kl = std::min(KC, P - k0), kp = (kl + 31) / 32 * 32;
     const uint16_t* Ap = Apack.data();
-    const uint16_t* Bp = sym ? nullptr : Bpack.data();
+    const uint16_t* Bp = Bvnni.data();
 #pragma omp parallel
     {
-      // A rows: copy with zero padding (rows past N, k past kl).
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < Np; ++i) {
-        uint16_t* dst = Apack.data() + i * kp;
-        if (i < N) {
-          std::memcpy(dst, a + i * P + k0, kl * sizeof(uint16_t));
-          std::memset(dst + kl, 0, (kp - kl) * sizeof(uint16_t));
-        } else {
-          std::memset(dst, 0, kp * sizeof(uint16_t));
-        }
+      pack_rows(a, N, Np, P, k0, kl, kp, Apack.data());
+      if (sym) {
+        vnni_panels(Apack.data(), Np, kp, Bvnni.data());  // after the implicit barrier above
+      } else {
+        pack_rows(b, M, Mp, P, k0, kl, kp, Brows.data());
+        vnni_panels(Brows.data(), Mp, kp, Bvnni.data());
       }
-      // B panels (16 columns) in VNNI order; the symmetric form packs from the A copy afterwards.
-      if (!sym) {
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < Mp / 16; ++p) {
-          uint32_t* dst = reinterpret_cast<uint32_t*>(Bpack.data() + p * 16 * kp);
-          for (int64_t c = 0; c < 16; ++c) {
-            const int64_t j = p * 16 + c;
-            if (j < M) {
-              const uint16_t* src = b + j * P + k0;
-              for (int64_t r = 0; r < kp / 2; ++r) {
-                const int64_t k = 2 * r;
-                const uint32_t lo = k < kl ? src[k] : 0, hi = k + 1 < kl ? src[k + 1] : 0;
-                dst[r * 16 + c] = lo | (hi << 16);
-              }
-            } else {
-              for (int64_t r = 0; r < kp / 2; ++r) dst[r * 16 + c] = 0;
-            }
-          }
-        }
-      }
-    }
-    AlignedArray<uint16_t> Bsym;
-    if (sym) {  // panels of the (padded) A copy
-      Bsym.resize(static_cast<std::size_t>(Np * kp));
-#pragma omp parallel for schedule(static)
-      for (int64_t p = 0; p < Np / 16; ++p) {
-        uint32_t* dst = reinterpret_cast<uint32_t*>(Bsym.data() + p * 16 * kp);
-        for (int64_t c = 0; c < 16; ++c) {
-          const uint32_t* src = reinterpret_cast<const uint32_t*>(Apack.data() + (p * 16 + c) * kp);
-          for (int64_t r = 0; r < kp / 2; ++r) dst[r * 16 + c] = src[r];
-        }
-      }
-      Bp = Bsym.data();
     }
 #pragma omp parallel
     {
