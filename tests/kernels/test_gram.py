@@ -81,6 +81,9 @@ def test_cpu_blas_path_blocks(dtype, blocks):
     start = start + start.T
     assert _blas.applies(a, None, start)
     out = _blas.gram(a, None, start.clone(), blocks=blocks, min_rows=1)
+    two = _blas.gram(a, None, start.clone(), blocks=blocks, min_rows=4, levels=2)  # nested strips
+    assert_close_to_oracle(two, start.double() + a.double() @ a.double().T, dtype, what=f"nested {blocks}")
+    assert torch.equal(two, two.T)
     acc = dtype
     assert_close_to_oracle(out, start.double() + a.double() @ a.double().T, acc, what=f"blas sym {blocks}")
     assert torch.equal(out, out.T)
