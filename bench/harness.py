@@ -611,7 +611,8 @@ def _jacobian_bytes(N, C, P):
 
 def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, large_n: int | None,
             rounds: int | None, kernels=("full", "lora"), worker_timeout: float = 3600,
-            fp64: bool = False, on_rows=None, large_budget: float | None = None) -> list[dict]:
+            fp64: bool = False, on_rows=None, large_budget: float | None = None,
+            fwd_chunk: int = 16) -> list[dict]:
     """NTK suite; `on_rows(rows)` is called with the rows so far after each kernel (partial saves)."""
     cfg = ntk_config(device.type, quick)
     cfg["mem_limit"] = mem_limit
@@ -622,6 +623,10 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
     N, C = cfg["N"], len(LABEL_IDS)
     base_spec = {k: cfg[k] for k in ("n_embd", "n_layer", "n_head", "vocab", "T")}
     base_spec["device"] = device.type
+    # The fwd+bwd of the cost ratio runs in micro-batches of linft's sample tile (16) by default: on
+    # 2 CPU cores one batch of 64 x 128 tokens ran 1.5-2x slower than 4 of 16 (activations out of
+    # cache), which would flatter the ratio. --fwd-chunk 0 measures the whole batch at once.
+    base_spec["fwd_chunk"] = fwd_chunk or None
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="linft-bench-"))
     # Parameter counts per kernel (cheap: one model build here, in the parent, on the meta device).
@@ -973,6 +978,9 @@ def main(argv=None) -> int:
                     help="memory a baseline may use (default 16 GiB on CPU, 90%% of GPU memory on CUDA)")
     ap.add_argument("--fp64", action="store_true",
                     help="also time linft with its default fp64 accumulation (full-weight kernel)")
+    ap.add_argument("--fwd-chunk", type=int, default=16,
+                    help="gpt2 preset: micro-batch of the fwd+bwd baseline (default 16 = linft's sample "
+                         "tile; 0: the whole batch at once)")
     ap.add_argument("--ntk-preset", choices=("gpt2", "llama-1b"), default="gpt2",
                     help="gpt2: the GPT-2 512/4-layer suite (full + LoRA, vs vmap(jacrev)); llama-1b: LoRA r=8 "
                          "NTK of a 1.1B Llama-shaped bf16 model vs one forward+backward (GPU; --quick: tiny)")
@@ -1057,7 +1065,8 @@ def main(argv=None) -> int:
         else:
             run_ntk(device, args.quick, meta, mem_limit, args.large_n, args.rounds, kernels,
                     fp64=args.fp64, on_rows=partial,
-                    large_budget=None if args.large_budget_gib is None else args.large_budget_gib * GiB)
+                    large_budget=None if args.large_budget_gib is None else args.large_budget_gib * GiB,
+                    fwd_chunk=args.fwd_chunk)
     # The peak again at the end (load from other processes changes during a run): rows use the best.
     log("[peak] measuring GEMM peaks again ...")
     peaks_end = machine.measure_peaks(device.type, quick=args.quick)
