@@ -350,18 +350,9 @@ void gram_run(const Operand& A, const Operand& B, bool sym, int64_t N, int64_t M
         T* pc = part.data() + c * N * M;
         std::fill(pc, pc + N * M, T(0));
         gemm_nt(A.cols_from(k0), B.cols_from(k0), N, M, kl, pc, M, sym);
-        if (sym)  // only the upper triangle was computed: mirror it
-          for (int64_t i = 0; i < N; ++i)
-            for (int64_t j = i + 1; j < N; ++j) pc[j * M + i] = pc[i * M + j];
+        if (sym) mirror_upper(pc, N, M);  // only the upper triangle was computed
       }
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < N; ++i) {
-        T* o = out + i * M;
-        for (int64_t c = 0; c < nchunk; ++c) {
-          const T* pc = part.data() + c * N * M + i * M;
-          for (int64_t j = 0; j < M; ++j) o[j] += pc[j];
-        }
-      }
+      add_partials(out, part.data(), nchunk, N, M);
     }
     return;
   }

@@ -158,19 +158,9 @@ void psg_run(const Side& s1, const Side* s2, bool sym, int kernel, int64_t M, in
           T* c = part.data() + (t - t0) * N * M;
           std::fill(c, c + N * M, T(0));
           gemm_nt(A, B, N, M, e, c, M, gram_sym);
-          if (gram_sym)  // only the upper triangle was computed: mirror it
-            for (int64_t i = 0; i < N; ++i)
-              for (int64_t j = i + 1; j < N; ++j) c[j * M + i] = c[i * M + j];
+          if (gram_sym) mirror_upper(c, N, M);  // only the upper triangle was computed
         }
-        // out += partials in tile order (each out row by one thread).
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < N; ++i) {
-          T* o = out + i * M;
-          for (int64_t t = t0; t < t1; ++t) {
-            const T* c = part.data() + (t - t0) * N * M + i * M;
-            for (int64_t j = 0; j < M; ++j) o[j] += c[j];
-          }
-        }
+        add_partials(out, part.data(), t1 - t0, N, M);  // in tile order
       }
     }
     return;

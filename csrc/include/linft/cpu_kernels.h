@@ -185,6 +185,29 @@ struct BlockPlan {
 };
 BlockPlan plan_blocks(int64_t N, int64_t M, bool sym, int threads, int64_t elem_bytes);
 
+// Partial products (gram's P chunks, psg_gram's tiles), each N x M and contiguous, one after another.
+// mirror_upper: copy the strict upper triangle of an N x N partial (leading dimension M, as left by
+// gemm_nt(upper = true)) into its lower triangle.
+template <class T>
+void mirror_upper(T* c, int64_t N, int64_t M) {
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = i + 1; j < N; ++j) c[j * M + i] = c[i * M + j];
+}
+
+// out[N x M] += partials 0 .. count-1, in that order for every element, so the result does not depend
+// on the thread count. An OpenMP worksharing loop over out's rows: call it inside a parallel region.
+template <class T>
+void add_partials(T* out, const T* part, int64_t count, int64_t N, int64_t M) {
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    T* o = out + i * M;
+    for (int64_t c = 0; c < count; ++c) {
+      const T* pc = part + c * N * M + i * M;
+      for (int64_t j = 0; j < M; ++j) o[j] += pc[j];
+    }
+  }
+}
+
 // out (leading dimension M) += block c (m x n, contiguous) at (i0, j0). Symmetric form: a diagonal
 // block (i0 == j0) holds only its upper triangle, mirrored here; any other block also goes,
 // transposed, to (j0, i0).
