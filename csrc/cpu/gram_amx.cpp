@@ -8,9 +8,10 @@
 //   A: rows padded to a multiple of 32, k padded to a multiple of 32, row-major (tile loads, 64 B rows);
 //   B: 16-column panels in the VNNI layout TDPBF16PS wants: panel[k/2][col][k%2].
 // Then OpenMP over 32 x 32 output blocks (only those on or above the diagonal in the symmetric
-// form), taken in groups of 4 x 4 blocks so that their operands stay in L2: four 16 x 16 fp32 accumulator tiles, two A tiles and two B tiles per 32-long k step, stored
-// to a local block and added to out (off-diagonal symmetric blocks also to the transposed place,
-// diagonal blocks from their upper triangle, so the result is exactly symmetric).
+// form), taken in groups of 4 x 4 blocks so that their operands stay in L2: four 16 x 16 fp32
+// accumulator tiles, two A tiles and two B tiles per 32-long k step, stored to a local block and
+// added to out by add_block (off-diagonal symmetric blocks also to the transposed place, diagonal
+// blocks from their upper triangle, so the result is exactly symmetric).
 #include <omp.h>
 
 #include <algorithm>
@@ -138,7 +139,6 @@ bool amx_bf16_usable() {
 void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, int64_t M,
                    int64_t P) {
   const bool sym = b == nullptr;
-  if (sym) b = a;
   const int64_t Np = (N + 31) / 32 * 32, Mp = (M + 31) / 32 * 32;
   const int64_t kc_max = std::min<int64_t>(KC, (P + 31) / 32 * 32);
   // Per chunk: A rows (packed, padded), B's VNNI panels (from its own packed rows, or from A's)
@@ -178,19 +178,9 @@ void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, 
         block32(Ap + bi * 32 * kp, kp, Bp + (2 * bj) * 16 * kp, Bp + (2 * bj + 1) * 16 * kp, C);
         const int64_t i0 = bi * 32, j0 = bj * 32;
         const int64_t m = std::min<int64_t>(32, N - i0), n = std::min<int64_t>(32, M - j0);
-        if (sym && bi == bj) {
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t j = 0; j < n; ++j) {
-              const float v = i <= j ? C[i * 32 + j] : C[j * 32 + i];
-              out[(i0 + i) * M + j0 + j] += v;
-            }
-        } else {
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t j = 0; j < n; ++j) out[(i0 + i) * M + j0 + j] += C[i * 32 + j];
-          if (sym)  // the transposed place, row by row of out
-            for (int64_t j = 0; j < n; ++j)
-              for (int64_t i = 0; i < m; ++i) out[(j0 + j) * M + i0 + i] += C[i * 32 + j];
-        }
+        if (n < 32)  // edge block: rows of n values, as add_block reads them
+          for (int64_t i = 1; i < m; ++i) std::memmove(C + i * n, C + i * 32, n * sizeof(float));
+        add_block(out, M, C, i0, j0, m, n, sym);  // diagonal blocks: from their upper triangle
       }
       release();
     }
