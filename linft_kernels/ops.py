@@ -139,6 +139,8 @@ def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):
         reference.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, tile_dtype)
     elif backend == "triton":
         _triton().psg_gram(x1, g1, m1, x2, g2, m2, out, _native.KERNEL_CODES[kernel], tile_dtype=tile_dtype)
+    elif backend == "cpu" and _blas.psg_applies(x1, x2, out, tile_dtype):
+        _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel)  # factors, tiles and out in one dtype
     else:
         lib = _native.cpu_lib() if backend == "cpu" else _native.cuda_lib()
         _native.psg_gram(lib, x1, g1, m1, x2, g2, m2, out, kernel, tile_dtype)

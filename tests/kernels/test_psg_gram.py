@@ -95,3 +95,64 @@ def test_psg_gram_tile_dtype_is_checked():
         lk.psg_gram(x, g, tile_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="needs an fp64 out"):
         lk.psg_gram(x, g, tile_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("one_dataset", [True, False], ids=["x2=None", "cross"])
+def test_cpu_blas_psg_chunks(dtype, kernel, one_dataset):
+    """Same-dtype CPU psg_gram goes through the vendor GEMM in (d_out, d_in) chunks (linft_kernels
+    ._blas): chunk sizes that divide nothing, down to one output row, give the float64 oracle added
+    into a nonzero out; masked tokens holding NaN add nothing; the symmetric form (one dataset, not
+    asymmetric-signgd) is exactly symmetric."""
+    from linft_kernels import _blas
+    x1, g1, m1, x2, g2, m2 = make((9, 6, 11, 7, 23, 13), dtype, "cpu", one_dataset, True)
+    masked = (m1 == 0).unsqueeze(-1)
+    oracle_in = (x1.clone(), g1.clone())
+    x1.masked_fill_(masked, float("nan"))
+    g1.masked_fill_(masked, float("nan"))
+    N, M = 9, 9 if one_dataset else 6
+    sym = one_dataset and kernel != "asymmetric-signgd"
+    start = randn(N, M, dtype=dtype)
+    if sym:
+        start = start + start.T
+    oracle = start.double() + psg_oracle(*oracle_in, m1, x2, g2, m2, kernel=kernel)
+    atol = sign_flip_atol(*oracle_in, m1, x2, g2, m2, kernel, dtype)
+    assert _blas.psg_applies(x1, x2, start, None)
+    for buffer, rows_out in [(1 << 23, 64), (15 * 5 * 7, 5), (15 * 16, 1)]:  # whole; 5x7 chunks; 1x16
+        out = _blas.psg_gram(x1, g1, m1, x2, g2, m2, start.clone(), kernel, buffer=buffer,
+                             rows_out=rows_out, min_rows=2)
+        assert_close_to_oracle(out, oracle, dtype, extra_atol=atol,
+                               what=f"blas psg {kernel} one_dataset={one_dataset} {dtype} buffer={buffer}")
+        if sym:
+            assert torch.equal(out, out.T)
+
+
+def test_cpu_blas_psg_applies_only_to_one_dtype():
+    from linft_kernels import _blas
+    x, o32, o64 = randn(2, 3, 4), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
+    assert _blas.psg_applies(x, None, o32, None) and _blas.psg_applies(x.double(), x.double(), o64, None)
+    assert not _blas.psg_applies(x, None, o64, torch.float32)  # fp32 tiles, fp64 Gram: native
+    assert not _blas.psg_applies(x.bfloat16(), None, o32, None)
+    assert not _blas.psg_applies(x, x.double(), o32, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_native_cpu_psg_same_dtype(dtype, kernel):
+    """The native CPU kernel for fp32/fp64 factors (ops route those to the BLAS path; the kernel stays
+    callable through _native and is checked here): symmetric and cross against the oracle."""
+    from linft_testing import native_cpu_available
+
+    from linft_kernels import _native
+    if not native_cpu_available():
+        pytest.skip("native CPU library not built")
+    lib = _native.cpu_lib()
+    for symmetric in (True, False):
+        x1, g1, m1, x2, g2, m2 = make((7, 5, 9, 8, 21, 11), dtype, "cpu", symmetric, True)
+        u8 = [None if m is None else m.to(torch.uint8).contiguous() for m in (m1, m2)]
+        out = torch.zeros(7, 7 if symmetric else 5, dtype=dtype)
+        _native.psg_gram(lib, x1, g1, u8[0], x2, g2, u8[1], out, kernel, None)
+        atol = sign_flip_atol(x1, g1, m1, x2, g2, m2, kernel, dtype)
+        assert_close_to_oracle(out, psg_oracle(x1, g1, m1, x2, g2, m2, kernel=kernel), dtype, extra_atol=atol,
+                               what=f"native psg {kernel} {dtype} sym={symmetric}")
