@@ -6,13 +6,19 @@
 // Model: a launch runs the blocks of the grid one after another; each block runs on `blockDim.x`
 // host threads (one std::thread per CUDA thread, kept for the whole launch), __syncthreads is a
 // std::barrier over those threads, __shared__ is `static` (one block at a time), atomicAdd takes a
-// global mutex. Only the fp16 / bf16 types and their conversions come from the CUDA headers.
+// global mutex. Warp-level operations (ldmatrix, mma.sync, see csrc/cuda/mma.cuh) exchange
+// fragments through a per-warp scratch area and a per-warp std::barrier of its 32 threads; cp.async
+// copies are queued per thread and done at cp.async.wait_group. Only the fp16 / bf16 types and
+// their conversions come from the CUDA headers.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -52,9 +58,145 @@ inline std::mutex atomic_mu;
 inline unsigned char* dyn_smem = nullptr;
 inline std::map<const void*, size_t> dyn_smem_limit;  // per kernel, set by cudaFuncSetAttribute
 inline long launches = 0;
+struct LaunchRecord {
+  dim3 grid, block;
+  size_t smem;
+};
+inline std::vector<LaunchRecord> launch_log;  // every launch (valid or not), for the driver
 inline long blocks_run = 0;
 constexpr size_t kDefaultDynSmem = 48 * 1024;
 constexpr size_t kMaxDynSmem = 227 * 1024;  // sm_90 opt-in limit
+
+// Emulated devices (cudaGetDevice / cudaDeviceGetAttribute in emu_rt.cpp): `device` is the current
+// one; device 0 is compute capability 9.0, device 1 is 7.5 (no cp.async, no bf16 mma).
+inline int device = 0;
+constexpr int kDeviceCcMajor[2] = {9, 7};
+inline long live_allocs = 0;  // cudaMallocAsync minus cudaFreeAsync
+
+// ---------------------------------------------------------------- warps
+// Lane threadIdx.x % 32 of warp threadIdx.x / 32. A warp operation deposits this lane's operands in
+// the warp's scratch, waits at the warp barrier, then computes this lane's result from every lane's
+// operands. Scratch is double-buffered by the parity of the warp's operation count: a lane can only
+// write buffer p again after the next operation's barrier, which all lanes reach after reading p.
+constexpr int kWarp = 32;
+struct Warp {
+  std::unique_ptr<std::barrier<>> bar;
+  const void* ptr[2][kWarp];
+  uint32_t a[2][kWarp][4];
+  uint32_t b[2][kWarp][2];
+};
+inline Warp* warps = nullptr;              // the running block's warps
+inline thread_local long warp_ops = 0;     // warp operations of this thread in this block
+
+inline unsigned lane_id() { return threadIdx.x % kWarp; }
+inline Warp& my_warp() { return warps[threadIdx.x / kWarp]; }
+// Returns the scratch buffer index of this operation after the lane deposited its operands in it
+// (deposit(buf) runs before the barrier).
+template <class F>
+inline int warp_exchange(F&& deposit) {
+  const int buf = static_cast<int>(warp_ops & 1);
+  ++warp_ops;
+  deposit(buf);
+  my_warp().bar->arrive_and_wait();
+  return buf;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l supplies row l % 8 of matrix l / 8; register m
+// of lane l receives 16-bit elements 2(l % 4), 2(l % 4) + 1 of row l / 4 of matrix m.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+  if (reinterpret_cast<std::uintptr_t>(row_addr) % 16 != 0) {
+    fprintf(stderr, "EMU: ldmatrix row address %p is not 16-byte aligned\n", row_addr);
+    std::abort();
+  }
+  Warp& w = my_warp();
+  const unsigned l = lane_id();
+  const int buf = warp_exchange([&](int p) { w.ptr[p][l] = row_addr; });
+  for (int m = 0; m < 4; ++m)
+    memcpy(&r[m], static_cast<const unsigned char*>(w.ptr[buf][m * 8 + l / 4]) + (l % 4) * 4, 4);
+}
+
+inline float half_bits_to_float(uint32_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t u = bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  __half_raw r;
+  r.x = static_cast<unsigned short>(bits);
+  return __half2float(__half(r));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, c += A B, with the per-lane
+// fragments of csrc/cuda/mma.cuh (g = lane / 4, t = lane % 4):
+//   A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) + 2 (k / 8), half k % 2
+//   B[k][n]:   lane n * 4 + (k % 8) / 2,         register k / 8,                half k % 2
+//   C[g + 8 (q / 2)][2t + q % 2] = c[q]
+// The products are exact in fp32; they are added to c one by one in fp32 (the tensor cores'
+// internal order and precision are unspecified; sequential fp32 is the pessimistic model).
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+  Warp& w = my_warp();
+  const unsigned l = lane_id();
+  const int buf = warp_exchange([&](int p) {
+    for (int i = 0; i < 4; ++i) w.a[p][l][i] = a[i];
+    for (int i = 0; i < 2; ++i) w.b[p][l][i] = b[i];
+  });
+  const unsigned g = l / 4, t = l % 4;
+  for (int q = 0; q < 4; ++q) {
+    const unsigned row = g + 8 * (q / 2), col = 2 * t + q % 2;
+    float d = c[q];
+    for (unsigned k = 0; k < 16; ++k) {
+      const uint32_t ra = w.a[buf][(row % 8) * 4 + (k % 8) / 2][(row / 8) + 2 * (k / 8)];
+      const uint32_t rb = w.b[buf][col * 4 + (k % 8) / 2][k / 8];
+      const float x = half_bits_to_float((ra >> (16 * (k % 2))) & 0xFFFF, bf16);
+      const float y = half_bits_to_float((rb >> (16 * (k % 2))) & 0xFFFF, bf16);
+      d += x * y;
+    }
+    c[q] = d;
+  }
+}
+
+// ---------------------------------------------------------------- cp.async
+// Copies are queued per thread and carried out at cp.async.wait_group (a copy that is never waited
+// for never lands, so a missing wait shows as stale or 0xFF-poisoned shared memory).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int src_bytes;
+};
+inline thread_local std::vector<AsyncCopy> cp_open;                 // not committed yet
+inline thread_local std::deque<std::vector<AsyncCopy>> cp_groups;   // committed, in flight
+
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 || reinterpret_cast<std::uintptr_t>(src) % 16 ||
+      src_bytes < 0 || src_bytes > 16) {
+    fprintf(stderr, "EMU: cp.async dst %p src %p src-size %d: misaligned or bad size\n", dst, src,
+            src_bytes);
+    std::abort();
+  }
+  cp_open.push_back({dst, src, src_bytes});
+}
+inline void cp_async_commit() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+inline void cp_async_wait(int pending) {
+  while (static_cast<int>(cp_groups.size()) > pending) {
+    for (const AsyncCopy& c : cp_groups.front()) {
+      if (c.src_bytes) memcpy(c.dst, c.src, c.src_bytes);
+      memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+    }
+    cp_groups.pop_front();
+  }
+}
+// Copies issued but never waited for when the thread leaves the block.
+inline size_t cp_async_left() {
+  size_t n = cp_open.size();
+  for (const auto& g : cp_groups) n += g.size();
+  cp_open.clear();
+  cp_groups.clear();
+  return n;
+}
 }  // namespace emu
 
 template <class F>
@@ -63,6 +205,15 @@ inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value)
     if (value < 0 || static_cast<size_t>(value) > emu::kMaxDynSmem) return cudaErrorInvalidValue;
     emu::dyn_smem_limit[reinterpret_cast<const void*>(f)] = static_cast<size_t>(value);
   }
+  return cudaSuccess;
+}
+
+// The loaded code of every kernel is sm_90 on device 0 and absent (no sm_75 code) on device 1.
+template <class F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F*) {
+  if (emu::kDeviceCcMajor[emu::device] < 8) return cudaErrorInvalidDeviceFunction;
+  *attr = cudaFuncAttributes{};
+  attr->binaryVersion = attr->ptxVersion = 90;
   return cudaSuccess;
 }
 
@@ -95,6 +246,7 @@ struct Launcher {
   template <class... Args>
   void operator()(Args... args) {
     ++launches;
+    launch_log.push_back({grid, block, smem});
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
         grid.z > 65535 || block.x == 0 || block.x > 1024 || block.y != 1 || block.z != 1) {
       fprintf(stderr, "EMU: bad launch configuration grid (%u,%u,%u) block (%u,%u,%u)\n", grid.x,
@@ -116,7 +268,13 @@ struct Launcher {
     blockDim = block;
     gridDim = grid;
     const unsigned nt = block.x;
-    std::vector<long> counts(nt);
+    std::vector<long> counts(nt), wcounts(nt);
+    std::vector<size_t> cp_left(nt);
+    const unsigned nw = (nt + kWarp - 1) / kWarp;
+    std::unique_ptr<Warp[]> warp_state(new Warp[nw]);
+    for (unsigned w = 0; w < nw; ++w)
+      warp_state[w].bar = std::make_unique<std::barrier<>>(std::min<unsigned>(kWarp, nt - w * kWarp));
+    warps = warp_state.get();
     emu_uint3 at;  // the block that just finished
     // Between two blocks, run once by the last thread to arrive: every thread has finished the
     // block; check that they all passed the same number of __syncthreads and re-poison the
@@ -128,6 +286,18 @@ struct Launcher {
                   "%ld times, thread 0 %ld times\n", at.x, at.y, at.z, t, counts[t], counts[0]);
           std::abort();
         }
+      for (unsigned t = 0; t < nt; ++t) {
+        if (wcounts[t] != wcounts[t - t % kWarp]) {
+          fprintf(stderr, "EMU: divergent warp operations in block (%u,%u,%u): thread %u did %ld, "
+                  "lane 0 of its warp %ld\n", at.x, at.y, at.z, t, wcounts[t], wcounts[t - t % kWarp]);
+          std::abort();
+        }
+        if (cp_left[t]) {
+          fprintf(stderr, "EMU: thread %u of block (%u,%u,%u) left %zu cp.async copies never waited "
+                  "for\n", t, at.x, at.y, at.z, cp_left[t]);
+          std::abort();
+        }
+      }
       std::fill(buf.get(), buf.get() + smem, 0xFF);
       ++blocks_run;
     };
@@ -147,8 +317,11 @@ struct Launcher {
               blockIdx.y = by;
               blockIdx.z = bz;
               sync_count = 0;
+              warp_ops = 0;
               k(args...);
               counts[t] = sync_count;
+              wcounts[t] = warp_ops;
+              cp_left[t] = cp_async_left();
               if (t == 0) at = blockIdx;
               block_bar.arrive_and_wait();
             }
@@ -156,6 +329,7 @@ struct Launcher {
     }
     for (auto& x : th) x.join();
     bar = nullptr;
+    warps = nullptr;
     dyn_smem = nullptr;
   }
 };
