@@ -1,12 +1,33 @@
 // gram: out[N, M] += a[N, P] @ b[M, P]^T (csrc/README.md).
 //
-// Classic shared-memory tiled GEMM. A block computes a 64x64 output tile over a range of P (split-K
-// when there are few tiles and P is long); each of its 256 threads owns a 4x4 micro-tile with rows
-// ty + 16*r and columns tx + 16*c (tx = tid % 16, ty = tid / 16). K advances in chunks of 16 staged
-// in shared memory in the accumulator type. Symmetric form: blocks below the diagonal return at once;
-// an off-diagonal tile adds into out[i, j] and out[j, i]. Without split-K every output element has a
-// single writer (plain add, deterministic); with split-K the adds are atomic.
+// Two kernels; the launcher picks one per call.
+//
+// gram_mma_kernel (bf16 / fp16 inputs, fp32 out, sm_80+, 16-byte aligned a and b, P % 8 == 0):
+// tensor cores. A block of 256 threads (8 warps, 2 x 4) computes a 128x128 output tile; each warp a
+// 64x32 sub-tile as 4 x 4 mma.sync m16n8k16 (fp32 accumulators in registers, 64 per thread).
+// K advances in chunks of 32 staged in shared memory by 16-byte cp.async copies, kGramMmaStages
+// deep (the copy of chunk k+2 overlaps the mma of chunk k); rows past N / M are zero-filled by the
+// copy. Fragments come from shared memory by ldmatrix (rows padded by 16 bytes: conflict-free).
+// Split-K (few tiles, long P): each split stores its fp32 partial tile into a workspace, and
+// gram_reduce_kernel adds the splits in a fixed order, so the result is deterministic. The
+// symmetric form computes tiles on or above the diagonal; every element (i, j) with i <= j is
+// added into out[i, j] and out[j, i] from the one value, so a symmetric out stays exactly symmetric.
+//
+// gram_kernel (every other case): classic shared-memory tiled GEMM on CUDA cores. A block computes
+// a 64x64 output tile over a range of P (split-K when there are few tiles and P is long); each of
+// its 256 threads owns a 4x4 micro-tile with rows ty + 16*r and columns tx + 16*c (tx = tid % 16,
+// ty = tid / 16). K advances in chunks of 16 staged in shared memory in the accumulator type.
+// Symmetric form: blocks below the diagonal return at once; an off-diagonal tile adds into
+// out[i, j] and out[j, i]. Without split-K every output element has a single writer (plain add,
+// deterministic); with split-K the adds are atomic.
+//
+// An fp64 out keeps gram_kernel for every input dtype: the interface promises accumulation in the
+// output's precision, which fp32 tensor-core accumulators do not give.
+#include <atomic>
+#include <cstdlib>
+
 #include "common.cuh"
+#include "mma.cuh"
 #include "linft/cuda_kernels.h"
 
 #define LINFT_STR2(...) #__VA_ARGS__
@@ -92,6 +113,250 @@ gram_kernel(const T* __restrict__ a, const T* __restrict__ b, Acc* __restrict__ 
   }
 }
 
+
+// ---------------------------------------------------------------- tensor-core path
+constexpr int kMmaTile = 128;                    // output tile edge
+constexpr int kMmaK = 32;                        // K chunk per pipeline stage
+constexpr int kMmaStages = 3;                    // cp.async pipeline depth
+constexpr int kMmaLd = kMmaK + 8;                // shared row: 32 elements + 16 bytes of padding
+constexpr int kMmaStageElems = 2 * kMmaTile * kMmaLd;  // a and b tiles of one stage
+constexpr size_t kMmaSmemBytes = sizeof(uint16_t) * kMmaStages * kMmaStageElems;  // 61440
+constexpr int kMmaWarpM = 64;                    // warp sub-tile: 64 rows x 32 columns
+constexpr int kMmaWarpN = 32;
+
+static_assert(kThreads == 256, "gram_mma_kernel's warp grid (2 x 4) assumes 8 warps");
+static_assert((kMmaLd * 2) % 16 == 0, "shared rows must keep 16-byte alignment for cp.async");
+
+// Copies the a and b chunks [k0, k0 + 32) of this block's 128 rows into one stage. 128 rows x 4
+// chunks of 16 bytes per operand: 2 copies per thread and operand, 4 threads per row. Rows past
+// n_rows / m_rows and chunks past k_end are zero-filled (P % 8 == 0: a chunk is all in or all out).
+template <class T>
+__device__ __forceinline__ void gram_mma_load_stage(uint16_t* __restrict__ stage, const T* __restrict__ a,
+                                                    const T* __restrict__ b, int64_t row0, int64_t col0,
+                                                    int64_t N, int64_t M, int64_t P, int64_t k0,
+                                                    int64_t k_end, int tid) {
+#pragma unroll
+  for (int r = 0; r < (kMmaTile * kMmaK / 8) / kThreads; ++r) {
+    const int c = tid + r * kThreads;
+    const int row = c >> 2;
+    const int kc = (c & 3) * 8;
+    const int64_t k = k0 + kc;
+    const bool k_ok = k < k_end;
+    const int64_t ar = row0 + row, br = col0 + row;
+    const bool a_ok = k_ok && ar < N, b_ok = k_ok && br < M;
+    cp_async16(stage + row * kMmaLd + kc, a_ok ? a + ar * P + k : a, a_ok ? 16 : 0);
+    cp_async16(stage + (kMmaTile + row) * kMmaLd + kc, b_ok ? b + br * P + k : b, b_ok ? 16 : 0);
+  }
+}
+
+// Block (blockIdx.x, blockIdx.y + tile_row_offset) of 128x128 tiles, K range blockIdx.z. splits == 1:
+// adds into out; otherwise stores the partial tile into ws[blockIdx.z] (N x M, fp32).
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+gram_mma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
+                float* __restrict__ ws, int64_t N, int64_t M, int64_t P, int64_t k_per_split,
+                int64_t tile_row_offset, int symmetric) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // host pass and emulation: the body parses
+  const int64_t ti = static_cast<int64_t>(blockIdx.y) + tile_row_offset;
+  const int64_t tj = static_cast<int64_t>(blockIdx.x);
+  if (symmetric && tj < ti) return;  // whole block: uniform, before any barrier
+
+  LINFT_DYNAMIC_SMEM(smem_raw);
+  uint16_t* smem = reinterpret_cast<uint16_t*>(smem_raw);
+
+  const int64_t row0 = ti * kMmaTile;
+  const int64_t col0 = tj * kMmaTile;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
+  const int64_t k_end = (k_begin + k_per_split < P) ? k_begin + k_per_split : P;
+  const int num_k = static_cast<int>((k_end - k_begin + kMmaK - 1) / kMmaK);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = (warp >> 2) * kMmaWarpM;  // warp grid 2 (rows) x 4 (columns)
+  const int wn = (warp & 3) * kMmaWarpN;
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+  // ldmatrix row of this lane: matrix lane / 8, row lane % 8 of it.
+  //   A (16x16 per m tile): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+  //   (rows 8-15, k 8-15) -> a[0..3].  B (two n8 tiles x k16): (n 0-7, k 0-7), (n 0-7, k 8-15),
+  //   (n 8-15, k 0-7), (n 8-15, k 8-15) -> b[0..1] of tile 2p, b[0..1] of tile 2p + 1.
+  const int lm = lane >> 3, lr = lane & 7;
+  const int a_row = wm + (lm & 1) * 8 + lr, a_k = (lm >> 1) * 8;
+  const int b_row = kMmaTile + wn + (lm >> 1) * 8 + lr, b_k = (lm & 1) * 8;
+
+#pragma unroll
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (s < num_k)
+      gram_mma_load_stage(smem + s * kMmaStageElems, a, b, row0, col0, N, M, P, k_begin + s * kMmaK,
+                          k_end, tid);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < num_k; ++kt) {
+    cp_async_wait<kMmaStages - 2>();  // this thread's copies of chunk kt have landed
+    __syncthreads();                  // everyone's have; and chunk kt-1's stage is free again
+    const int pre = kt + kMmaStages - 1;
+    if (pre < num_k)
+      gram_mma_load_stage(smem + (pre % kMmaStages) * kMmaStageElems, a, b, row0, col0, N, M, P,
+                          k_begin + static_cast<int64_t>(pre) * kMmaK, k_end, tid);
+    cp_async_commit();
+
+    const uint16_t* st = smem + (kt % kMmaStages) * kMmaStageElems;
+#pragma unroll
+    for (int ks = 0; ks < kMmaK; ks += 16) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(af[mt], st + (a_row + mt * 16) * kMmaLd + ks + a_k);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t r[4];
+        ldmatrix_x4(r, st + (b_row + np * 16) * kMmaLd + ks + b_k);
+        bf[2 * np][0] = r[0];
+        bf[2 * np][1] = r[1];
+        bf[2 * np + 1][0] = r[2];
+        bf[2 * np + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) mma_16816<T>(acc[mt][nt], af[mt], bf[nt]);
+    }
+  }
+  cp_async_wait<0>();  // only empty groups are left; nothing in flight at exit
+
+  // Epilogue. Lane (g, t) holds rows g and g + 8, columns 2t and 2t + 1 of every 16x8 tile.
+  const int g = lane >> 2, t4 = lane & 3;
+  const bool split = gridDim.z > 1;
+  float* dst = split ? ws + static_cast<int64_t>(blockIdx.z) * N * M : out;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t i = row0 + wm + mt * 16 + g + (q >> 1) * 8;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int64_t j = col0 + wn + nt * 8 + 2 * t4 + (q & 1);
+        if (i >= N || j >= M) continue;
+        const float v = acc[mt][nt][q];
+        if (split) {
+          dst[i * M + j] = v;  // the reduce kernel adds (and mirrors) the splits
+        } else if (!symmetric) {
+          out[i * M + j] += v;
+        } else if (i <= j) {  // (j, i) of a diagonal tile takes this value: exactly symmetric
+          out[i * M + j] += v;
+          if (i != j) out[j * M + i] += v;
+        }
+      }
+    }
+#else
+  __trap();  // the launcher never picks this kernel below sm_80
+#endif
+}
+
+// out[i, j] += sum over splits s (in order) of ws[s, i, j]; symmetric: only i <= j, mirrored.
+__global__ void __launch_bounds__(kThreads)
+gram_reduce_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t N, int64_t M,
+                   int64_t splits, int symmetric) {
+  const int64_t total = N * M;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total; e += stride) {
+    const int64_t i = e / M, j = e % M;
+    if (symmetric && i > j) continue;
+    float v = 0.f;
+    for (int64_t s = 0; s < splits; ++s) v += ws[s * total + e];
+    out[e] += v;
+    if (symmetric && i != j) out[j * M + i] += v;
+  }
+}
+
+// Whether the current device runs the tensor-core kernel: compute capability 8.0 or newer, and the
+// code loaded for it was compiled for sm_80 or newer (a build for older archs only holds __trap()).
+// Cached per device; LINFT_CUDA_GRAM_MMA=0 in the environment turns the path off (for A/B timing).
+bool mma_device(const char* op) {
+  static const bool disabled = [] {
+    const char* e = std::getenv("LINFT_CUDA_GRAM_MMA");
+    return e != nullptr && e[0] == '0';
+  }();
+  if (disabled) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> major[kMaxDevices];  // per device: 0 not queried yet
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
+  if (dev < 0 || dev >= kMaxDevices) return false;
+  int m = major[dev].load(std::memory_order_relaxed);  // 1: no, 2: yes
+  if (m == 0) {
+    int cc = 0;
+    check_cuda(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev), op,
+               "cudaDeviceGetAttribute");
+    m = 1;
+    if (cc >= 8) {
+      cudaFuncAttributes attr{};
+      if (cudaFuncGetAttributes(&attr, gram_mma_kernel<__nv_bfloat16>) == cudaSuccess)
+        m = attr.binaryVersion >= 80 ? 2 : 1;
+      else
+        (void)cudaGetLastError();  // no loadable code for this device: the FFMA kernel serves
+    }
+    major[dev].store(m, std::memory_order_relaxed);
+  }
+  return m == 2;
+}
+
+// Tensor-core launch (see the top of the file); the caller checked dtype, alignment and P % 8.
+template <class T>
+void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t P, bool symmetric,
+              cudaStream_t s, const char* op) {
+  const int64_t tiles_n = ceil_div(N, kMmaTile);
+  const int64_t tiles_m = ceil_div(M, kMmaTile);
+  require(tiles_m <= kMaxGridX, op, "M too large");
+  const int64_t tiles = symmetric ? tiles_n * (tiles_n + 1) / 2 : tiles_n * tiles_m;
+
+  // Split K when there are few output tiles (aim at ~256 blocks, two per SM of an H100), keeping
+  // >= 1024 of K per split. Not tuned on a GPU yet.
+  int64_t splits = ceil_div(256, tiles);
+  const int64_t max_splits = ceil_div(P, 1024);
+  if (splits > max_splits) splits = max_splits;
+  if (splits < 1) splits = 1;
+  int64_t k_per = ceil_div(ceil_div(P, splits), kMmaK) * kMmaK;
+  const int64_t k_min = ceil_div(ceil_div(P, kMaxGridYZ), kMmaK) * kMmaK;
+  if (k_per < k_min) k_per = k_min;
+  splits = ceil_div(P, k_per);
+
+  // 60 KiB of dynamic shared memory: over the default 48 KiB, so opt in (per device; cheap).
+  check_cuda(cudaFuncSetAttribute(gram_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kMmaSmemBytes)),
+             op, "cudaFuncSetAttribute");
+  float* ws = nullptr;
+  if (splits > 1) {
+    void* p = nullptr;
+    check_cuda(cudaMallocAsync(&p, sizeof(float) * static_cast<size_t>(splits * N * M), s), op,
+               "cudaMallocAsync (split-K workspace)");
+    ws = static_cast<float*>(p);
+  }
+  for (int64_t row_off = 0; row_off < tiles_n; row_off += kMaxGridYZ) {
+    const int64_t rows = (tiles_n - row_off < kMaxGridYZ) ? tiles_n - row_off : kMaxGridYZ;
+    dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(rows), static_cast<unsigned>(splits));
+    LINFT_LAUNCH(grid, kThreads, kMmaSmemBytes, s, gram_mma_kernel<T>)
+    (pa, pb, po, ws, N, M, P, k_per, row_off, symmetric ? 1 : 0);
+    check_launch(op);
+  }
+  if (ws != nullptr) {
+    int64_t blocks = ceil_div(N * M, kThreads);
+    if (blocks > 4096) blocks = 4096;
+    LINFT_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, s, gram_reduce_kernel)
+    (ws, po, N, M, splits, symmetric ? 1 : 0);
+    check_launch(op);
+    check_cuda(cudaFreeAsync(ws, s), op, "cudaFreeAsync (split-K workspace)");
+  }
+}
+
 }  // namespace
 }  // namespace cuda_detail
 
@@ -109,6 +374,23 @@ void gram(const void* a, const void* b, void* out, int64_t N, int64_t M, int64_t
   const bool symmetric = (b == nullptr);
   require(!symmetric || M == N, op, "symmetric form (b == 0) needs M == N");
 
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  // Tensor cores: 16-bit inputs, fp32 out, rows of 16-byte multiples at 16-byte aligned addresses.
+  const bool mma_shape = (dtype == kBFloat16 || dtype == kFloat16) && out_dtype == kFloat32 &&
+                         P % 8 == 0 && reinterpret_cast<std::uintptr_t>(a) % 16 == 0 &&
+                         reinterpret_cast<std::uintptr_t>(symmetric ? a : b) % 16 == 0;
+  if (mma_shape && mma_device(op)) {
+    float* po = static_cast<float*>(out);
+    if (dtype == kBFloat16) {
+      const auto* pa = static_cast<const __nv_bfloat16*>(a);
+      gram_mma(pa, symmetric ? pa : static_cast<const __nv_bfloat16*>(b), po, N, M, P, symmetric, s, op);
+    } else {
+      const auto* pa = static_cast<const __half*>(a);
+      gram_mma(pa, symmetric ? pa : static_cast<const __half*>(b), po, N, M, P, symmetric, s, op);
+    }
+    return;
+  }
+
   const int64_t tiles_n = ceil_div(N, kGramTile);
   const int64_t tiles_m = ceil_div(M, kGramTile);
   require(tiles_m <= kMaxGridX, op, "M too large");
@@ -124,7 +406,6 @@ void gram(const void* a, const void* b, void* out, int64_t N, int64_t M, int64_t
   if (k_per < k_min) k_per = k_min;
   splits = ceil_div(P, k_per);
 
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_types(dtype, out_dtype, op, [&](auto ttag, auto atag) {
     using T = typename decltype(ttag)::type;
     using Acc = typename decltype(atag)::type;

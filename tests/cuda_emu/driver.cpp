@@ -103,30 +103,71 @@ const char* dname(int dt) {
   return n[dt];
 }
 
-void test_gram(int N, int M, int P, bool sym, int dt, int od) {
+// Which gram kernel a case must run (see csrc/cuda/gram.cu): the tensor-core kernel is the only one
+// launched with dynamic shared memory, and its split-K form allocates a workspace and launches the
+// reduce kernel after it.
+enum class Path { any, ffma, mma, mma_split };
+
+// out (+)= a b^T with a of N x P (or a stored from element `offset` on, to misalign its base) and
+// b of M x P (b omitted: symmetric). sym_init: out starts symmetric and must end exactly symmetric.
+void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::any, int offset = 0,
+               bool sym_init = false, int device = 0) {
   if (sym) M = N;
-  Buf a(dt, (size_t)N * P), b(dt, sym ? 0 : (size_t)M * P);
-  const Buf& bb = sym ? a : b;
+  Buf a(dt, (size_t)N * P + offset), b(dt, sym ? 0 : (size_t)M * P);
+  auto av = [&](int i, int p) { return a.val[offset + (size_t)i * P + p]; };
+  auto bv = [&](int j, int p) { return sym ? av(j, p) : b.val[(size_t)j * P + p]; };
   Out out(od, (size_t)N * M);
+  if (sym_init)
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < i; ++j) {
+        if (od == 0) out.f[(size_t)i * M + j] = out.f[(size_t)j * M + i];
+        else out.d[(size_t)i * M + j] = out.d[(size_t)j * M + i];
+        out.init[(size_t)i * M + j] = out.init[(size_t)j * M + i];
+      }
   std::vector<double> ref((size_t)N * M), sc((size_t)N * M);
   for (int i = 0; i < N; ++i)
     for (int j = 0; j < M; ++j) {
       double s = 0, s2 = 0;
       for (int p = 0; p < P; ++p) {
-        double v = a.val[(size_t)i * P + p] * bb.val[(size_t)j * P + p];
+        double v = av(i, p) * bv(j, p);
         s += v;
         s2 += std::fabs(v);
       }
       ref[(size_t)i * M + j] = s;
       sc[(size_t)i * M + j] = s2;
     }
-  char name[200];
-  snprintf(name, sizeof name, "gram N=%d M=%d P=%d %s in=%s out=%s", N, M, P, sym ? "sym" : "cross",
-           dname(dt), od ? "f64" : "f32");
+  char name[240];
+  snprintf(name, sizeof name, "gram N=%d M=%d P=%d %s in=%s out=%s%s%s%s", N, M, P, sym ? "sym" : "cross",
+           dname(dt), od ? "f64" : "f32", offset ? " misaligned" : "", device ? " sm75" : "",
+           path == Path::ffma ? " [ffma]" : path == Path::mma ? " [mma]" : path == Path::mma_split ? " [mma split-K]" : "");
+  const void* pa = a.raw.data() + (size_t)offset * Buf::esize(dt);
+  emu::launch_log.clear();
+  emu::device = device;
   double secs = timed(name, [&] {
-    linft::cuda::gram(a.ptr(), sym ? nullptr : b.ptr(), out.ptr(), N, M, P, dt, od, 0);
+    linft::cuda::gram(pa, sym ? nullptr : b.ptr(), out.ptr(), N, M, P, dt, od, 0);
   });
-  if (secs >= 0) compare(name, out, ref, sc, secs);
+  emu::device = 0;
+  if (secs < 0) return;
+  if (path != Path::any) {
+    const auto& log = emu::launch_log;
+    const bool mma = !log.empty() && log[0].smem > 0;
+    const bool split = mma && log[0].grid.z > 1;
+    const bool want_mma = path == Path::mma || path == Path::mma_split;
+    const bool ok = mma == want_mma && split == (path == Path::mma_split) &&
+                    log.size() == (size_t)(split ? 2 : 1) && emu::live_allocs == 0;
+    char d[200];
+    snprintf(d, sizeof d, "%zu launches, first grid (%u,%u,%u) smem %zu, %ld allocations left", log.size(),
+             log.empty() ? 0 : log[0].grid.x, log.empty() ? 0 : log[0].grid.y,
+             log.empty() ? 0 : log[0].grid.z, log.empty() ? 0 : log[0].smem, emu::live_allocs);
+    report(ok, std::string(name) + " path", d, 0);
+  }
+  compare(name, out, ref, sc, secs);
+  if (sym_init) {
+    size_t bad = 0;
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < i; ++j) bad += out.get((size_t)i * M + j) != out.get((size_t)j * M + i);
+    report(bad == 0, std::string(name) + " exactly symmetric", std::to_string(bad) + " asymmetric pairs", 0);
+  }
 }
 
 // Mask of n samples x t tokens with nonzero (not only 1) kept entries; sample `pad` (if >= 0) is
@@ -282,6 +323,27 @@ void run_gram() {
     test_gram(3, 65, 1100, false, 3, od);  // split-K: 3 splits, atomic adds
     test_gram(130, 130, 530, true, 2, od); // symmetric 3x3 tiles with split-K: atomic mirror adds
   }
+  // Tensor cores (bf16 / fp16 in, fp32 out, P % 8 == 0, 16-byte aligned rows): odd N and M (rows
+  // zero-filled past them), P not a multiple of the 32-wide K chunk, 1..3 pipeline stages in use,
+  // 2x2 tiles with a mirrored off-diagonal tile, split-K through the workspace, symmetric outputs
+  // that must stay exactly symmetric. Tolerance (compare): fp32 out, 2e-5 of sum |a_ip b_jp| +
+  // |out_ij|; the products of 16-bit inputs are exact, so this bounds fp32 accumulation only.
+  for (int dt : {3, 2}) {
+    test_gram(1, 1, 8, true, dt, 0, Path::mma, 0, true);
+    test_gram(5, 3, 8, false, dt, 0, Path::mma);
+    test_gram(37, 21, 40, false, dt, 0, Path::mma);
+    test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true);   // 3 upper tiles of 128, 3 K chunks
+    test_gram(20, 150, 96, false, dt, 0, Path::mma);            // 1x2 tiles
+    test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true);  // 2 splits of 544
+    // Fallbacks to the FFMA kernel, each still checked against the reference.
+    test_gram(37, 21, 40, false, dt, 1, Path::ffma);            // fp64 out: fp64 accumulation
+    test_gram(9, 9, 36, true, dt, 0, Path::ffma, 0, true);      // P % 8 != 0
+    test_gram(9, 7, 40, false, dt, 0, Path::ffma, 1);           // base not 16-byte aligned
+    test_gram(9, 7, 40, false, dt, 0, Path::ffma, 0, false, 1); // compute capability 7.5
+  }
+  test_gram(9, 40, 1040, false, 3, 0, Path::mma_split);          // cross split-K
+  test_gram(140, 3, 24, false, 2, 0, Path::mma);                 // 2x1 tiles
+  test_gram(9, 7, 40, false, 0, 0, Path::ffma);                  // fp32 inputs
   std::vector<float> buf(4);
   expect_invalid("gram bad dtype", [&] { linft::cuda::gram(buf.data(), nullptr, buf.data(), 2, 2, 1, 7, 0, 0); });
   expect_invalid("gram bad out dtype", [&] { linft::cuda::gram(buf.data(), nullptr, buf.data(), 2, 2, 1, 0, 2, 0); });
