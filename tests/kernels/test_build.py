@@ -1,7 +1,9 @@
-"""Compile proof without a GPU: every CUDA source builds for sm_90 and sm_90a with nvcc, and every
-Triton kernel compiles to an sm_90 cubin. Skipped (with the reason) only where the toolchain is absent."""
+"""Compile proof without a GPU: every CUDA source builds for sm_90 and sm_90a with nvcc, the tensor-core
+gram kernel compiles without register spills, and every Triton kernel compiles to an sm_90 cubin.
+Skipped (with the reason) only where the toolchain is absent."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,48 @@ def test_cuda_source_compiles(src, arch, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "k.cubin").stat().st_size > 0
+
+
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\w+)'")
+PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_report(text):
+    """{mangled kernel name: (registers, stack bytes, spill store bytes, spill load bytes)} from
+    `nvcc -Xptxas -v` output."""
+    kernels, name = {}, None
+    for line in text.splitlines():
+        if m := PTXAS_ENTRY.search(line):
+            name = m.group(1)
+        elif name and (m := PTXAS_SPILL.search(line)):
+            kernels[name] = [None, *map(int, m.groups())]
+        elif name and (m := PTXAS_REGS.search(line)):
+            kernels[name][0] = int(m.group(1))
+            name = None
+    return {k: tuple(v) for k, v in kernels.items()}
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_gram_mma_kernel_does_not_spill(arch, tmp_path):
+    """gram_mma_kernel (bf16 and fp16) keeps its 64 fp32 accumulators and fragments in registers: no
+    spill stores or loads, no stack, and at most 128 registers so that two 256-thread blocks fit an
+    SM's 64K registers (csrc/README.md records the counts)."""
+    src = os.path.join(ROOT, "csrc", "cuda", "gram.cu")
+    cmd = [NVCC, "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc", "include"), "-Xptxas", "-v",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", src, "-o", str(tmp_path / "k.cubin")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    report = ptxas_report(text)
+    mma = {k: v for k, v in report.items() if "gram_mma_kernel" in k}
+    assert len(mma) == 2 and any("bfloat16" in k for k in mma) and any("half" in k for k in mma), text
+    for name, (regs, stack, spill_st, spill_ld) in mma.items():
+        assert (stack, spill_st, spill_ld) == (0, 0, 0), f"{name}: stack/spills {stack}/{spill_st}/{spill_ld}\n{text}"
+        assert regs is not None and regs <= 128, f"{name}: {regs} registers\n{text}"
+    for name, (regs, stack, spill_st, spill_ld) in report.items():  # the other gram kernels too
+        assert spill_st == 0 and spill_ld == 0, f"{name} spills\n{text}"
 
 
 def test_triton_kernels_compile_for_sm90():
