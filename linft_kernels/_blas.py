@@ -97,60 +97,78 @@ def _psg_chunks(rows: int, d_in: int, d_out: int, buffer: int, rows_out: int):
     return ob, db
 
 
-def _masked(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """x with the masked tokens set to zero (whatever they held: NaN in padding adds nothing), or x
-    itself when nothing is masked."""
+def _masked(t: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """x (N, T, d) or g (N, [C,] T, d) with the masked tokens of m (N, T) set to zero (whatever they
+    held: NaN in padding adds nothing), or t itself when nothing is masked."""
     if m is None or bool(m.all()):
-        return x
-    return torch.where(m.unsqueeze(-1).bool(), x, torch.zeros((), dtype=x.dtype))
+        return t
+    keep = m.bool().view(m.shape[0], *([1] * (t.dim() - 3)), m.shape[1], 1)
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+
+
+def _outputs_first(g: torch.Tensor) -> torch.Tensor:
+    """g (N, T, d) or (N, C, T, d) as (C, N, T, d) (a view)."""
+    return g.unsqueeze(0) if g.dim() == 3 else g.transpose(0, 1)
+
+
+def _interleave(k: torch.Tensor, C1: int, C2: int) -> torch.Tensor:
+    """Rows and columns of a Gram computed in (output, sample) order, put in (sample, output) order."""
+    N, M = k.shape[0] // C1, k.shape[1] // C2
+    return k.view(C1, N, C2, M).permute(1, 0, 3, 2).reshape(N * C1, M * C2)
 
 
 def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", buffer: int = PSG_BUFFER,
              rows_out: int = PSG_ROWS_OUT, min_rows: int = PSG_MIN_STRIP_ROWS) -> torch.Tensor:
     """out[i, j] += <s1(F1_i), s2(F2_j)>, F_i = g_i^T diag(m_i) x_i, in chunks of (ob, db) entries.
 
-    For each chunk, F[:, o0:o1, d0:d1] of every sample is one batched GEMM (g's chunk transposed as a
-    view, K = tokens) into a buffer of at most `buffer` elements, signed in place for the sign kernels;
-    its Gram (K = ob * db) is added to out, or in the symmetric form to an upper-triangle scratch by
-    row strips (`_upper_strips`, strips of >= min_rows) that is mirrored into out at the end. Masked
-    tokens are zeroed in x and g (copies, only when some token is masked). Inputs in out's dtype.
+    For each chunk, F[:, o0:o1, d0:d1] of every sample is one batched GEMM per output (g's chunk
+    transposed as a view, K = tokens; with g (N, C, T, d_out) the C outputs share x, and rows are
+    built in (output, sample) order and interleaved at the end) into a buffer of at most `buffer`
+    elements, signed in place for the sign kernels; its Gram (K = ob * db) is added to a scratch, in
+    the symmetric form only on and above the diagonal by row strips (`_upper_strips`, strips of >=
+    min_rows) and mirrored at the end. Masked tokens are zeroed in x and g (copies, only when some
+    token is masked). Inputs in out's dtype.
     """
     one_dataset = x2 is None
     sym = one_dataset and kernel != "asymmetric-signgd"
-    x1, g1 = _masked(x1, m1), _masked(g1, m1)
+    x1, g1 = _masked(x1, m1), _outputs_first(_masked(g1, m1))
     if not one_dataset:
-        x2, g2 = _masked(x2, m2), _masked(g2, m2)
-    N = x1.shape[0]
-    M = N if one_dataset else x2.shape[0]
-    d_in, d_out = x1.shape[2], g1.shape[2]
-    ob, db = _psg_chunks(N if one_dataset else N + M, d_in, d_out, buffer, rows_out)
-    upper = torch.zeros(N, N, dtype=out.dtype) if sym else None
-    buf1 = torch.empty(N * ob * db, dtype=out.dtype)
-    buf2 = None if one_dataset else torch.empty(M * ob * db, dtype=out.dtype)
+        x2, g2 = _masked(x2, m2), _outputs_first(_masked(g2, m2))
+    C1, N = g1.shape[:2]
+    C2, M = (C1, N) if one_dataset else g2.shape[:2]
+    R1, R2 = C1 * N, C2 * M  # rows of each side
+    d_in, d_out = x1.shape[2], g1.shape[3]
+    ob, db = _psg_chunks(R1 if one_dataset else R1 + R2, d_in, d_out, buffer, rows_out)
+    k = torch.zeros(R1, R2, dtype=out.dtype)  # (output, sample) order
+    buf1 = torch.empty(R1 * ob * db, dtype=out.dtype)
+    buf2 = None if one_dataset else torch.empty(R2 * ob * db, dtype=out.dtype)
     for o0 in range(0, d_out, ob):
         o1 = min(d_out, o0 + ob)
         for d0 in range(0, d_in, db):
             d1 = min(d_in, d0 + db)
             size = (o1 - o0) * (d1 - d0)
 
-            def chunk(x, g, buf, n):
-                f = buf[:n * size].view(n, o1 - o0, d1 - d0)
-                torch.bmm(g[:, :, o0:o1].transpose(1, 2), x[:, :, d0:d1], out=f)
-                return f.view(n, size)
+            def chunk(x, g, buf):
+                C, n = g.shape[:2]
+                f = buf[:C * n * size].view(C, n, o1 - o0, d1 - d0)
+                for c in range(C):
+                    torch.bmm(g[c, :, :, o0:o1].transpose(1, 2), x[:, :, d0:d1], out=f[c])
+                return f.view(C * n, size)
 
-            f1 = chunk(x1, g1, buf1, N)
+            f1 = chunk(x1, g1, buf1)
             if kernel == "signgd":
                 torch.sign(f1, out=f1)
             if sym:
-                _upper_strips(f1, upper, 0, N, SYM_BLOCKS, min_rows, 0)
+                _upper_strips(f1, k, 0, R1, SYM_BLOCKS, min_rows, 0)
                 continue
             if one_dataset:  # asymmetric-signgd of one dataset: <F_i, sign F_j>
                 f2 = torch.sign(f1)
             else:
-                f2 = chunk(x2, g2, buf2, M)
+                f2 = chunk(x2, g2, buf2)
                 if kernel != "sgd":
                     torch.sign(f2, out=f2)
-            out.addmm_(f1, f2.t())
+            k.addmm_(f1, f2.t())
     if sym:
-        _mirror_into(out, upper)
+        k = torch.triu(k) + torch.triu(k, 1).t()
+    out += k if C1 == C2 == 1 else _interleave(k, C1, C2)
     return out

@@ -133,14 +133,27 @@ def _run_ghost(out, x1, g1, m1, x2, g2, m2, backend, route="auto"):
         _native.ghost_gram(lib, x1, g1, m1, x2, g2, m2, out)
 
 
+def _per_output_rows(x, g, m):
+    """(x, g, m) with g (N, C, T, d_out) -> rows i*C + a: x and m repeated per output (a copy)."""
+    if g is None or g.dim() == 3:
+        return x, g, m
+    N, C, T = g.shape[:3]
+    x = x.unsqueeze(1).expand(N, C, T, x.shape[-1]).reshape(N * C, T, x.shape[-1])
+    m = None if m is None else m.unsqueeze(1).expand(N, C, T).reshape(N * C, T)
+    return x, g.reshape(N * C, T, g.shape[-1]), m
+
+
 def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):
     tile_dtype = None if tiles == "out" else getattr(torch, tiles)
+    if backend == "cpu" and _blas.psg_applies(x1, x2, out, tile_dtype):
+        _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel)  # factors, tiles and out in one dtype
+        return
+    x1, g1, m1 = _per_output_rows(x1, g1, m1)
+    x2, g2, m2 = _per_output_rows(x2, g2, m2)
     if backend == "reference":
         reference.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, tile_dtype)
     elif backend == "triton":
         _triton().psg_gram(x1, g1, m1, x2, g2, m2, out, _native.KERNEL_CODES[kernel], tile_dtype=tile_dtype)
-    elif backend == "cpu" and _blas.psg_applies(x1, x2, out, tile_dtype):
-        _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel)  # factors, tiles and out in one dtype
     else:
         lib = _native.cpu_lib() if backend == "cpu" else _native.cuda_lib()
         _native.psg_gram(lib, x1, g1, m1, x2, g2, m2, out, kernel, tile_dtype)
@@ -208,13 +221,17 @@ def gram(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, out: Optional[tor
     return out
 
 
-def _check_factors(x1, g1, mask1, x2, g2, mask2):
+def _check_factors(x1, g1, mask1, x2, g2, mask2, outputs: bool = False):
+    """Shapes, dtypes and devices of a layer's factors. outputs=True (psg_gram) also accepts g of shape
+    (N, C, T, d_out): C output gradients per sample sharing its input. Returns N, M (rows of out:
+    samples times outputs) and the masks as uint8."""
     _check_tensor("x1", x1, 3, "(N, T, d_in)")
-    _check_tensor("g1", g1, 3, "(N, T, d_out)")
+    g_doc = "(N, T, d_out) or (N, C, T, d_out)" if outputs else "(N, T, d_out)"
+    _check_tensor("g1", g1, _g_ndim(g1, outputs), g_doc)
     N, T, d_in = x1.shape
     _check_dim("g1", g1.shape[0], N, "the sample count (g1.shape[0], x1.shape[0])")
-    _check_dim("g1", g1.shape[1], T, "the token count (g1.shape[1], x1.shape[1])")
-    d_out = g1.shape[2]
+    _check_dim("g1", g1.shape[-2], T, f"the token count (g1.shape[{g1.dim() - 2}], x1.shape[1])")
+    d_out = g1.shape[-1]
     tensors = [("x1", x1), ("g1", g1)]
     if (x2 is None) != (g2 is None):
         raise ValueError("x2 and g2 must be given together (cross kernel) or both be None (symmetric)")
@@ -222,19 +239,29 @@ def _check_factors(x1, g1, mask1, x2, g2, mask2):
         raise ValueError("mask2 given without x2/g2; for the symmetric kernel pass only mask1")
     if x2 is not None:
         _check_tensor("x2", x2, 3, f"(M, S, {d_in})")
-        _check_tensor("g2", g2, 3, f"(M, S, {d_out})")
+        g2_doc = f"(M, S, {d_out}) or (M, C, S, {d_out})" if outputs else f"(M, S, {d_out})"
+        _check_tensor("g2", g2, _g_ndim(g2, outputs), g2_doc)
         M, S = x2.shape[:2]
         _check_dim("x2", x2.shape[2], d_in, "d_in (x2.shape[2], x1.shape[2])")
         _check_dim("g2", g2.shape[0], M, "the sample count (g2.shape[0], x2.shape[0])")
-        _check_dim("g2", g2.shape[1], S, "the token count (g2.shape[1], x2.shape[1])")
-        _check_dim("g2", g2.shape[2], d_out, "d_out (g2.shape[2], g1.shape[2])")
+        _check_dim("g2", g2.shape[-2], S, f"the token count (g2.shape[{g2.dim() - 2}], x2.shape[1])")
+        _check_dim("g2", g2.shape[-1], d_out, f"d_out (g2.shape[{g2.dim() - 1}], g1.shape[{g1.dim() - 1}])")
         tensors += [("x2", x2), ("g2", g2)]
     _check_same(tensors, "dtype")
     _check_same(tensors, "device")
     m1 = _mask("mask1", mask1, N, T, x1.device)
     m2 = None if x2 is None else _mask("mask2", mask2, x2.shape[0], x2.shape[1], x1.device)
     M = N if x2 is None else x2.shape[0]
-    return N, M, m1, m2
+    return N * _outputs(g1), M * _outputs(g1 if g2 is None else g2), m1, m2
+
+
+def _g_ndim(g, outputs: bool) -> int:
+    """The dimension count g must have: 4 only where per-output gradients are accepted and given."""
+    return 4 if outputs and isinstance(g, torch.Tensor) and g.dim() == 4 else 3
+
+
+def _outputs(g: torch.Tensor) -> int:
+    return g.shape[1] if g.dim() == 4 else 1
 
 
 def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = None,
@@ -271,7 +298,10 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = No
 
     kernel="sgd": <F_i, F_j> (equals `ghost_gram`); "signgd": <sign F_i, sign F_j>;
     "asymmetric-signgd": <F_i, sign F_j> (not symmetric, even when x2 is None).
-    F is built tile by tile and never whole. Shapes, masks, dtypes and `out` as in `ghost_gram`.
+    F is built tile by tile and never whole. Shapes, masks, dtypes and `out` as in `ghost_gram`, and g
+    may also be (N, C, T, d_out): C outputs' gradients per sample, sharing the sample's input x and
+    mask; then out is (N*C, M*C2) with row i*C + a, as if x were repeated per output (the CPU path
+    does not repeat it).
     tile_dtype: None builds F in out's dtype (exact to its rounding); torch.float32 with an fp64 out
     builds each F entry (a sum over one sample's tokens) in fp32 and the Gram in fp64, the precision of
     an fp32 model's own weight gradients with fp64 accumulation over parameters, and about twice as
@@ -281,13 +311,13 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = No
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if tile_dtype not in (None, torch.float32, torch.float64):
         raise ValueError(f"tile_dtype must be None, torch.float32 or torch.float64, got {tile_dtype}")
-    N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
+    N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2, outputs=True)
     out = _out(out, (N, M), x1.dtype, x1.device)
     if tile_dtype == torch.float64 and out.dtype != torch.float64:
         raise ValueError("tile_dtype=torch.float64 needs an fp64 out (tiles are never finer than out)")
     tiles = "out" if tile_dtype in (None, out.dtype) else "float32"
     name = _dispatch.resolve("psg_gram", x1.device, backend, out.dtype)
-    if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
+    if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[-1] and (x2 is None or x2.shape[1]):
         _psg_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, kernel, name,
                 tiles)
     return out

@@ -45,23 +45,25 @@ def contract_block(block: Block, s1: dict, s2: dict | None, kernel: str, out: to
             ghost, mat = linear_costs(NC, MC, T, S, s1["x"].shape[-1], s1["g"].shape[-1])
             method = "ghost" if ghost < mat else "psg"
 
-        def expand(s):
-            # rows i*C + a: x and mask repeat per output (a view when C == 1), g is stored that way
-            N, T = s["mask"].shape
-            x = s["x"].unsqueeze(1).expand(N, C, T, s["x"].shape[-1]).reshape(N * C, T, -1)
-            g = s["g"].reshape(N * C, T, s["g"].shape[-1])
-            m = s["mask"].unsqueeze(1).expand(N, C, T).reshape(N * C, T)
-            return x, g, m
-        x1, g1, m1 = expand(s1)
-        x2, g2, m2 = (None, None, None) if s2 is None else expand(s2)
         if method == "ghost":
+            def expand(s):
+                # rows i*C + a: x and mask repeat per output (a view when C == 1), g is stored that way
+                N, T = s["mask"].shape
+                x = s["x"].unsqueeze(1).expand(N, C, T, s["x"].shape[-1]).reshape(N * C, T, -1)
+                g = s["g"].reshape(N * C, T, s["g"].shape[-1])
+                m = s["mask"].unsqueeze(1).expand(N, C, T).reshape(N * C, T)
+                return x, g, m
+            x1, g1, m1 = expand(s1)
+            x2, g2, m2 = (None, None, None) if s2 is None else expand(s2)
             lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
         else:
-            # An fp32/16-bit model's per-sample gradients are built in fp32 (as its own weight gradients
-            # would be) and only their Gram is accumulated in fp64: about 2x faster than fp64 tiles
-            tiles = torch.float32 if out.dtype == torch.float64 and x1.dtype != torch.float64 else None
-            lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, out=out, backend=backend,
-                        tile_dtype=tiles)
+            # g (N, C, T, d_out) per output beside one x per sample: the op gives rows i*C + a without
+            # a copy of x per output. An fp32/16-bit model's per-sample gradients are built in fp32 (as
+            # its own weight gradients would be) and only their Gram is accumulated in fp64.
+            tiles = torch.float32 if out.dtype == torch.float64 and s1["x"].dtype != torch.float64 else None
+            lk.psg_gram(s1["x"], s1["g"], None if s2 is None else s2["x"], None if s2 is None else s2["g"],
+                        kernel=kernel, mask1=s1["mask"], mask2=None if s2 is None else s2["mask"], out=out,
+                        backend=backend, tile_dtype=tiles)
         return method
     if method == "embedding":
         _embedding(s1, s2, kernel, out, C, backend)

@@ -156,3 +156,67 @@ def test_native_cpu_psg_same_dtype(dtype, kernel):
         atol = sign_flip_atol(x1, g1, m1, x2, g2, m2, kernel, dtype)
         assert_close_to_oracle(out, psg_oracle(x1, g1, m1, x2, g2, m2, kernel=kernel), dtype, extra_atol=atol,
                                what=f"native psg {kernel} {dtype} sym={symmetric}")
+
+
+def _repeat_per_output(x, g, m):
+    """The 3-D factors equivalent to g (N, C, T, d_out): rows i*C + a, x and mask repeated."""
+    if x is None:
+        return None, None, None
+    N, C, T, d = g.shape
+    return (x.repeat_interleave(C, dim=0), g.reshape(N * C, T, d),
+            None if m is None else m.repeat_interleave(C, dim=0))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_psg_gram_per_output_gradients(backend, device, kernel, symmetric):
+    """g of shape (N, C, T, d_out): C outputs sharing each sample's input give out (N*C, M*C2) with row
+    i*C + a, equal to the 3-D call on x repeated per output (C2 != C in the cross form)."""
+    torch.manual_seed(5)
+    N, M, T, S, d_in, d_out, C, C2 = 5, 4, 6, 7, 19, 11, 3, 2
+    x1, g1 = randn(N, T, d_in, dtype=torch.float64), randn(N, C, T, d_out, dtype=torch.float64)
+    m1 = torch.ones(N, T, dtype=torch.uint8)
+    m1[1, 4:] = 0
+    x2 = g2 = m2 = None
+    if not symmetric:
+        x2, g2 = randn(M, S, d_in, dtype=torch.float64), randn(M, C2, S, d_out, dtype=torch.float64)
+        m2 = torch.ones(M, S, dtype=torch.uint8)
+        m2[2, 3:] = 0
+    dev = [None if t is None else t.to(device) for t in (x1, g1, m1, x2, g2, m2)]
+    got = lk.psg_gram(dev[0], dev[1], dev[3], dev[4], kernel=kernel, mask1=dev[2], mask2=dev[5], backend=backend)
+    assert got.shape == (N * C, (N * C) if symmetric else M * C2)
+    oracle = psg_oracle(*_repeat_per_output(x1, g1, m1), *_repeat_per_output(x2, g2, m2), kernel=kernel)
+    assert_close_to_oracle(got, oracle, torch.float64, what=f"psg per-output {kernel} {backend}")
+    if symmetric and kernel != "asymmetric-signgd":
+        assert torch.equal(got, got.T)
+
+
+def test_cpu_blas_psg_per_output_chunks():
+    """The CPU path builds the C outputs' rows from one x in chunks and interleaves them: small chunks,
+    fp32, cross with C1=3, C2=2 and symmetric with C=3, accumulated into a nonzero out."""
+    from linft_kernels import _blas
+    x1, g1 = randn(6, 8, 21), randn(6, 3, 8, 10)
+    x2, g2 = randn(4, 5, 21), randn(4, 2, 5, 10)
+    m1 = torch.ones(6, 8, dtype=torch.uint8)
+    m1[0] = 0
+    for x2_, g2_, M in [(None, None, 18), (x2, g2, 8)]:
+        start = randn(18, M)
+        if x2_ is None:
+            start = start + start.T
+        out = _blas.psg_gram(x1, g1, m1, x2_, g2_, None, start.clone(), "sgd", buffer=18 * 3 * 7, rows_out=3,
+                             min_rows=2)
+        oracle = start.double() + psg_oracle(*_repeat_per_output(x1, g1, m1), *_repeat_per_output(x2_, g2_, None))
+        assert_close_to_oracle(out, oracle, torch.float32, what=f"blas per-output M={M}")
+
+
+def test_psg_gram_per_output_shape_errors():
+    x, g = randn(2, 3, 4), randn(2, 2, 3, 5)
+    with pytest.raises(ValueError, match="token count"):
+        lk.psg_gram(x, randn(2, 2, 4, 5))
+    with pytest.raises(ValueError, match="sample count"):
+        lk.psg_gram(x, randn(3, 2, 3, 5))
+    with pytest.raises(ValueError, match=r"\(N, T, d_out\) or \(N, C, T, d_out\)"):
+        lk.psg_gram(x, randn(2, 3))
+    with pytest.raises(ValueError, match="4 dimensions|3 dimensions"):
+        lk.ghost_gram(x, g)  # per-output gradients are a psg_gram form only
