@@ -137,3 +137,29 @@ print(repr(res))
                 continue
             err, sym = val
             assert err < 2e-5 and sym, f"LINFT_NO_AMX={off} {key}: err {err:.2e} symmetric {sym}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric):
+    """Shapes that take the native CUDA tensor-core kernel (16-bit inputs, fp32 out, P % 8 == 0;
+    csrc/README.md): edge tiles, P not a multiple of the K chunk, 2x2 tiles, split-K. A symmetric
+    start must stay exactly symmetric. The same cases run on the CPU in tests/cuda_emu."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible)")
+    for N, M, P in [(5, 3, 8), (37, 21, 40), (130, 150, 72), (33, 40, 1032), (300, 260, 4096)]:
+        M = N if symmetric else M
+        a = randn(N, P, dtype=dtype, device="cuda")
+        b = None if symmetric else randn(M, P, dtype=dtype, device="cuda")
+        start = randn(N, M, device="cuda")
+        if symmetric:
+            start = start + start.T
+        out = start.clone()
+        lk.gram(a, b, out=out, backend="cuda")
+        a64 = a.double().cpu()
+        b64 = a64 if symmetric else b.double().cpu()
+        oracle = start.double().cpu() + a64 @ b64.T
+        assert_close_to_oracle(out, oracle, torch.float32, what=f"gram mma {dtype} N={N} M={M} P={P}")
+        if symmetric:
+            assert torch.equal(out, out.T)
