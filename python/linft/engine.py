@@ -16,6 +16,7 @@ import time
 import torch
 
 from . import data as _data
+from .activations import fused_activations
 from .blocks import Block, classify, select_parameters
 from .capture import Store, capture_tile, run_output
 from .contract import contract_block
@@ -110,7 +111,7 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                   kernel: str = "sgd", per_layer: bool = False, dtype: torch.dtype = torch.float64,
                   memory_budget: int | None = None, strategy: str = "auto", progress: bool = False,
                   sample_tile: int = 16, backend: str | None = None, verbose: bool = False,
-                  checkpoint=None) -> NTK:
+                  checkpoint=None, fuse_activations: bool | None = None) -> NTK:
     """Exact empirical NTK K[(i,a),(j,b)] = <J_a(x_i), J_b(x2_j)> of the selected parameters.
 
     inputs/inputs2: a mapping of tensors with a leading batch dimension (tokenizer output) or an
@@ -130,6 +131,12 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
     checkpoint: a directory where each finished block is saved (atomically); a call that stopped
         resumes there at the first unfinished block and returns the identical matrix. A directory of
         another computation (inputs, parameters, options, plan) is refused.
+    fuse_activations: activation modules written as chains of elementwise ops with a fused torch
+        equivalent of the same function (transformers' NewGELUActivation) run as that fused op while
+        linft runs the model (`linft.activations`): the same kernel to rounding, and their backward,
+        done once per output, is one pass instead of ~15. None (default): on for "sgd", off for the
+        sign kernels (the sign of a gradient entry within rounding of zero follows the rounding, so
+        they keep the model's own); False runs every module as written.
     Returns an `NTK` with matrix (N*C, M*C), row index i*C + a.
     """
     if kernel not in KERNELS:
@@ -141,6 +148,8 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                         "see linft.outputs for presets")
     if sample_tile < 1:
         raise ValueError(f"sample_tile must be >= 1, got {sample_tile}")
+    if fuse_activations is None:
+        fuse_activations = kernel == "sgd"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     batches1 = _data.as_batches(inputs, "inputs")
@@ -152,7 +161,7 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
     device = _model_device(model)
     elem_bytes = next(iter(selected.values())).element_size()
 
-    with _model_state(model, selected):
+    with _model_state(model, selected), fused_activations(model, fuse_activations) as n_fused:
         first = next(_data.tiles(batches1, 2))[1]
         C, tokens1 = _probe(model, _data.to_device(first, device), output, blocks)
         tokens2 = tokens1
@@ -163,6 +172,9 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
         plan = plan_blocks(blocks, tokens, N, M, C, kernel, strategy, budget, elem_bytes,
                            cross=batches2 is not None)
+        if n_fused:
+            plan.notes.append(f"{n_fused} activation modules run as their fused torch equivalent "
+                              "(fuse_activations; linft.activations)")
         if memory_budget is None:
             plan.notes.append(f"memory_budget not given: using half the available memory ({budget} bytes)")
         if verbose:
@@ -176,7 +188,8 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         ckpt = None
         if checkpoint is not None:
             ckpt = Checkpoint(checkpoint, _fingerprint(model, batches1, batches2, plan, N, M, C, kernel, dtype,
-                                                       per_layer, strategy, sample_tile, backend, output))
+                                                       per_layer, strategy, sample_tile, backend, output,
+                                                       fuse_activations))
             ckpt.restore(total, kept)
             for name, (method, reason) in ckpt.methods.items():
                 plans[name].method, plans[name].reason = method, reason
@@ -269,7 +282,7 @@ def _capture_tiles(batches, sample_tile: int, n: int):
 
 
 def _fingerprint(model, batches1, batches2, plan, N, M, C, kernel, dtype, per_layer, strategy, sample_tile,
-                 backend, output) -> dict:
+                 backend, output, fuse_activations) -> dict:
     """What a checkpoint must match to be resumed: the data, every parameter and buffer of the model
     (frozen ones shape the kernel too), and the options and plan that fix the order of the sums."""
     def data(batches):
@@ -279,7 +292,7 @@ def _fingerprint(model, batches1, batches2, plan, N, M, C, kernel, dtype, per_la
         "inputs": data(batches1), "inputs2": data(batches2),
         "model": fingerprint_tensors(list(model.named_parameters()) + list(model.named_buffers())),
         "shape": [N, M, C], "kernel": kernel, "dtype": str(dtype), "per_layer": per_layer,
-        "strategy": strategy, "sample_tile": sample_tile, "backend": backend,
+        "strategy": strategy, "sample_tile": sample_tile, "backend": backend, "fuse_activations": fuse_activations,
         "output": getattr(output, "__name__", type(output).__name__), "passes": plan.passes,
         "planned": {bp.name: bp.method for bp in plan.blocks},
     }
