@@ -454,7 +454,8 @@ def _linft(model, batch, output, params, spec):
     import linft
     ntk = linft.empirical_ntk(model, batch, output=output, params=params,
                               dtype=getattr(torch, spec.get("ntk_dtype", "float32")),
-                              memory_budget=spec.get("memory_budget"), sample_tile=spec.get("sample_tile", 16))
+                              memory_budget=spec.get("memory_budget"), sample_tile=spec.get("sample_tile", 16),
+                              fuse_activations=spec.get("fuse_activations"))
     info = {"timings": ntk.timings, "peak_kept_bytes": ntk.meta.get("peak_kept_bytes"),
             "n_params": ntk.meta.get("n_params"), "passes": len(ntk.plan.get("passes", [])),
             "methods": sorted({b["method"] for b in ntk.plan.get("blocks", [])})}
@@ -612,7 +613,7 @@ def _jacobian_bytes(N, C, P):
 def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, large_n: int | None,
             rounds: int | None, kernels=("full", "lora"), worker_timeout: float = 3600,
             fp64: bool = False, on_rows=None, large_budget: float | None = None,
-            fwd_chunk: int = 16) -> list[dict]:
+            fwd_chunk: int = 16, unfused: bool = False) -> list[dict]:
     """NTK suite; `on_rows(rows)` is called with the rows so far after each kernel (partial saves)."""
     cfg = ntk_config(device.type, quick)
     cfg["mem_limit"] = mem_limit
@@ -644,6 +645,8 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
         methods = [("fwdbwd", N), ("linft", N), ("fwdbwd", N), ("vmap_jacrev", n_base)]
         if fp64 and kernel == "full" and not quick:
             methods.append(("linft_fp64", N))
+        if unfused and kernel == "full" and not quick:
+            methods.append(("linft_unfused", N))
         log(f"[ntk] kernel={kernel} P={P:,} N={N} C={C} T={cfg['T']} vocab={cfg['vocab']}; "
             f"baseline Jacobian {jb / GiB:.1f} GiB -> measured at n={n_base}")
         results: dict[str, list] = {m: [] for m, _ in methods}
@@ -651,8 +654,10 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
         for r in range(cfg["rounds"]):
             order = methods[r % len(methods):] + methods[:r % len(methods)]
             for method, n_m in order:
-                spec = {**spec0, "method": "linft" if method == "linft_fp64" else method, "n_measure": n_m,
+                spec = {**spec0, "method": "linft" if method.startswith("linft") else method, "n_measure": n_m,
                         "ntk_dtype": "float64" if method == "linft_fp64" else "float32", "chunk": 8}
+                if method == "linft_unfused":
+                    spec["fuse_activations"] = False
                 if r == 0 and method in ("linft", "vmap_jacrev"):
                     spec["save_k"] = str(tmp / f"{kernel}-{method}.pt")
                 log(f"    round {r} {method} n={n_m} ...")
@@ -800,6 +805,8 @@ def _ntk_rows(kernel, cfg, P, C, results, n_meas, err, meta, device) -> list[dic
                "load_avg": [r.get("load_avg_before") for r in rs], "n_measured": n_meas[method]}
         if method == "linft_fp64":
             row["dtype"] = "float64 accumulation (empirical_ntk default)"
+        if method == "linft_unfused":
+            row["note"] = "fuse_activations=False: GPT-2's gelu_new run as written (the default fuses it)"
         if rs and "info" in rs[0]:
             row["info"] = rs[0]["info"]
         _worker_identity(row, rs, meta)
@@ -978,6 +985,8 @@ def main(argv=None) -> int:
                     help="memory a baseline may use (default 16 GiB on CPU, 90%% of GPU memory on CUDA)")
     ap.add_argument("--fp64", action="store_true",
                     help="also time linft with its default fp64 accumulation (full-weight kernel)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="ntk: also time the full-weight kernel with fuse_activations=False")
     ap.add_argument("--fwd-chunk", type=int, default=16,
                     help="gpt2 preset: micro-batch of the fwd+bwd baseline (default 16 = linft's sample "
                          "tile; 0: the whole batch at once)")
@@ -1066,7 +1075,7 @@ def main(argv=None) -> int:
             run_ntk(device, args.quick, meta, mem_limit, args.large_n, args.rounds, kernels,
                     fp64=args.fp64, on_rows=partial,
                     large_budget=None if args.large_budget_gib is None else args.large_budget_gib * GiB,
-                    fwd_chunk=args.fwd_chunk)
+                    fwd_chunk=args.fwd_chunk, unfused=args.unfused)
     # The peak again at the end (load from other processes changes during a run): rows use the best.
     log("[peak] measuring GEMM peaks again ...")
     peaks_end = machine.measure_peaks(device.type, quick=args.quick)
