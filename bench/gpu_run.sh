@@ -7,6 +7,8 @@
 #   4. bench/harness.py --ntk-preset llama-1b   LoRA NTK of a 1.1B Llama-shaped model vs fwd+bwd
 #   5. (stage "ntk") the GPT-2 NTK suite (full + LoRA vs vmap(jacrev))
 #   6. (stage "profile") bench/profile_ntk_gpu.py: where the LoRA NTK's time goes
+#   7. (stage "ffma") the gram rows again with LINFT_CUDA_GRAM_MMA=0: the native CUDA gram on CUDA cores,
+#      the A/B for its tensor-core (mma.sync) path that stage "ops" measures (not yet timed on a GPU)
 # Every stage has its own time limit and writes its files as it goes, so a stage that hangs or is
 # killed costs only itself. Results go under $OUT when set (the device runner collects it), else
 # bench/results/.
@@ -96,6 +98,11 @@ for s in $STAGES; do
         --tiles "${PROFILE_TILES:-16,64}" --out "$DEST/gpu-profile.txt" >/dev/null 2>"$DEST/gpu-profile.err" || {
         rc=1; tail -n 20 "$DEST/gpu-profile.err" | tee -a "$LOG"; }
       grep -E "^(fwd|empirical|GPU|NVIDIA)" "$DEST/gpu-profile.txt" 2>/dev/null | tee -a "$LOG" ;;
+    ffma)
+      stage "ffma: harness --suite ops --only gram with LINFT_CUDA_GRAM_MMA=0"
+      LINFT_CUDA_GRAM_MMA=0 timeout "${OPS_TIMEOUT:-150}" "$PY" bench/harness.py --suite ops --device cuda \
+        --only "${FFMA_ONLY:-gram_sym}" --out "$DEST/cuda-ops-ffma.json" >"$DEST/cuda-ops-ffma.log" 2>&1 || rc=1
+      grep -E "ratio|ERROR|Error" "$DEST/cuda-ops-ffma.log" | tail -n 20 | tee -a "$LOG" ;;
     ntk)
       stage "ntk: GPT-2 suite"
       timeout "${NTK_TIMEOUT:-300}" "$PY" bench/harness.py --suite ntk --device cuda --out "$DEST/cuda-ntk.json" \
