@@ -97,13 +97,18 @@ def _psg_chunks(rows: int, d_in: int, d_out: int, buffer: int, rows_out: int):
     return ob, db
 
 
-def _masked(t: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """x (N, T, d) or g (N, [C,] T, d) with the masked tokens of m (N, T) set to zero (whatever they
-    held: NaN in padding adds nothing), or t itself when nothing is masked."""
+def _masked(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None):
+    """(x, g) with the masked tokens of m (N, T) contributing nothing: x (N, T, d_in) gets zeros there
+    (a copy, only when some token is masked); g (N, [C,] T, d_out) is copied the same way only when it
+    holds a non-finite value somewhere (an inf or NaN in padding would survive 0 * g)."""
     if m is None or bool(m.all()):
-        return t
-    keep = m.bool().view(m.shape[0], *([1] * (t.dim() - 3)), m.shape[1], 1)
-    return torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+        return x, g
+    keep = m.bool()[:, :, None]
+    x = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+    if not bool(torch.isfinite(g).all()):
+        keep_g = keep if g.dim() == 3 else keep[:, None]
+        g = torch.where(keep_g, g, torch.zeros((), dtype=g.dtype))
+    return x, g
 
 
 def _outputs_first(g: torch.Tensor) -> torch.Tensor:
@@ -126,14 +131,16 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", buffer: int = PSG
     built in (output, sample) order and interleaved at the end) into a buffer of at most `buffer`
     elements, signed in place for the sign kernels; its Gram (K = ob * db) is added to a scratch, in
     the symmetric form only on and above the diagonal by row strips (`_upper_strips`, strips of >=
-    min_rows) and mirrored at the end. Masked tokens are zeroed in x and g (copies, only when some
-    token is masked). Inputs in out's dtype.
+    min_rows) and mirrored at the end. Masked tokens are zeroed in x (see `_masked`). Inputs in out's
+    dtype. Memory: the buffer, a (N*C, M*C) scratch, and a copy of x when some token is masked.
     """
     one_dataset = x2 is None
     sym = one_dataset and kernel != "asymmetric-signgd"
-    x1, g1 = _masked(x1, m1), _outputs_first(_masked(g1, m1))
+    x1, g1 = _masked(x1, g1, m1)
+    g1 = _outputs_first(g1)
     if not one_dataset:
-        x2, g2 = _masked(x2, m2), _outputs_first(_masked(g2, m2))
+        x2, g2 = _masked(x2, g2, m2)
+        g2 = _outputs_first(g2)
     C1, N = g1.shape[:2]
     C2, M = (C1, N) if one_dataset else g2.shape[:2]
     R1, R2 = C1 * N, C2 * M  # rows of each side
