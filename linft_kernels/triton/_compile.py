@@ -2,7 +2,9 @@
 
 `compile_all(arch=90)` runs `triton.compile` on each kernel for each input dtype (fp16, bf16, fp32,
 fp64) and output dtype (fp32, fp64) with the same compute configuration the launchers pick on a GPU,
-and returns [(kernel name, dtype combo, len(cubin)), ...]; any failure raises. It needs the real
+once for every config of the kernel's GPU autotune list of that dtype family (gram, ghost_gram and
+psg_gram's features kernel: see _autotune), so a config that cannot lower fails here; it returns
+[(kernel name, dtype combo + config, len(cubin)), ...]; any failure raises. It needs the real
 (non-interpreted) JIT functions: call it in a process where TRITON_INTERPRET is unset.
 """
 from __future__ import annotations
@@ -10,18 +12,39 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gram import _GPU_CONFIGS, FP64_PAIR_BLOCK, _compute_config, _is_interpreted, gram_kernel
-from .ghost_gram import ghost_gram_kernel
-from .psg_gram import _feature_blocks, psg_features_kernel
+from ._autotune import family
+from .ghost_gram import _TUNE as _GHOST
+from .gram import _TUNE as _GRAM
+from .gram import _compute_config, _is_interpreted, gram_kernel
+from .psg_gram import _TUNE as _PSG
 
-__all__ = ["compile_all", "variants"]
+__all__ = ["compile_all", "variants", "config_label", "TUNED"]
 
 _IN = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
 _OUT = {"fp32": tl.float32, "fp64": tl.float64}
+# every autotuned kernel: each config of each of its GPU lists is compiled
+TUNED = (_GRAM, _GHOST, _PSG)
 
-# launcher defaults (keep in sync with ghost_gram.py; gram uses its autotune list, psg_gram
-# its _feature_blocks)
-_GHOST_BLOCKS = dict(BLOCK_T=32, BLOCK_S=32, BLOCK_D=32)
+
+def config_label(cfg) -> str:
+    """A config as it appears in variant labels: its block sizes, then warps and stages."""
+    blocks = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items()))
+    return f"{blocks} w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def _per_config(tuned, fam, label, sig, const):
+    """One variant per GPU config of `tuned`'s family `fam` (blocks as constexprs)."""
+    for cfg in tuned.gpu_configs[fam]:
+        full = dict(const, **cfg.kwargs)
+        yield (tuned.kernel, f"{label} {config_label(cfg)}", _constexpr_sig(sig, full), full,
+               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def _constexpr_sig(sig, const):
+    sig = dict(sig)
+    for k in const:
+        sig.setdefault(k, "constexpr")
+    return sig
 
 
 def variants():
@@ -31,56 +54,38 @@ def variants():
             cdt, acc, prec = _compute_config([in_tl], out_tl, interpret=False)
             pin, pout = "*" + in_name, "*" + out_name
             common = dict(CDT=cdt, ACC=acc, PREC=prec)
-            family = "fp64" if acc == tl.float64 else ("16bit" if cdt in (tl.float16, tl.bfloat16) else "fp32")
+            fam = family(cdt, acc)
+            combo = f"{in_name}->{out_name}"
             for sym in (False, True):
                 sig = dict(a_ptr=pin, b_ptr=pin, out_ptr=pout, N="i32", M="i32", P="i32",
-                           K_SPLIT="i32", split_stride="i64", SIZE_KEY="i32", SYM="constexpr",
-                           CDT="constexpr", ACC="constexpr", PREC="constexpr", BLOCK_M="constexpr",
-                           BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr")
-                # every block shape the GPU autotuner may pick for this dtype family
-                for cfg in _GPU_CONFIGS[family]:
-                    kw = cfg.kwargs
-                    yield (gram_kernel,
-                           f"{in_name}->{out_name} sym={int(sym)} {kw['BLOCK_M']}x{kw['BLOCK_K']}"
-                           f" w{cfg.num_warps}s{cfg.num_stages}", sig,
-                           dict(SYM=sym, **common, **kw),
-                           dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                           K_SPLIT="i32", split_stride="i64", SIZE_KEY="i32")
+                const = dict(SYM=sym, GROUP_M=8, **common)
+                yield from _per_config(_GRAM, fam, f"{combo} sym={int(sym)}", sig, const)
             pair_sig = dict(x1_ptr=pin, g1_ptr=pin, m1_ptr="*u8", x2_ptr=pin, g2_ptr=pin,
                             m2_ptr="*u8", out_ptr=pout, N="i32", M="i32", T="i32", S="i32",
-                            D_IN="i32", D_OUT="i32", row_base="i32")
+                            D_IN="i32", D_OUT="i32", row_base="i32", SIZE_KEY="i32")
             for sym in (False, True):
-                sig = dict(pair_sig, SYM="constexpr", HAS_M1="constexpr", HAS_M2="constexpr",
-                           CDT="constexpr", ACC="constexpr", PREC="constexpr",
-                           BLOCK_T="constexpr", BLOCK_S="constexpr", BLOCK_D="constexpr")
-                gblocks = _GHOST_BLOCKS if out_name != "fp64" else dict.fromkeys(_GHOST_BLOCKS, FP64_PAIR_BLOCK)
-                yield (ghost_gram_kernel, f"{in_name}->{out_name} sym={int(sym)} masked", sig,
-                       dict(SYM=sym, HAS_M1=True, HAS_M2=True, **common, **gblocks),
-                       dict(num_warps=4, num_stages=2))
+                const = dict(SYM=sym, HAS_M1=True, HAS_M2=True, **common)
+                yield from _per_config(_GHOST, fam, f"{combo} sym={int(sym)} masked", pair_sig, const)
             for sign in (False, True):
                 sig = dict(x_ptr=pin, g_ptr=pin, m_ptr="*u8", f_ptr=pout, T="i32", D_IN="i32",
-                           D_OUT="i32", o0="i32", OC="i32", HAS_M="constexpr", SIGN="constexpr",
-                           CDT="constexpr", ACC="constexpr", PREC="constexpr", BLOCK_O="constexpr",
-                           BLOCK_D="constexpr", BLOCK_T="constexpr")
-                yield (psg_features_kernel, f"{in_name}->{out_name} sign={int(sign)} masked", sig,
-                       dict(HAS_M=True, SIGN=sign, **common, **_feature_blocks(cdt, acc, False)),
-                       dict(num_warps=4, num_stages=3))
-    # unmasked variants (mask pointers are None -> constexpr), once
+                           D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")
+                const = dict(HAS_M=True, SIGN=sign, **common)
+                yield from _per_config(_PSG, fam, f"{combo} sign={int(sign)} masked", sig, const)
+    # unmasked variants (mask pointers are None -> constexpr), once, with each kernel's first 16-bit config
     cdt, acc, prec = _compute_config([tl.bfloat16], tl.float32, interpret=False)
-    sig = dict(x1_ptr="*bf16", g1_ptr="*bf16", m1_ptr="constexpr", x2_ptr="*bf16",
-               g2_ptr="*bf16", m2_ptr="constexpr", out_ptr="*fp32", N="i32", M="i32",
-               T="i32", S="i32", D_IN="i32", D_OUT="i32", row_base="i32")
+    first = lambda tuned: tuned.gpu_configs[family(cdt, acc)][0]  # noqa: E731
+    sig = dict(x1_ptr="*bf16", g1_ptr="*bf16", x2_ptr="*bf16", g2_ptr="*bf16", out_ptr="*fp32", N="i32",
+               M="i32", T="i32", S="i32", D_IN="i32", D_OUT="i32", row_base="i32", SIZE_KEY="i32")
     const = dict(m1_ptr=None, m2_ptr=None, SYM=True, HAS_M1=False, HAS_M2=False,
-                 CDT=cdt, ACC=acc, PREC=prec, **_GHOST_BLOCKS)
-    for k in const:
-        sig.setdefault(k, "constexpr")
-    yield ghost_gram_kernel, "bf16->fp32 sym=1 unmasked", sig, const, dict(num_warps=4, num_stages=2)
-    sig = dict(x_ptr="*bf16", g_ptr="*bf16", m_ptr="constexpr", f_ptr="*fp32", T="i32", D_IN="i32",
-               D_OUT="i32", o0="i32", OC="i32")
-    const = dict(m_ptr=None, HAS_M=False, SIGN=True, CDT=cdt, ACC=acc, PREC=prec,
-                 **_feature_blocks(cdt, acc, False))
-    for k in const:
-        sig.setdefault(k, "constexpr")
-    yield psg_features_kernel, "bf16->fp32 sign=1 unmasked", sig, const, dict(num_warps=4, num_stages=3)
+                 CDT=cdt, ACC=acc, PREC=prec, **first(_GHOST).kwargs)
+    yield (_GHOST.kernel, "bf16->fp32 sym=1 unmasked", _constexpr_sig(sig, const), const,
+           dict(num_warps=first(_GHOST).num_warps, num_stages=first(_GHOST).num_stages))
+    sig = dict(x_ptr="*bf16", g_ptr="*bf16", f_ptr="*fp32", T="i32", D_IN="i32",
+               D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")
+    const = dict(m_ptr=None, HAS_M=False, SIGN=True, CDT=cdt, ACC=acc, PREC=prec, **first(_PSG).kwargs)
+    yield (_PSG.kernel, "bf16->fp32 sign=1 unmasked", _constexpr_sig(sig, const), const,
+           dict(num_warps=first(_PSG).num_warps, num_stages=first(_PSG).num_stages))
 
 
 def compile_all(arch: int = 90):

@@ -3,6 +3,12 @@
 out[i, j] += sum_{t<T, s<S} m1[i,t] m2[j,s] (x1[i,t,:] . x2[j,s,:]) (g1[i,t,:] . g2[j,s,:])
 
 One program per pair (i, j); the T x S products live only in on-chip tiles (BLOCK_T x BLOCK_S).
+
+Tuning (see _autotune): on a GPU (BLOCK_T, BLOCK_S, BLOCK_D), num_warps and num_stages are autotuned
+among GPU_CONFIGS[family] ("16bit" tensor-core tiles, "fp32", "fp64" cubes of FP64_PAIR_BLOCK on CUDA
+cores), keyed by SIZE_KEY = size bucket of (N*M, T, S, d_in, d_out) and SYM, with `out` restored
+between trials. In the interpreter: fixed 32-blocks, or autotuning over INTERP_CONFIGS with a CPU
+timer when LINFT_TRITON_AUTOTUNE=1. `blocks` fixes the shape anywhere.
 """
 from __future__ import annotations
 
@@ -10,17 +16,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import FP64_PAIR_BLOCK, _MAX_GRID_Y, _compute_config, _device_guard, _is_interpreted, _mma
+from ._autotune import TunedKernel, family, size_key
+from .gram import FP64_PAIR_BLOCK, _MAX_GRID_Y, _compute_config, _device_guard, _mma
 
-__all__ = ["ghost_gram", "ghost_gram_kernel"]
+__all__ = ["ghost_gram", "ghost_gram_kernel", "GPU_CONFIGS", "INTERP_CONFIGS"]
 
 
 @triton.jit
 def ghost_gram_kernel(x1_ptr, g1_ptr, m1_ptr, x2_ptr, g2_ptr, m2_ptr, out_ptr,
-                      N, M, T, S, D_IN, D_OUT, row_base,
+                      N, M, T, S, D_IN, D_OUT, row_base, SIZE_KEY,
                       SYM: tl.constexpr, HAS_M1: tl.constexpr, HAS_M2: tl.constexpr,
                       CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[i, j] (+ mirror when SYM) for pair (program_id(1) + row_base, program_id(0)).
+
+    SIZE_KEY is unused: it is the autotuner's cache key (a size bucket).
+    """
     j = tl.program_id(0)
     i = tl.program_id(1) + row_base
     if SYM:
@@ -77,11 +88,32 @@ def ghost_gram_kernel(x1_ptr, g1_ptr, m1_ptr, x2_ptr, g2_ptr, m2_ptr, out_ptr,
             tl.store(o2, (tl.load(o2).to(ACC) + val).to(out_ptr.dtype.element_ty))
 
 
+def _cfg(t, d, warps, stages):
+    return triton.Config({"BLOCK_T": t, "BLOCK_S": t, "BLOCK_D": d}, num_warps=warps, num_stages=stages)
+
+
+# T x S tiles (tl.dot M and N) and the d_in/d_out step (tl.dot K); all >= 16 (a GPU's tl.dot minimum)
+GPU_CONFIGS = {
+    "16bit": [_cfg(32, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3)],
+    "fp32": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2), _cfg(32, 16, 4, 3)],
+    # CUDA-core fp64 (see gram._mma: a (T, D, S) broadcast per step): small cubes only
+    "fp64": [_cfg(FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, 4, 2), _cfg(FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, 2, 2)],
+}
+INTERP_CONFIGS = [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1)]
+_TUNE = TunedKernel(ghost_gram_kernel, GPU_CONFIGS, INTERP_CONFIGS, dict(BLOCK_T=32, BLOCK_S=32, BLOCK_D=32),
+                    dot_dims=("BLOCK_T", "BLOCK_S", "BLOCK_D"), key=["SIZE_KEY", "SYM"],
+                    restore_value=["out_ptr"])
+
+
 def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
                x2: torch.Tensor | None, g2: torch.Tensor | None, m2: torch.Tensor | None,
-               out: torch.Tensor, *, block_t: int = 32, block_s: int = 32, block_d: int = 32,
-               num_warps: int = 4, num_stages: int = 2, fp32_precision: str = "ieee") -> torch.Tensor:
-    """out (N, M) += ghost Gram of (x1, g1, m1) and (x2, g2, m2); x2/g2/m2 None = symmetric."""
+               out: torch.Tensor, *, blocks: dict | None = None, num_warps: int = 4, num_stages: int = 2,
+               fp32_precision: str = "ieee") -> torch.Tensor:
+    """out (N, M) += ghost Gram of (x1, g1, m1) and (x2, g2, m2); x2/g2/m2 None = symmetric.
+
+    Autotuned on a GPU (and in the interpreter with LINFT_TRITON_AUTOTUNE=1) unless `blocks`
+    (BLOCK_T, BLOCK_D[, BLOCK_S]; powers of two >= 16) fixes the tile shape.
+    """
     sym = x2 is None
     if sym:
         x2, g2, m2 = x1, g1, m1
@@ -90,22 +122,16 @@ def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
     M, S = x2.shape[0], x2.shape[1]
     if N == 0 or M == 0 or T == 0 or S == 0 or d_in == 0 or d_out == 0:
         return out
-    if sym:
-        block_s = block_t
-    for bs in (block_t, block_s, block_d):
-        if bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block sizes must be powers of two >= 16, got {bs}")
-    interp = _is_interpreted(ghost_gram_kernel)
+    if blocks is not None:
+        blocks = {"BLOCK_S": blocks["BLOCK_T"], **blocks}
+    blocks = _TUNE.blocks(blocks)  # None: autotuned
     cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], out.dtype,
-                                     interp, fp32_precision)
-    kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
-    if acc == tl.float64 and not interp:  # CUDA-core fp64 products (see gram._mma): small cubes
-        block_t = block_s = block_d = FP64_PAIR_BLOCK
+                                     _TUNE.interpreted, fp32_precision)
+    const = dict(SYM=sym, HAS_M1=m1 is not None, HAS_M2=m2 is not None, CDT=cdt, ACC=acc, PREC=prec)
+    key = size_key(N * M, T, S, d_in, d_out)
     with _device_guard(out):
         for base in range(0, N, _MAX_GRID_Y):
             grid = (M, min(_MAX_GRID_Y, N - base))
-            ghost_gram_kernel[grid](x1, g1, m1, x2, g2, m2, out, N, M, T, S, d_in, d_out, base,
-                                    SYM=sym, HAS_M1=m1 is not None, HAS_M2=m2 is not None,
-                                    CDT=cdt, ACC=acc, PREC=prec,
-                                    BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, **kw)
+            args = (x1, g1, m1, x2, g2, m2, out, N, M, T, S, d_in, d_out, base, key)
+            _TUNE.launch(grid, args, const, family(cdt, acc), blocks, num_warps, num_stages)
     return out

@@ -2,6 +2,11 @@
 
 Also holds the small helpers shared by the other Triton modules (dtype mapping, compute-dtype choice,
 launch helpers). Nothing here touches CUDA at import time.
+
+Tuning (see _autotune): on a GPU the tile shape (BLOCK_M = BLOCK_N, BLOCK_K), num_warps and num_stages
+are autotuned among _GPU_CONFIGS[family], keyed by SIZE_KEY = size bucket of (N, M, P) and SYM, with
+`out` (or the split-K scratch) restored between trials. In the interpreter: fixed _INTERP_BLOCKS, or
+autotuning over _INTERP_CONFIGS with a CPU timer when LINFT_TRITON_AUTOTUNE=1.
 """
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+
+from ._autotune import TunedKernel, family, size_key
+from ._autotune import is_interpreted as _is_interpreted
 
 __all__ = ["gram", "gram_kernel", "FP64_PAIR_BLOCK"]
 
@@ -33,15 +41,6 @@ def _tl_dtype(dt):
         return _TORCH_TO_TL[dt]
     except KeyError:
         raise TypeError(f"unsupported dtype {dt}") from None
-
-
-def _is_interpreted(kernel) -> bool:
-    """True when `kernel` was defined under TRITON_INTERPRET=1 (runs on CPU through numpy)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - layout change in a future Triton
-        return type(kernel).__name__ == "InterpretedFunction"
-    return isinstance(kernel, InterpretedFunction)
 
 
 def _compute_config(in_dtypes, out_dtype, interpret: bool = False, fp32_precision: str = "ieee"):
@@ -154,23 +153,11 @@ _GPU_CONFIGS = {
 # ghost_gram / psg_gram tile edge for fp64 on a GPU (their tiles are cubes in _mma)
 FP64_PAIR_BLOCK = 16
 _INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
-_TUNED = {}
-
-
-def _size_key(n: int, m: int, p: int) -> int:
-    """Autotuner cache key: sizes rounded up to powers of two, so each NTK block shape does not retune."""
-    lg = lambda v: max(0, int(v - 1).bit_length())  # noqa: E731
-    return lg(n) * 10000 + lg(m) * 100 + lg(p)
-
-
-def _tuned(family: str):
-    """The autotuned launcher of one config family (built on first use; restores `out` between trials)."""
-    if family not in _TUNED:
-        _TUNED[family] = triton.autotune(
-            _GPU_CONFIGS[family], key=["SIZE_KEY", "SYM"], restore_value=["out_ptr"],
-            do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
-        )(gram_kernel)
-    return _TUNED[family]
+# interpreter autotuning (LINFT_TRITON_AUTOTUNE=1): small tiles, so odd test shapes span several
+_INTERP_CONFIGS = [_cfg(16, 16, 4, 1), _cfg(32, 16, 4, 1)]
+_TUNE = TunedKernel(gram_kernel, _GPU_CONFIGS, _INTERP_CONFIGS, _INTERP_BLOCKS,
+                    dot_dims=("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["SIZE_KEY", "SYM"],
+                    restore_value=["out_ptr"])
 
 
 def _split_k(tiles: int, P: int, block_k: int, device: torch.device) -> int:
@@ -186,9 +173,10 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, *,
          fp32_precision: str = "ieee", split_k: int | None = None) -> torch.Tensor:
     """out (N, M) += a (N, P) @ b (M, P)^T; b None = symmetric (only tiles on/above the diagonal).
 
-    On a GPU the block shapes are autotuned per dtype family and size bucket unless `blocks`
-    (BLOCK_M, BLOCK_N, BLOCK_K[, GROUP_M]) fixes them; small outputs split P across programs into an
-    fp32/fp64 scratch that is then added to `out` (deterministic: no atomics). `split_k` forces the
+    On a GPU (and in the interpreter with LINFT_TRITON_AUTOTUNE=1) the block shapes are autotuned per
+    dtype family and size bucket unless `blocks` (BLOCK_M, BLOCK_N, BLOCK_K[, GROUP_M]) fixes them;
+    small outputs split P across programs into an fp32/fp64 scratch that is then added to `out`
+    (deterministic: no atomics). `split_k` forces the
     number of splits (tests; the result is the same).
     """
     sym = b is None
@@ -196,23 +184,18 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, *,
     M = N if sym else b.shape[0]
     if N == 0 or M == 0 or P == 0:
         return out
-    interp = _is_interpreted(gram_kernel)
+    interp = _TUNE.interpreted
     in_dtypes = [a.dtype] if sym else [a.dtype, b.dtype]
     cdt, acc, prec = _compute_config(in_dtypes, out.dtype, interp, fp32_precision)
+    fam = family(cdt, acc)
     if blocks is not None:
         blocks = {"GROUP_M": 8, **blocks}
         if sym:
             blocks["BLOCK_N"] = blocks["BLOCK_M"]
-        for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-            bs = blocks[k]
-            if bs < 16 or bs & (bs - 1):
-                raise ValueError(f"block sizes must be powers of two >= 16, got {k}={bs}")
-    elif interp:
-        blocks = dict(_INTERP_BLOCKS)
-    family = "fp64" if acc == tl.float64 else ("16bit" if cdt in (tl.float16, tl.bfloat16) else "fp32")
-    # Split-K sizing uses the family's largest tile (an upper bound on the tile count is fine).
-    bm = blocks["BLOCK_M"] if blocks else _GPU_CONFIGS[family][0].kwargs["BLOCK_M"]
-    bk = blocks["BLOCK_K"] if blocks else _GPU_CONFIGS[family][0].kwargs["BLOCK_K"]
+    blocks = _TUNE.blocks(blocks)  # None: autotuned
+    # Split-K sizing uses the list's first tile (on a GPU the largest: an upper bound on the tile count).
+    first = blocks or _TUNE.configs(fam)[0].kwargs
+    bm, bk = first["BLOCK_M"], first["BLOCK_K"]
     tiles_m, tiles_n = triton.cdiv(N, bm), triton.cdiv(M, bm)
     useful = tiles_m * (tiles_m + 1) // 2 if sym else tiles_m * tiles_n
     if split_k is not None:
@@ -222,17 +205,10 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, *,
     k_split = triton.cdiv(triton.cdiv(P, splits), bk) * bk
     splits = triton.cdiv(P, k_split)
     dst = out if splits == 1 else torch.zeros((splits, N, M), dtype=out.dtype, device=out.device)
-    args = (a, a if sym else b, dst, N, M, P, k_split, N * M, _size_key(N, M, P))
-    const = dict(SYM=sym, CDT=cdt, ACC=acc, PREC=prec)
+    args = (a, a if sym else b, dst, N, M, P, k_split, N * M, size_key(N, M, P))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(M, meta["BLOCK_N"]), splits)  # noqa: E731
     with _device_guard(out):
-        if blocks is not None:
-            grid = (triton.cdiv(N, blocks["BLOCK_M"]) * triton.cdiv(M, blocks["BLOCK_N"]), splits)
-            kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
-            gram_kernel[grid](*args, **const, **blocks, **kw)
-        else:
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(M, meta["BLOCK_N"]),  # noqa: E731
-                                 splits)
-            _tuned(family)[grid](*args, **const)
+        _TUNE.launch(grid, args, dict(SYM=sym, CDT=cdt, ACC=acc, PREC=prec), fam, blocks, num_warps, num_stages)
     if splits > 1:
         out += dst.sum(0)
     return out

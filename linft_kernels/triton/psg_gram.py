@@ -10,6 +10,13 @@ For each chunk of `oc` rows of F (all samples at once, so no sample's gradient i
   2. the Triton `gram` (symmetric half tiles, autotuned on a GPU) adds scratch @ scratch2^T into out.
 The earlier one-program-per-pair kernel rebuilt both samples' F tiles for every pair (N times the
 work of building each once): 0.1% of the bf16 GEMM rate on an H200 at N=256, T=256, d=1024.
+
+Tuning (see _autotune): on a GPU the features kernel's (BLOCK_O, BLOCK_D, BLOCK_T), num_warps and
+num_stages are autotuned among GPU_CONFIGS[family] ("16bit" tensor-core tiles, "fp32", "fp64" cubes of
+FP64_PAIR_BLOCK on CUDA cores), keyed by SIZE_KEY = size bucket of (N, T, oc, d_in); it overwrites its
+whole scratch, so trials need no restore. Stage 2 is gram's own tuning (out restored between trials).
+In the interpreter: fixed 32-blocks, or autotuning over INTERP_CONFIGS with a CPU timer (both stages)
+when LINFT_TRITON_AUTOTUNE=1.
 """
 from __future__ import annotations
 
@@ -17,10 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import FP64_PAIR_BLOCK, _compute_config, _device_guard, _is_interpreted, _mma
+from ._autotune import TunedKernel, family, size_key
+from .gram import FP64_PAIR_BLOCK, _compute_config, _device_guard, _mma
 from .gram import gram as _gram
 
-__all__ = ["psg_gram", "psg_features_kernel", "KERNEL_CODES"]
+__all__ = ["psg_gram", "psg_features_kernel", "KERNEL_CODES", "GPU_CONFIGS", "INTERP_CONFIGS"]
 
 KERNEL_CODES = {"sgd": 0, "signgd": 1, "asymmetric-signgd": 2}
 # Scratch for one chunk of per-sample-gradient rows (both operands together).
@@ -53,11 +61,14 @@ def _f_tile(x_ptr, g_ptr, m_ptr, T, D_IN, D_OUT, oo, dd, mo, md,
 
 
 @triton.jit
-def psg_features_kernel(x_ptr, g_ptr, m_ptr, f_ptr, T, D_IN, D_OUT, o0, OC,
+def psg_features_kernel(x_ptr, g_ptr, m_ptr, f_ptr, T, D_IN, D_OUT, o0, OC, SIZE_KEY,
                         HAS_M: tl.constexpr, SIGN: tl.constexpr, CDT: tl.constexpr, ACC: tl.constexpr,
                         PREC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_T: tl.constexpr):
-    """f[n, o - o0, d] = (sign of) F_n[o, d] for o in [o0, o0 + OC): one (BLOCK_O x BLOCK_D) tile."""
+    """f[n, o - o0, d] = (sign of) F_n[o, d] for o in [o0, o0 + OC): one (BLOCK_O x BLOCK_D) tile.
+
+    SIZE_KEY is unused: it is the autotuner's cache key (a size bucket).
+    """
     n = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     tiles_d = tl.cdiv(D_IN, BLOCK_D)
@@ -77,25 +88,33 @@ def psg_features_kernel(x_ptr, g_ptr, m_ptr, f_ptr, T, D_IN, D_OUT, o0, OC,
     tl.store(dst, f.to(f_ptr.dtype.element_ty), mask=mo[:, None] & md[None, :])
 
 
-def _feature_blocks(cdt, acc, interp: bool) -> dict:
-    if interp:
-        return dict(BLOCK_O=32, BLOCK_D=32, BLOCK_T=32)
-    if acc == tl.float64:  # CUDA-core fp64 products (see gram._mma): small cubes
-        return dict(BLOCK_O=FP64_PAIR_BLOCK, BLOCK_D=FP64_PAIR_BLOCK, BLOCK_T=FP64_PAIR_BLOCK)
-    if cdt in (tl.float16, tl.bfloat16):
-        return dict(BLOCK_O=64, BLOCK_D=64, BLOCK_T=32)
-    return dict(BLOCK_O=32, BLOCK_D=64, BLOCK_T=32)
+def _cfg(o, d, t, warps, stages):
+    return triton.Config({"BLOCK_O": o, "BLOCK_D": d, "BLOCK_T": t}, num_warps=warps, num_stages=stages)
 
 
-def _features(x, g, m, f, o0, oc, sign, cdt, acc, prec, blocks, kw):
+# F tiles (BLOCK_O x BLOCK_D: tl.dot M and N) built over token steps (BLOCK_T: tl.dot K); all >= 16
+GPU_CONFIGS = {
+    "16bit": [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 64, 4, 2)],
+    "fp32": [_cfg(32, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3), _cfg(64, 64, 16, 4, 4)],
+    # CUDA-core fp64 (see gram._mma: an (O, T, D) broadcast per step): small cubes only
+    "fp64": [_cfg(FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, 4, 3),
+             _cfg(FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, 2, 2)],
+}
+INTERP_CONFIGS = [_cfg(16, 16, 16, 4, 1), _cfg(32, 32, 16, 4, 1)]
+_TUNE = TunedKernel(psg_features_kernel, GPU_CONFIGS, INTERP_CONFIGS, dict(BLOCK_O=32, BLOCK_D=32, BLOCK_T=32),
+                    dot_dims=("BLOCK_O", "BLOCK_D", "BLOCK_T"), key=["SIZE_KEY"])
+
+
+def _features(x, g, m, f, o0, oc, sign, cdt, acc, prec, blocks, num_warps, num_stages):
     N, T, d_in = x.shape
     d_out = g.shape[2]
     if T == 0:
         f.zero_()
         return f
-    grid = (N, triton.cdiv(oc, blocks["BLOCK_O"]) * triton.cdiv(d_in, blocks["BLOCK_D"]))
-    psg_features_kernel[grid](x, g, m, f, T, d_in, d_out, o0, oc, HAS_M=m is not None, SIGN=sign,
-                              CDT=cdt, ACC=acc, PREC=prec, **blocks, **kw)
+    grid = lambda meta: (N, triton.cdiv(oc, meta["BLOCK_O"]) * triton.cdiv(d_in, meta["BLOCK_D"]))  # noqa: E731
+    args = (x, g, m, f, T, d_in, d_out, o0, oc, size_key(N, T, oc, d_in))
+    const = dict(HAS_M=m is not None, SIGN=sign, CDT=cdt, ACC=acc, PREC=prec)
+    _TUNE.launch(grid, args, const, family(cdt, acc), blocks, num_warps, num_stages)
     return f
 
 
@@ -103,12 +122,14 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
              x2: torch.Tensor | None, g2: torch.Tensor | None, m2: torch.Tensor | None,
              out: torch.Tensor, kernel: int = 0, *, num_warps: int = 4, num_stages: int = 3,
              fp32_precision: str = "ieee", scratch_bytes: int = SCRATCH_BYTES,
-             tile_dtype: torch.dtype | None = None) -> torch.Tensor:
+             tile_dtype: torch.dtype | None = None, blocks: dict | None = None) -> torch.Tensor:
     """out (N, M) += per-sample-gradient Gram; kernel 0 sgd, 1 signgd, 2 asymmetric-signgd.
 
     x2/g2/m2 None: second operand = first; symmetric (upper tiles only) for kernels 0 and 1, all pairs
     for kernel 2. `scratch_bytes` bounds the per-chunk scratch of F rows (at least one row of F).
     tile_dtype: the dtype F is built and stored in (default out's; fp32 with an fp64 out: mixed mode).
+    blocks: fixed (BLOCK_O, BLOCK_D, BLOCK_T) of the features kernel (powers of two >= 16); None:
+    autotuned on a GPU (and in the interpreter with LINFT_TRITON_AUTOTUNE=1).
     """
     if isinstance(kernel, str):
         kernel = KERNEL_CODES[kernel]
@@ -126,12 +147,11 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
         return out
     if T == 0 or S == 0:  # F = 0 on one side: every kernel gives 0
         return out
-    interp = _is_interpreted(psg_features_kernel)
+    interp = _TUNE.interpreted
     f_dtype = out.dtype if tile_dtype is None else tile_dtype
     cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], f_dtype,
                                      interp, fp32_precision)
-    blocks = _feature_blocks(cdt, acc, interp)
-    kw = {} if interp else dict(num_warps=num_warps, num_stages=num_stages)
+    blocks = _TUNE.blocks(blocks)  # None: autotuned
     rows = N if sym else N + M
     oc_max = max(1, min(d_out, scratch_bytes // max(1, rows * d_in * torch.finfo(f_dtype).bits // 8)))
     buf1 = torch.empty(N * oc_max * d_in, dtype=f_dtype, device=out.device)
@@ -140,11 +160,11 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
         for o0 in range(0, d_out, oc_max):
             oc = min(oc_max, d_out - o0)
             f1 = _features(x1, g1, m1, buf1[:N * oc * d_in].view(N, oc * d_in), o0, oc, kernel == 1,
-                           cdt, acc, prec, blocks, kw)
+                           cdt, acc, prec, blocks, num_warps, num_stages)
             if sym:
                 _gram(f1, None, out, fp32_precision=fp32_precision)
                 continue
             f2 = _features(x2, g2, m2, buf2[:M * oc * d_in].view(M, oc * d_in), o0, oc, kernel != 0,
-                           cdt, acc, prec, blocks, kw)
+                           cdt, acc, prec, blocks, num_warps, num_stages)
             _gram(f1, f2, out, fp32_precision=fp32_precision)
     return out

@@ -76,10 +76,22 @@ def test_gram_mma_kernel_does_not_spill(arch, tmp_path):
 def test_triton_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from linft_kernels.triton._compile import compile_all\n"
-            "res = compile_all(90)\n"
+    # every config of every GPU autotune list (gram, ghost_gram, psg_gram's features kernel) is compiled
+    # for each dtype combo of its family, so a config that cannot lower on a GPU fails here
+    code = ("from linft_kernels.triton import _compile as c\n"
+            "from linft_kernels.triton._autotune import family\n"
+            "res = c.compile_all(90)\n"
             "print(len(res))\n"
             "assert all(n > 0 for *_, n in res)\n"
+            "done = {(name, label) for name, label, _ in res}\n"
+            "for i, it in c._IN.items():\n"
+            "    for o, ot in c._OUT.items():\n"
+            "        fam = family(*c._compute_config([it], ot, interpret=False)[:2])\n"
+            "        for t in c.TUNED:\n"
+            "            for cfg in t.gpu_configs[fam]:\n"
+            "                want = (t.kernel.__name__, f'{i}->{o} ', c.config_label(cfg))\n"
+            "                assert any(n == want[0] and lb.startswith(want[1]) and lb.endswith(want[2])\n"
+            "                           for n, lb in done), want\n"
             "print(sorted({r[0] for r in res}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=900)
