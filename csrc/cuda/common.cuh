@@ -60,6 +60,27 @@ __device__ __forceinline__ void add_out(Acc* __restrict__ out, int64_t idx, Acc 
   }
 }
 
+// ---------------------------------------------------------------- CUDA-core tile step
+// c[r][s] += sum_{kk < K} As[kk][ty + 16 r] * Bs[kk][tx + 16 s]: the 4x4 micro-tile of thread
+// (tx, ty) = (tid % 16, tid / 16) in a 64x64 output tile whose operands are staged k-major in
+// shared memory (gram_kernel, and psg_gram's phase 1 on CUDA cores).
+template <int K, int LD, class Acc>
+__device__ __forceinline__ void micro_tile_fma(const Acc (*As)[LD], const Acc (*Bs)[LD],
+                                               Acc (&c)[4][4], int tx, int ty) {
+#pragma unroll
+  for (int kk = 0; kk < K; ++kk) {
+    Acc av[4], bv[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) av[r] = As[kk][ty + 16 * r];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) bv[s] = Bs[kk][tx + 16 * s];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int s = 0; s < 4; ++s) c[r][s] += av[r] * bv[s];
+  }
+}
+
 // ---------------------------------------------------------------- host helpers
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

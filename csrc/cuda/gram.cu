@@ -40,6 +40,7 @@ namespace {
 constexpr int kGramTile = 64;  // output tile edge
 constexpr int kGramK = 16;     // K chunk
 constexpr int kGramMicro = 4;  // micro-tile edge per thread (16 x 16 threads x 4 = 64)
+static_assert(kGramMicro == 4 && kGramTile == 64, "micro_tile_fma's thread mapping");
 
 template <class T, class Acc>
 __global__ void __launch_bounds__(kThreads)
@@ -82,18 +83,7 @@ gram_kernel(const T* __restrict__ a, const T* __restrict__ b, Acc* __restrict__ 
       Bs[kk][rr] = (br < M && k < k_end) ? load<Acc>(b, br * P + k) : Acc(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kGramK; ++kk) {
-      Acc av[kGramMicro], bv[kGramMicro];
-#pragma unroll
-      for (int r = 0; r < kGramMicro; ++r) av[r] = As[kk][ty + 16 * r];
-#pragma unroll
-      for (int s = 0; s < kGramMicro; ++s) bv[s] = Bs[kk][tx + 16 * s];
-#pragma unroll
-      for (int r = 0; r < kGramMicro; ++r)
-#pragma unroll
-        for (int s = 0; s < kGramMicro; ++s) c[r][s] += av[r] * bv[s];
-    }
+    micro_tile_fma<kGramK, kGramTile + 1>(As, Bs, c, tx, ty);
     __syncthreads();
   }
 
@@ -177,12 +167,7 @@ gram_mma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restr
   const int wn = (warp & 3) * kMmaWarpN;
 
   float acc[4][4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+  zero_warp_tile(acc);
 
   // ldmatrix row of this lane: matrix lane / 8, row lane % 8 of it.
   //   A (16x16 per m tile): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
@@ -212,22 +197,12 @@ gram_mma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restr
     const uint16_t* st = smem + (kt % kMmaStages) * kMmaStageElems;
 #pragma unroll
     for (int ks = 0; ks < kMmaK; ks += 16) {
-      uint32_t af[4][4], bf[4][2];
+      uint32_t af[4][4], bx4[2][4];
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(af[mt], st + (a_row + mt * 16) * kMmaLd + ks + a_k);
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t r[4];
-        ldmatrix_x4(r, st + (b_row + np * 16) * kMmaLd + ks + b_k);
-        bf[2 * np][0] = r[0];
-        bf[2 * np][1] = r[1];
-        bf[2 * np + 1][0] = r[2];
-        bf[2 * np + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_16816<T>(acc[mt][nt], af[mt], bf[nt]);
+      for (int np = 0; np < 2; ++np) ldmatrix_x4(bx4[np], st + (b_row + np * 16) * kMmaLd + ks + b_k);
+      mma_warp_tile<T>(acc, af, bx4);
     }
   }
   cp_async_wait<0>();  // only empty groups are left; nothing in flight at exit
@@ -277,37 +252,6 @@ gram_reduce_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_
   }
 }
 
-// Whether the current device runs the tensor-core kernel: compute capability 8.0 or newer, and the
-// code loaded for it was compiled for sm_80 or newer (a build for older archs only holds __trap()).
-// Cached per device; LINFT_CUDA_GRAM_MMA=0 in the environment turns the path off (for A/B timing).
-bool mma_device(const char* op) {
-  static const bool disabled = [] {
-    const char* e = std::getenv("LINFT_CUDA_GRAM_MMA");
-    return e != nullptr && e[0] == '0';
-  }();
-  if (disabled) return false;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> major[kMaxDevices];  // per device: 0 not queried yet
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
-  if (dev < 0 || dev >= kMaxDevices) return false;
-  int m = major[dev].load(std::memory_order_relaxed);  // 1: no, 2: yes
-  if (m == 0) {
-    int cc = 0;
-    check_cuda(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev), op,
-               "cudaDeviceGetAttribute");
-    m = 1;
-    if (cc >= 8) {
-      cudaFuncAttributes attr{};
-      if (cudaFuncGetAttributes(&attr, gram_mma_kernel<__nv_bfloat16>) == cudaSuccess)
-        m = attr.binaryVersion >= 80 ? 2 : 1;
-      else
-        (void)cudaGetLastError();  // no loadable code for this device: the FFMA kernel serves
-    }
-    major[dev].store(m, std::memory_order_relaxed);
-  }
-  return m == 2;
-}
 
 // Tensor-core launch (see the top of the file); the caller checked dtype, alignment and P % 8.
 template <class T>
@@ -358,6 +302,40 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
 }
 
 }  // namespace
+
+// Declared in mma.cuh. Compute capability 8.0 or newer, and the code loaded for it compiled for sm_80
+// or newer (a build for older archs only holds __trap()); psg_gram.cu is built with the same
+// architectures, so gram_mma_kernel stands for its kernels too. Cached per device;
+// LINFT_CUDA_GRAM_MMA=0 in the environment turns every tensor-core path off (for A/B timing).
+bool mma_device(const char* op) {
+  static const bool disabled = [] {
+    const char* e = std::getenv("LINFT_CUDA_GRAM_MMA");
+    return e != nullptr && e[0] == '0';
+  }();
+  if (disabled) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> major[kMaxDevices];  // per device: 0 not queried yet
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
+  if (dev < 0 || dev >= kMaxDevices) return false;
+  int m = major[dev].load(std::memory_order_relaxed);  // 1: no, 2: yes
+  if (m == 0) {
+    int cc = 0;
+    check_cuda(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev), op,
+               "cudaDeviceGetAttribute");
+    m = 1;
+    if (cc >= 8) {
+      cudaFuncAttributes attr{};
+      if (cudaFuncGetAttributes(&attr, gram_mma_kernel<__nv_bfloat16>) == cudaSuccess)
+        m = attr.binaryVersion >= 80 ? 2 : 1;
+      else
+        (void)cudaGetLastError();  // no loadable code for this device: the FFMA kernel serves
+    }
+    major[dev].store(m, std::memory_order_relaxed);
+  }
+  return m == 2;
+}
+
 }  // namespace cuda_detail
 
 namespace cuda {

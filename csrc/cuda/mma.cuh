@@ -64,6 +64,20 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ad
 #endif
 }
 
+// The same four matrices, each transposed on the way: register m of lane l receives elements
+// (row 2(l % 4), column l / 4) and (row 2(l % 4) + 1, column l / 4) of stored matrix m. Loads mma
+// fragments from k-major tiles (rows of k, the m or n index contiguous).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+#ifdef LINFT_CUDA_EMULATION
+  ::emu::ldmatrix_x4(r, row_addr, /*trans=*/true);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row_addr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#endif
+}
+
 // c += A(16x16) B(16x8) on the tensor cores; T is __nv_bfloat16 or __half.
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
@@ -95,6 +109,37 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
+
+// ---------------------------------------------------------------- a warp's 64x32 fp32 tile
+// The tensor-core kernels split a 128x128 block tile over 8 warps as 2 x 4; a warp owns 64 rows x
+// 32 columns: 4 x 4 m16n8 accumulator tiles, acc[mt][nt][q] (C fragment layout above).
+__device__ __forceinline__ void zero_warp_tile(float (&acc)[4][4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+}
+
+// One k16 step of the warp tile: acc[mt][nt] += A_mt B_nt, with B of n8 tiles 2p and 2p + 1 in the
+// registers bx4[p] of one ldmatrix.x4 each ((k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
+// (k 8-15, n 8-15) as b[0..1] of tile 2p, then of tile 2p + 1).
+template <class T>
+__device__ __forceinline__ void mma_warp_tile(float (&acc)[4][4][4], const uint32_t (&af)[4][4],
+                                              const uint32_t (&bx4)[2][4]) {
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const uint32_t b[2] = {bx4[nt >> 1][(nt & 1) * 2], bx4[nt >> 1][(nt & 1) * 2 + 1]};
+      mma_16816<T>(acc[mt][nt], af[mt], b);
+    }
+}
+
+// Whether the current device runs the tensor-core kernels (defined in gram.cu): compute capability
+// 8.0 or newer with code compiled for sm_80 or newer loaded, and LINFT_CUDA_GRAM_MMA not set to 0.
+bool mma_device(const char* op);
 
 }  // namespace cuda_detail
 }  // namespace linft

@@ -1,155 +1,280 @@
 // psg_gram (csrc/README.md):
-//   F_i = sum_t m1[i,t] g1[i,t,:]^T x1[i,t,:]   (d_out, d_in), never written to memory
+//   F_i = sum_t m1[i,t] g1[i,t,:]^T x1[i,t,:]   (d_out, d_in)
 //   kernel 0: out[i, j] += <F_i, F_j>;  1: <sign F_i, sign F_j>;  2: <F_i, sign F_j>
 //
-// Grid: x = one 16x16 (o, d) tile of F, y = a block of 16 "j" samples, z = a block of 16 "i" samples.
-// A block builds the F tiles of its 16 i samples and of its 16 j samples in shared memory (t in
-// chunks of 8 staged in shared memory; thread (sample = tid / 16, q = tid % 16) owns the 4x4
-// elements o = q/4 + 4a, d = q%4 + 4b of its sample's tile), applies sign where the kernel asks,
-// then thread (pi = tid / 16, pj = tid % 16) contracts F_i0+pi with F_j0+pj over the 256 tile
-// elements and atomically adds the partial sum into out (every (o, d) tile adds into the same
-// outputs). Symmetric form: sample blocks with bj < bi return at once; the diagonal sample block
-// reuses its F tiles for both sides and adds all its 16x16 pairs; off-diagonal blocks also add
-// into out[j, i]. Masked tokens are skipped (their g and x are staged as 0).
+// Two phases per chunk of the (d_out, d_in) plane, so that no F element is computed more than once
+// (per side) however many pairs use it:
+//
+// Phase 1 builds the chunk [o0, o0 + co) x [d0, d0 + cd) of every sample's F, sign applied where the
+// kernel asks, into a stream-ordered scratch (cudaMallocAsync) as row-major matrices F1 (N x co*cd)
+// and, in the cross form, F2 (M x co*cd), in the output's precision. Per sample this is a GEMM
+// g^T x with K = tokens, both operands token-major in memory. Masked tokens are staged as 0 (never
+// multiplied: NaN there cannot leak), so a fully padded sample gives F = 0.
+//   psg_f_mma_kernel (bf16 / fp16 inputs, fp32 out, sm_80+): tensor cores. A block computes a
+//     128 (o) x 128 (d) tile of one sample's chunk; 8 warps as 2 x 4, each a 64x32 sub-tile as
+//     4 x 4 mma.sync m16n8k16 with fp32 accumulators. Tokens advance in chunks of 32 staged in
+//     shared memory token-major ([t][o], [t][d], rows padded by 16 bytes) by plain 16-bit loads (any
+//     shape, alignment or mask), and fragments come out by ldmatrix.trans.
+//   psg_f_kernel (every other case): CUDA cores, 64x64 tiles, 4x4 micro-tiles per thread, tokens
+//     in chunks of 16, accumulation in the output's precision (fp64 FMA for an fp64 out).
+// Phase 2 adds the Gram of the chunk's rows into out with linft::cuda::gram on the fp32 / fp64
+// features: symmetric form (F1 F1^T, upper tiles mirrored) for sgd and signgd without a second
+// operand, cross form F1 F2^T otherwise. asymmetric-signgd without a second operand builds F once
+// and stores it twice (F1 = F, F2 = sign F).
+//
+// Chunk size: the scratch holds (rows of F1 + F2) x co*cd elements within a bound (256 MiB, or
+// LINFT_CUDA_PSG_SCRATCH_BYTES), preferring whole rows of d_in and o extents in multiples of 128;
+// it is never smaller than min(d_out, 128) x min(d_in, 8) elements per row (that floor exceeds the
+// bound only for very many samples).
+#include <cstdlib>
+#include <type_traits>
+
 #include "common.cuh"
+#include "mma.cuh"
 #include "linft/cuda_kernels.h"
 
 namespace linft {
 namespace cuda_detail {
 namespace {
 
-constexpr int kPsgSamples = 16;                      // samples per side of a block
-constexpr int kPsgTileO = 16;                        // o extent of an F tile
-constexpr int kPsgTileD = 16;                        // d extent of an F tile
-constexpr int kPsgElems = kPsgTileO * kPsgTileD;     // 256 elements per F tile
-constexpr int kPsgStride = kPsgElems + 1;            // padded row of the F tile store
-constexpr int kPsgTChunk = 8;                        // tokens staged per step
-constexpr int kPsgStage = kPsgSamples * kPsgTChunk * 16;  // staged elements per operand (2048)
+// The chunk of the (d_out, d_in) plane phase 1 builds: o in [o0, o0 + co), d in [d0, d0 + cd);
+// F row e = (o - o0) * cd + (d - d0). tiles_d: the block tiles along d of the chunk.
+struct PsgChunk {
+  int64_t o0, d0, co, cd, tiles_d;
+};
 
-static_assert(kPsgSamples * 16 == kThreads, "one sample per 16 threads");
-static_assert(kPsgSamples * kPsgSamples == kThreads, "one pair per thread");
-static_assert(kPsgTileO == 16 && kPsgTileD == 16, "thread mapping assumes 16x16 tiles");
-static_assert(kPsgStage % kThreads == 0, "staging loop");
-
-template <class Acc>
-constexpr size_t psg_smem_bytes() {
-  return sizeof(Acc) * (2 * static_cast<size_t>(kPsgSamples) * kPsgStride + 2 * kPsgStage);
-}
-
-// Fout[sample][e] = phi(F_{s0+sample}[o0 + e/16, dd0 + e%16]) for the 16 samples from s0, where phi
-// is sign when use_sign, else the identity. Samples >= n_samples and elements outside (d_out, d_in)
-// come out 0. Contains barriers: call uniformly. Fout must not alias Gs or Xs.
-template <class T, class Acc>
-__device__ __forceinline__ void build_f_tiles(const T* __restrict__ x, const T* __restrict__ g,
-                                              const std::uint8_t* __restrict__ m,
-                                              int64_t n_samples, int64_t nt, int64_t d_in,
-                                              int64_t d_out, int64_t s0, int64_t o0, int64_t dd0,
-                                              Acc* __restrict__ Gs, Acc* __restrict__ Xs,
-                                              Acc* __restrict__ Fout, bool use_sign) {
-  const int tid = static_cast<int>(threadIdx.x);
-  const int sample = tid / 16;
-  const int q = tid % 16;
-  const int qo = q / 4;
-  const int qd = q % 4;
-
-  Acc f[4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) f[a][b] = Acc(0);
-
-  for (int64_t t0 = 0; t0 < nt; t0 += kPsgTChunk) {
-    // Stage g[s, t0:t0+8, o0:o0+16] and x[s, t0:t0+8, dd0:dd0+16] for the 16 samples, as
-    // [sample][t][c]; 8 elements per thread per operand.
-#pragma unroll 4  // full unrolling doubles the registers (128) and spills with fp64 accumulators
-    for (int u = 0; u < kPsgStage / kThreads; ++u) {
-      const int idx = tid + u * kThreads;
-      const int c = idx % 16;
-      const int tl = (idx / 16) % kPsgTChunk;
-      const int sl = idx / (16 * kPsgTChunk);
-      const int64_t smp = s0 + sl;
-      const int64_t t = t0 + tl;
-      const bool ok = smp < n_samples && t < nt && (m == nullptr || m[smp * nt + t] != 0);
-      const int64_t o = o0 + c;
-      const int64_t dd = dd0 + c;
-      const int64_t row = smp * nt + t;  // only used when ok
-      Gs[idx] = (ok && o < d_out) ? load<Acc>(g, row * d_out + o) : Acc(0);
-      Xs[idx] = (ok && dd < d_in) ? load<Acc>(x, row * d_in + dd) : Acc(0);
+// Stages tokens [t0, t0 + K) of sample n: Gs[kk * LD + c] = g[n, t0 + kk, o0 + ol0 + c] and
+// Xs[kk * LD + c] = x[n, t0 + kk, d0 + dl0 + c] for c < W, in S (the accumulator type, or uint16_t:
+// the raw bits of a bf16 / fp16 input); consecutive threads walk along o / d. Tokens past nt or
+// masked, and columns past the chunk, are S(0) (for uint16_t the bits of +0 in bf16 and fp16).
+template <int K, int W, int LD, class S, class T>
+__device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const T* __restrict__ g,
+                                             const std::uint8_t* __restrict__ m, int64_t n,
+                                             int64_t nt, int64_t t0, int64_t d_in, int64_t d_out,
+                                             const PsgChunk& ch, int64_t ol0, int64_t dl0,
+                                             S* __restrict__ Gs, S* __restrict__ Xs, int tid) {
+  static_assert((K * W) % kThreads == 0, "staging loop");
+#pragma unroll 4
+  for (int u = 0; u < (K * W) / kThreads; ++u) {
+    const int idx = tid + u * kThreads;
+    const int col = idx % W;
+    const int kk = idx / W;
+    const int64_t t = t0 + kk;
+    const int64_t row = n * nt + t;  // only used when ok
+    const bool ok = t < nt && (m == nullptr || m[row] != 0);
+    const int64_t gi = row * d_out + ch.o0 + ol0 + col, xi = row * d_in + ch.d0 + dl0 + col;
+    if constexpr (std::is_same_v<S, T>) {
+      Gs[kk * LD + col] = (ok && ol0 + col < ch.co) ? g[gi] : S(0);
+      Xs[kk * LD + col] = (ok && dl0 + col < ch.cd) ? x[xi] : S(0);
+    } else {
+      Gs[kk * LD + col] = (ok && ol0 + col < ch.co) ? load<S>(g, gi) : S(0);
+      Xs[kk * LD + col] = (ok && dl0 + col < ch.cd) ? load<S>(x, xi) : S(0);
     }
-    __syncthreads();
-#pragma unroll
-    for (int tl = 0; tl < kPsgTChunk; ++tl) {
-      const int base = (sample * kPsgTChunk + tl) * 16;
-      Acc gv[4], xv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) gv[a] = Gs[base + qo + 4 * a];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) xv[b] = Xs[base + qd + 4 * b];
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) f[a][b] += gv[a] * xv[b];
-    }
-    __syncthreads();
   }
-
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int e = (qo + 4 * a) * kPsgTileD + (qd + 4 * b);
-      const Acc v = f[a][b];
-      Fout[sample * kPsgStride + e] = use_sign ? sign_of(v) : v;
-    }
 }
 
+// ---------------------------------------------------------------- phase 1 on CUDA cores
+constexpr int kF1Tile = 64;  // o x d tile edge
+constexpr int kF1K = 16;     // tokens per staged chunk
+
+// Block (blockIdx.x = tile of the chunk, blockIdx.y + sample_offset = sample n): writes F_n's tile
+// into f (if not null) and sign(F_n) into fs (if not null), rows of co * cd.
 template <class T, class Acc>
 __global__ void __launch_bounds__(kThreads)
-psg_gram_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
-                const std::uint8_t* __restrict__ m1, const T* __restrict__ x2,
-                const T* __restrict__ g2, const std::uint8_t* __restrict__ m2,
-                Acc* __restrict__ out, int64_t N, int64_t M, int64_t nt, int64_t ns, int64_t d_in,
-                int64_t d_out, int64_t n_d_tiles, int64_t bj_offset, int64_t bi_offset,
-                int symmetric, int kind) {
-  const int64_t tile = static_cast<int64_t>(blockIdx.x);
-  const int64_t bj = static_cast<int64_t>(blockIdx.y) + bj_offset;
-  const int64_t bi = static_cast<int64_t>(blockIdx.z) + bi_offset;
-  if (symmetric && bj < bi) return;  // whole block: uniform, before any barrier
+psg_f_kernel(const T* __restrict__ x, const T* __restrict__ g, const std::uint8_t* __restrict__ m,
+             int64_t nt, int64_t d_in, int64_t d_out, PsgChunk ch, Acc* __restrict__ f,
+             Acc* __restrict__ fs, int64_t sample_offset) {
+  const int64_t n = static_cast<int64_t>(blockIdx.y) + sample_offset;
+  const int64_t ol0 = (static_cast<int64_t>(blockIdx.x) / ch.tiles_d) * kF1Tile;  // in the chunk
+  const int64_t dl0 = (static_cast<int64_t>(blockIdx.x) % ch.tiles_d) * kF1Tile;
 
-  LINFT_DYNAMIC_SMEM(smem_raw);
-  Acc* FI = reinterpret_cast<Acc*>(smem_raw);
-  Acc* FJ = FI + kPsgSamples * kPsgStride;
-  Acc* Gs = FJ + kPsgSamples * kPsgStride;
-  Acc* Xs = Gs + kPsgStage;
-
-  const int64_t o0 = (tile / n_d_tiles) * kPsgTileO;
-  const int64_t dd0 = (tile % n_d_tiles) * kPsgTileD;
-  const int64_t i0 = bi * kPsgSamples;
-  const int64_t j0 = bj * kPsgSamples;
-  const bool sign_i = (kind == kSignGD);
-  const bool sign_j = (kind == kSignGD || kind == kAsymmetricSignGD);
-
-  build_f_tiles<T, Acc>(x1, g1, m1, N, nt, d_in, d_out, i0, o0, dd0, Gs, Xs, FI, sign_i);
-  const bool same = symmetric && bi == bj;  // then F_J == F_I (symmetric implies sign_i == sign_j)
-  if (!same) {
-    build_f_tiles<T, Acc>(x2, g2, m2, M, ns, d_in, d_out, j0, o0, dd0, Gs, Xs, FJ, sign_j);
-  }
-  __syncthreads();
+  // [token][o or d], padded against bank conflicts.
+  __shared__ Acc Gs[kF1K][kF1Tile + 1];
+  __shared__ Acc Xs[kF1K][kF1Tile + 1];
 
   const int tid = static_cast<int>(threadIdx.x);
-  const int pi = tid / kPsgSamples;
-  const int pj = tid % kPsgSamples;
-  const Acc* fi = FI + pi * kPsgStride;
-  const Acc* fj = (same ? FI : FJ) + pj * kPsgStride;
-  Acc sum = Acc(0);
-#pragma unroll 16
-  for (int e = 0; e < kPsgElems; ++e) sum += fi[e] * fj[e];
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  Acc c[4][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int s = 0; s < 4; ++s) c[r][s] = Acc(0);
 
-  const int64_t i = i0 + pi;
-  const int64_t j = j0 + pj;
-  if (i < N && j < M && sum != Acc(0)) {
-    atomicAdd(out + i * M + j, sum);
-    if (symmetric && !same) atomicAdd(out + j * M + i, sum);  // symmetric: M == N
+  for (int64_t t0 = 0; t0 < nt; t0 += kF1K) {
+    // 16 tokens x 64 columns per operand, 4 elements per thread.
+    stage_tokens<kF1K, kF1Tile, kF1Tile + 1>(x, g, m, n, nt, t0, d_in, d_out, ch, ol0, dl0, &Gs[0][0],
+                                             &Xs[0][0], tid);
+    __syncthreads();
+    micro_tile_fma<kF1K, kF1Tile + 1>(Gs, Xs, c, tx, ty);
+    __syncthreads();
+  }
+
+  const int64_t P = ch.co * ch.cd;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t ol = ol0 + ty + 16 * r;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int64_t dl = dl0 + tx + 16 * s;
+      if (ol < ch.co && dl < ch.cd) {
+        const int64_t e = n * P + ol * ch.cd + dl;
+        if (f != nullptr) f[e] = c[r][s];
+        if (fs != nullptr) fs[e] = sign_of(c[r][s]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- phase 1 on tensor cores
+constexpr int kF1MmaTile = 128;                 // o x d tile edge
+constexpr int kF1MmaK = 32;                     // tokens per staged chunk
+constexpr int kF1MmaLd = kF1MmaTile + 8;        // shared row: 128 elements + 16 bytes of padding
+constexpr size_t kF1MmaSmemBytes = sizeof(uint16_t) * 2 * kF1MmaK * kF1MmaLd;  // 17408
+constexpr int kF1MmaWarpM = 64;                 // warp sub-tile: 64 o x 32 d
+constexpr int kF1MmaWarpN = 32;
+static_assert((kF1MmaLd * 2) % 16 == 0, "shared rows must keep 16-byte alignment for ldmatrix");
+static_assert(kThreads == 256, "psg_f_mma_kernel's warp grid (2 x 4) assumes 8 warps");
+
+// Same blocks and outputs as psg_f_kernel (fp32), tiles of 128.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
+                 const std::uint8_t* __restrict__ m, int64_t nt, int64_t d_in, int64_t d_out,
+                 PsgChunk ch, float* __restrict__ f, float* __restrict__ fs, int64_t sample_offset) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // host pass and emulation: the body parses
+  const int64_t n = static_cast<int64_t>(blockIdx.y) + sample_offset;
+  const int64_t ol0 = (static_cast<int64_t>(blockIdx.x) / ch.tiles_d) * kF1MmaTile;
+  const int64_t dl0 = (static_cast<int64_t>(blockIdx.x) % ch.tiles_d) * kF1MmaTile;
+
+  LINFT_DYNAMIC_SMEM(smem_raw);
+  uint16_t* Gs = reinterpret_cast<uint16_t*>(smem_raw);  // [token][o], kF1MmaLd per row
+  uint16_t* Xs = Gs + kF1MmaK * kF1MmaLd;                  // [token][d]
+  const uint16_t* g16 = reinterpret_cast<const uint16_t*>(g);
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = (warp >> 2) * kF1MmaWarpM;  // warp grid 2 (o) x 4 (d)
+  const int wn = (warp & 3) * kF1MmaWarpN;
+
+  float acc[4][4][4];
+  zero_warp_tile(acc);
+
+  // ldmatrix.trans row of this lane: row lane % 8 of stored matrix lane / 8 (8 tokens x 8 columns).
+  //   A (16 o x 16 k per m tile): matrices (o 0-7, k 0-7), (o 8-15, k 0-7), (o 0-7, k 8-15),
+  //   (o 8-15, k 8-15) -> a[0..3].  B (two n8 tiles x k16): (k 0-7, n 0-7), (k 8-15, n 0-7),
+  //   (k 0-7, n 8-15), (k 8-15, n 8-15) -> b[0..1] of tile 2p, b[0..1] of tile 2p + 1.
+  const int lm = lane >> 3, lr = lane & 7;
+  const int a_k = (lm >> 1) * 8 + lr, a_col = wm + (lm & 1) * 8;
+  const int b_k = (lm & 1) * 8 + lr, b_col = wn + (lm >> 1) * 8;
+
+  for (int64_t t0 = 0; t0 < nt; t0 += kF1MmaK) {
+    // 32 tokens x 128 columns per operand as raw 16-bit values, 16 elements per thread.
+    stage_tokens<kF1MmaK, kF1MmaTile, kF1MmaLd>(x16, g16, m, n, nt, t0, d_in, d_out, ch, ol0, dl0, Gs,
+                                                Xs, tid);
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < kF1MmaK; ks += 16) {
+      uint32_t af[4][4], bx4[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) ldmatrix_x4_trans(af[mt], Gs + (ks + a_k) * kF1MmaLd + a_col + mt * 16);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) ldmatrix_x4_trans(bx4[np], Xs + (ks + b_k) * kF1MmaLd + b_col + np * 16);
+      mma_warp_tile<T>(acc, af, bx4);
+    }
+    __syncthreads();
+  }
+
+  // Epilogue. Lane (g, t) holds rows (o) g and g + 8, columns (d) 2t and 2t + 1 of every 16x8 tile.
+  const int gq = lane >> 2, t4 = lane & 3;
+  const int64_t P = ch.co * ch.cd;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t ol = ol0 + wm + mt * 16 + gq + (q >> 1) * 8;
+#pragma unroll
+      for (int nt8 = 0; nt8 < 4; ++nt8) {
+        const int64_t dl = dl0 + wn + nt8 * 8 + 2 * t4 + (q & 1);
+        if (ol >= ch.co || dl >= ch.cd) continue;
+        const int64_t e = n * P + ol * ch.cd + dl;
+        const float v = acc[mt][nt8][q];
+        if (f != nullptr) f[e] = v;
+        if (fs != nullptr) fs[e] = sign_of(v);
+      }
+    }
+#else
+  __trap();  // the launcher never picks this kernel below sm_80
+#endif
+}
+
+// ---------------------------------------------------------------- host side
+constexpr size_t kScratchBytes = size_t(256) << 20;
+constexpr int64_t kChunkAlign = 128;  // o / d extents of a partial chunk: multiples of the mma tile
+
+// LINFT_CUDA_PSG_SCRATCH_BYTES (read on every call: tests force small chunks), else 256 MiB.
+size_t scratch_bound() {
+  const char* e = std::getenv("LINFT_CUDA_PSG_SCRATCH_BYTES");
+  if (e == nullptr || *e == '\0') return kScratchBytes;
+  const long long v = std::atoll(e);
+  return v > 0 ? static_cast<size_t>(v) : kScratchBytes;
+}
+
+// (co, cd) of the chunks for `rows` F rows of `esize` bytes within `bound` bytes (see the top).
+void chunk_shape(int64_t d_out, int64_t d_in, int64_t rows, size_t esize, size_t bound,
+                 int64_t& co, int64_t& cd) {
+  const int64_t elems = static_cast<int64_t>(bound / (static_cast<size_t>(rows) * esize));
+  const int64_t co_min = d_out < kChunkAlign ? d_out : kChunkAlign;
+  if (d_out <= elems / d_in) {  // the whole plane
+    co = d_out;
+    cd = d_in;
+  } else if (co_min <= elems / d_in) {  // whole rows of d_in: then co >= 128
+    cd = d_in;
+    co = elems / d_in;
+    co -= co % kChunkAlign;
+  } else {
+    co = co_min;
+    cd = elems / co;
+    if (cd >= kChunkAlign) cd -= cd % kChunkAlign;
+    const int64_t cd_min = d_in < 8 ? d_in : 8;
+    if (cd < cd_min) cd = cd_min;
+  }
+}
+
+// Frees the scratch at scope exit (also when a launch throws).
+struct Scratch {
+  void* p = nullptr;
+  cudaStream_t s;
+  ~Scratch() {
+    if (p != nullptr) (void)cudaFreeAsync(p, s);
+  }
+};
+
+// Phase 1 of one side: F rows of the chunk for samples [0, n_samples) into f / fs (either may be 0).
+template <class Tin, class Acc>
+void build_f(const Tin* x, const Tin* g, const std::uint8_t* m, int64_t n_samples, int64_t nt,
+             int64_t d_in, int64_t d_out, PsgChunk ch, Acc* f, Acc* fs, bool use_mma,
+             cudaStream_t s, const char* op) {
+  for (int64_t off = 0; off < n_samples; off += kMaxGridYZ) {
+    const int64_t ny = (n_samples - off < kMaxGridYZ) ? n_samples - off : kMaxGridYZ;
+    if constexpr (std::is_same_v<Acc, float> &&
+                  (std::is_same_v<Tin, __nv_bfloat16> || std::is_same_v<Tin, __half>)) {
+      if (use_mma) {
+        ch.tiles_d = ceil_div(ch.cd, kF1MmaTile);
+        dim3 grid(static_cast<unsigned>(ceil_div(ch.co, kF1MmaTile) * ch.tiles_d),
+                  static_cast<unsigned>(ny));
+        LINFT_LAUNCH(grid, kThreads, kF1MmaSmemBytes, s, psg_f_mma_kernel<Tin>)
+        (x, g, m, nt, d_in, d_out, ch, f, fs, off);
+        check_launch(op);
+        continue;
+      }
+    }
+    ch.tiles_d = ceil_div(ch.cd, kF1Tile);
+    dim3 grid(static_cast<unsigned>(ceil_div(ch.co, kF1Tile) * ch.tiles_d), static_cast<unsigned>(ny));
+    LINFT_LAUNCH(grid, kThreads, 0, s, psg_f_kernel<Tin, Acc>)(x, g, m, nt, d_in, d_out, ch, f, fs, off);
+    check_launch(op);
   }
 }
 
@@ -172,46 +297,49 @@ void psg_gram(const void* x1, const void* g1, const std::uint8_t* m1, const void
   // T == 0 or S == 0 makes F zero, hence every kernel zero (sign(0) = 0).
   if (N == 0 || M == 0 || T == 0 || S == 0 || d_in == 0 || d_out == 0) return;
   require(x1 != nullptr && g1 != nullptr && out != nullptr, op, "null pointer");
-  bool symmetric = false;
-  if (x2 == nullptr) {
+  const bool self = (x2 == nullptr);
+  if (self) {
     require(M == N && S == T, op, "x2 == 0 (second operand = first) needs M == N and S == T");
-    x2 = x1;
-    g2 = g1;
-    m2 = m1;
-    symmetric = (kernel != kAsymmetricSignGD);  // <F_i, sign F_j> is not symmetric
   } else {
     require(g2 != nullptr, op, "g2 is null while x2 is not");
   }
-
-  const int64_t n_o_tiles = ceil_div(d_out, kPsgTileO);
-  const int64_t n_d_tiles = ceil_div(d_in, kPsgTileD);
-  const int64_t n_tiles = n_o_tiles * n_d_tiles;
-  require(n_tiles <= kMaxGridX, op, "d_out * d_in too large");
-  const int64_t n_bi = ceil_div(N, kPsgSamples);
-  const int64_t n_bj = ceil_div(M, kPsgSamples);
+  const bool symmetric = self && kernel != kAsymmetricSignGD;  // <F_i, sign F_j> is not symmetric
+  const bool sign1 = (kernel == kSignGD);
+  const bool sign2 = (kernel != kSGD);
+  const int64_t rows = symmetric ? N : N + M;
 
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const bool mma = (dtype == kBFloat16 || dtype == kFloat16) && out_dtype == kFloat32 && mma_device(op);
   dispatch_types(dtype, out_dtype, op, [&](auto ttag, auto atag) {
     using Tin = typename decltype(ttag)::type;
     using Acc = typename decltype(atag)::type;
-    const size_t smem = psg_smem_bytes<Acc>();
-    check_cuda(cudaFuncSetAttribute(psg_gram_kernel<Tin, Acc>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)),
-               op, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-    for (int64_t bi_off = 0; bi_off < n_bi; bi_off += kMaxGridYZ) {
-      const int64_t nz = (n_bi - bi_off < kMaxGridYZ) ? n_bi - bi_off : kMaxGridYZ;
-      for (int64_t bj_off = 0; bj_off < n_bj; bj_off += kMaxGridYZ) {
-        const int64_t ny = (n_bj - bj_off < kMaxGridYZ) ? n_bj - bj_off : kMaxGridYZ;
-        dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(ny),
-                  static_cast<unsigned>(nz));
-        LINFT_LAUNCH(grid, kThreads, smem, s, psg_gram_kernel<Tin, Acc>)
-        (static_cast<const Tin*>(x1), static_cast<const Tin*>(g1), m1,
-         static_cast<const Tin*>(x2), static_cast<const Tin*>(g2), m2, static_cast<Acc*>(out), N,
-         M, T, S, d_in, d_out, n_d_tiles, bj_off, bi_off, symmetric ? 1 : 0, kernel);
-        check_launch(op);
+    int64_t co = 0, cd = 0;
+    chunk_shape(d_out, d_in, rows, sizeof(Acc), scratch_bound(), co, cd);
+    Scratch scratch{nullptr, s};
+    check_cuda(cudaMallocAsync(&scratch.p, sizeof(Acc) * static_cast<size_t>(rows * co * cd), s), op,
+               "cudaMallocAsync (F scratch)");
+    const Tin* px1 = static_cast<const Tin*>(x1);
+    const Tin* pg1 = static_cast<const Tin*>(g1);
+    for (int64_t o0 = 0; o0 < d_out; o0 += co)
+      for (int64_t d0 = 0; d0 < d_in; d0 += cd) {
+        const PsgChunk ch{o0, d0, (d_out - o0 < co) ? d_out - o0 : co, (d_in - d0 < cd) ? d_in - d0 : cd, 0};
+        const int64_t P = ch.co * ch.cd;
+        Acc* F1 = static_cast<Acc*>(scratch.p);
+        Acc* F2 = symmetric ? nullptr : F1 + N * P;
+        if (self) {  // one pass over the input; asymmetric-signgd keeps F and sign F
+          build_f<Tin, Acc>(px1, pg1, m1, N, T, d_in, d_out, ch, sign1 ? nullptr : F1,
+                            sign1 ? F1 : (symmetric ? nullptr : F2), mma, s, op);
+        } else {
+          build_f<Tin, Acc>(px1, pg1, m1, N, T, d_in, d_out, ch, sign1 ? nullptr : F1,
+                            sign1 ? F1 : nullptr, mma, s, op);
+          build_f<Tin, Acc>(static_cast<const Tin*>(x2), static_cast<const Tin*>(g2), m2, M, S, d_in,
+                            d_out, ch, sign2 ? nullptr : F2, sign2 ? F2 : nullptr, mma, s, op);
+        }
+        gram(F1, F2, out, N, M, P, out_dtype, out_dtype, stream);  // F in out's dtype: code == out_dtype
       }
-    }
+    void* p = scratch.p;
+    scratch.p = nullptr;
+    check_cuda(cudaFreeAsync(p, s), op, "cudaFreeAsync (F scratch)");
   });
 }
 

@@ -4,6 +4,7 @@
 // Prints one line per check ("ok" / "FAIL") and a last line
 //   SUMMARY op=<op> checks=<n> failures=<f> launches=<l> blocks=<b> seconds=<s>
 // and exits 1 when a check failed.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -187,8 +188,13 @@ void poison(Buf& x, const std::vector<unsigned char>& m, int d) {
 }
 
 // ghost_gram (psg = false) or psg_gram with `kernel`. sym: second operand omitted (x2 == nullptr).
+// psg_gram only: path (Path::mma: phase 1 on tensor cores, the only launch with dynamic shared
+// memory; Path::ffma: on CUDA cores), chunk_elems > 0 bounds the F scratch
+// (LINFT_CUDA_PSG_SCRATCH_BYTES) to that many elements per F row and expects >= min_chunks chunks
+// (each launches phase 1 and the Gram: >= 2 launches), device 1 is the compute capability 7.5 one.
 void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, int dout, bool sym,
-                    bool masks, int dt, int od) {
+                    bool masks, int dt, int od, Path path = Path::any, long chunk_elems = 0,
+                    int min_chunks = 1, int device = 0) {
   if (sym) { M = N; S = T; }
   Buf x1(dt, (size_t)N * T * din), g1(dt, (size_t)N * T * dout);
   Buf x2(dt, sym ? 0 : (size_t)M * S * din), g2(dt, sym ? 0 : (size_t)M * S * dout);
@@ -268,9 +274,17 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
   const unsigned char* pm1 = masks ? m1.data() : nullptr;
   const unsigned char* pm2 = (masks && !sym) ? m2.data() : nullptr;
   char name[300];
-  snprintf(name, sizeof name, "%s%s N=%d M=%d T=%d S=%d din=%d dout=%d %s%s in=%s out=%s",
+  snprintf(name, sizeof name, "%s%s N=%d M=%d T=%d S=%d din=%d dout=%d %s%s in=%s out=%s%s%s%s",
            psg ? "psg_gram kernel=" : "ghost_gram", psg ? std::to_string(kernel).c_str() : "", N, M,
-           T, S, din, dout, sym ? "sym" : "cross", masks ? " masked" : "", dname(dt), od ? "f64" : "f32");
+           T, S, din, dout, sym ? "sym" : "cross", masks ? " masked" : "", dname(dt), od ? "f64" : "f32",
+           chunk_elems ? (" chunk<=" + std::to_string(chunk_elems)).c_str() : "", device ? " sm75" : "",
+           path == Path::ffma ? " [ffma]" : path == Path::mma ? " [mma]" : "");
+  if (chunk_elems) {
+    const long rows = (sym && kernel != linft::kAsymmetricSignGD) ? N : N + M;
+    setenv("LINFT_CUDA_PSG_SCRATCH_BYTES", std::to_string(rows * (od ? 8 : 4) * chunk_elems).c_str(), 1);
+  }
+  emu::launch_log.clear();
+  emu::device = device;
   double secs = timed(name, [&] {
     if (psg)
       linft::cuda::psg_gram(x1.ptr(), g1.ptr(), pm1, sym ? nullptr : x2.ptr(), sym ? nullptr : g2.ptr(),
@@ -279,7 +293,20 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
       linft::cuda::ghost_gram(x1.ptr(), g1.ptr(), pm1, sym ? nullptr : x2.ptr(), sym ? nullptr : g2.ptr(),
                               pm2, out.ptr(), N, M, T, S, din, dout, dt, od, 0);
   });
-  if (secs >= 0) compare(name, out, ref, sc, secs);
+  emu::device = 0;
+  unsetenv("LINFT_CUDA_PSG_SCRATCH_BYTES");
+  if (secs < 0) return;
+  if (psg && (path != Path::any || chunk_elems)) {
+    const auto& log = emu::launch_log;
+    const bool mma = std::any_of(log.begin(), log.end(), [](const auto& l) { return l.smem > 0; });
+    const bool ok = (path == Path::any || mma == (path == Path::mma)) &&
+                    log.size() >= (size_t)(2 * min_chunks) && emu::live_allocs == 0;
+    char d[200];
+    snprintf(d, sizeof d, "%zu launches (>= %d wanted), tensor cores %s, %ld allocations left",
+             log.size(), 2 * min_chunks, mma ? "yes" : "no", emu::live_allocs);
+    report(ok, std::string(name) + " path", d, 0);
+  }
+  compare(name, out, ref, sc, secs);
 }
 
 // f must throw std::invalid_argument.
@@ -395,6 +422,21 @@ void run_psg() {
     }
     test_ghost_psg(true, k, 34, 34, 3, 3, 18, 5, true, false, 0, 1);  // 3x3 sample blocks
     test_ghost_psg(true, k, 2, 3, 3, 5, 70, 65, false, true, k, 1);     // 5x5 (o, d) tiles
+    // Two-phase path with the F scratch forced small, so that several chunks of the (d_out, d_in)
+    // plane run (chunk shapes: csrc/cuda/psg_gram.cu, chunk_shape). Every input x output dtype,
+    // T not a multiple of 16 or 32, masks with a fully padded sample and NaN in masked tokens.
+    for (int dt = 0; dt < 4; ++dt)
+      for (int od = 0; od < 2; ++od) {
+        const Path p = (dt >= 2 && od == 0) ? Path::mma : Path::ffma;
+        test_ghost_psg(true, k, 3, 4, 21, 18, 20, 6, false, true, dt, od, p, 42, 3);  // 6 x 8: 3 chunks
+        test_ghost_psg(true, k, 5, 5, 17, 17, 20, 11, true, true, dt, od, p, 88, 3);  // 11 x 8: 3 chunks
+      }
+    test_ghost_psg(true, k, 5, 4, 37, 20, 70, 9, false, true, 3, 0, Path::mma, 180, 4);  // 9 x 20: 4 chunks
+    test_ghost_psg(true, k, 4, 4, 35, 35, 5, 130, true, true, 2, 0, Path::mma, 640, 2);  // o chunks 128 + 2
+    test_ghost_psg(true, k, 3, 2, 40, 33, 130, 20, false, true, 3, 0, Path::mma);        // 2 d tiles of 128
+    test_ghost_psg(true, k, 3, 5, 19, 21, 33, 7, false, true, 0, 1, Path::ffma, 56, 5);  // 7 x 8: 5 chunks
+    test_ghost_psg(true, k, 2, 3, 5, 6, 3, 130, false, true, 0, 1, Path::ffma, 384, 2);  // o chunks 128 + 2
+    test_ghost_psg(true, k, 6, 6, 13, 13, 10, 12, true, true, 3, 0, Path::ffma, 0, 1, 1);  // sm_75
   }
   std::vector<float> buf(64);
   const float* f = buf.data();

@@ -103,7 +103,9 @@ inline int warp_exchange(F&& deposit) {
 
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l supplies row l % 8 of matrix l / 8; register m
 // of lane l receives 16-bit elements 2(l % 4), 2(l % 4) + 1 of row l / 4 of matrix m.
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+// With trans (ldmatrix...trans), register m of lane l receives elements (row 2(l % 4), column l / 4)
+// and (row 2(l % 4) + 1, column l / 4) of matrix m instead.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans = false) {
   if (reinterpret_cast<std::uintptr_t>(row_addr) % 16 != 0) {
     fprintf(stderr, "EMU: ldmatrix row address %p is not 16-byte aligned\n", row_addr);
     std::abort();
@@ -111,8 +113,16 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
   Warp& w = my_warp();
   const unsigned l = lane_id();
   const int buf = warp_exchange([&](int p) { w.ptr[p][l] = row_addr; });
-  for (int m = 0; m < 4; ++m)
-    memcpy(&r[m], static_cast<const unsigned char*>(w.ptr[buf][m * 8 + l / 4]) + (l % 4) * 4, 4);
+  for (int m = 0; m < 4; ++m) {
+    if (!trans) {
+      memcpy(&r[m], static_cast<const unsigned char*>(w.ptr[buf][m * 8 + l / 4]) + (l % 4) * 4, 4);
+      continue;
+    }
+    uint16_t lo, hi;
+    memcpy(&lo, static_cast<const unsigned char*>(w.ptr[buf][m * 8 + 2 * (l % 4)]) + (l / 4) * 2, 2);
+    memcpy(&hi, static_cast<const unsigned char*>(w.ptr[buf][m * 8 + 2 * (l % 4) + 1]) + (l / 4) * 2, 2);
+    r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
 }
 
 inline float half_bits_to_float(uint32_t bits, bool bf16) {
