@@ -1,6 +1,6 @@
 """Compile proof without a GPU: every CUDA source builds for sm_90 and sm_90a with nvcc, the tensor-core
-gram kernel compiles without register spills, and every Triton kernel compiles to an sm_90 cubin.
-Skipped (with the reason) only where the toolchain is absent."""
+kernels (gram, psg_gram's phase 1) compile without register spills, and every Triton kernel compiles
+to an sm_90 cubin. Skipped (with the reason) only where the toolchain is absent."""
 import glob
 import os
 import re
@@ -51,26 +51,50 @@ def ptxas_report(text):
     return {k: tuple(v) for k, v in kernels.items()}
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
-@pytest.mark.parametrize("arch", ["80", "90"])
-def test_gram_mma_kernel_does_not_spill(arch, tmp_path):
-    """gram_mma_kernel (bf16 and fp16) keeps its 64 fp32 accumulators and fragments in registers: no
-    spill stores or loads, no stack, and at most 128 registers so that two 256-thread blocks fit an
-    SM's 64K registers (csrc/README.md records the counts)."""
-    src = os.path.join(ROOT, "csrc", "cuda", "gram.cu")
+def ptxas_compile(name, arch, tmp_path):
+    """ptxas_report of csrc/cuda/<name> compiled for sm_<arch>, and nvcc's output."""
+    src = os.path.join(ROOT, "csrc", "cuda", name)
     cmd = [NVCC, "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc", "include"), "-Xptxas", "-v",
            f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", src, "-o", str(tmp_path / "k.cubin")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
-    report = ptxas_report(text)
-    mma = {k: v for k, v in report.items() if "gram_mma_kernel" in k}
+    return ptxas_report(text), text
+
+
+def assert_mma_kernels_fit(report, kernel, text):
+    """The bf16 and fp16 instances of `kernel` keep accumulators and fragments in registers: no
+    spill stores or loads, no stack, and at most 128 registers so that two 256-thread blocks fit an
+    SM's 64K registers; every other kernel of the file has no spills either."""
+    mma = {k: v for k, v in report.items() if kernel in k}
     assert len(mma) == 2 and any("bfloat16" in k for k in mma) and any("half" in k for k in mma), text
     for name, (regs, stack, spill_st, spill_ld) in mma.items():
         assert (stack, spill_st, spill_ld) == (0, 0, 0), f"{name}: stack/spills {stack}/{spill_st}/{spill_ld}\n{text}"
         assert regs is not None and regs <= 128, f"{name}: {regs} registers\n{text}"
-    for name, (regs, stack, spill_st, spill_ld) in report.items():  # the other gram kernels too
+    for name, (regs, stack, spill_st, spill_ld) in report.items():
         assert spill_st == 0 and spill_ld == 0, f"{name} spills\n{text}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_gram_mma_kernel_does_not_spill(arch, tmp_path):
+    """gram_mma_kernel (bf16 and fp16): 64 fp32 accumulators per thread, no spills, <= 128 registers
+    (csrc/README.md records the counts)."""
+    report, text = ptxas_compile("gram.cu", arch, tmp_path)
+    assert_mma_kernels_fit(report, "gram_mma_kernel", text)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_psg_gram_kernels_do_not_spill(arch, tmp_path):
+    """psg_gram's phase-1 kernels: psg_f_mma_kernel (bf16 and fp16) within 128 registers, and the
+    8 dtype instances of the CUDA-core psg_f_kernel with no stack and no spills (csrc/README.md)."""
+    report, text = ptxas_compile("psg_gram.cu", arch, tmp_path)
+    assert_mma_kernels_fit(report, "psg_f_mma_kernel", text)
+    ffma = {k: v for k, v in report.items() if "psg_f_kernel" in k}
+    assert len(ffma) == 8, text
+    for name, (regs, stack, spill_st, spill_ld) in ffma.items():
+        assert (stack, spill_st, spill_ld) == (0, 0, 0), f"{name}: stack/spills {stack}/{spill_st}/{spill_ld}\n{text}"
 
 
 def test_triton_kernels_compile_for_sm90():
