@@ -105,6 +105,8 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     late = store is not None and 2 * end > store.n
     if store is not None and end >= store.n:
         release_free_memory()
+    if mask is not None and bool(mask.all()):
+        mask = None  # nothing padded: the forms below skip their masking (one check per tile)
     rec = _Recorder(blocks)
     with rec:
         with torch.enable_grad():
@@ -214,15 +216,31 @@ def _compact(tok: torch.Tensor, gs: list, m: torch.Tensor, check: bool = True):
     return take(tok), [take(g) for g in gs], take(live)
 
 
+def _sample_gradients(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients F_i = g_i^T x_i (B, d_out, d_in), summed over tokens in fp32 (fp64 for
+    fp64 models). 16-bit factors on CUDA go straight into a GEMM with an fp32 output (torch.bmm's
+    out_dtype: no fp32 copies of x and g); elsewhere the factors are converted first."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gt = g.transpose(1, 2)
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.bmm(gt, x, out_dtype=acc)
+        except (TypeError, RuntimeError):  # a torch without bmm's out_dtype
+            pass
+    return torch.bmm(gt.to(acc), x.to(acc))
+
+
 def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) -> dict:
     """One block's stored form for one tile. calls_g[call][c] is the output gradient of output c at that
     call. Entries given as a list hold one tensor per output (stored at dim 1 of the store). compact:
     drop the tokens without gradient (`_compact`)."""
     if b.kind in ("linear", "bias"):
         xs, ms, gs = [], [], [[] for _ in range(C)]
+        masked = False  # some token of this block is padding
         for x, g_call in zip(calls_x, calls_g):
             m = _mask_for(x.shape, mask, B)
             x3 = _flat3(x)
+            masked |= m is not None
             if m is None:
                 m = torch.ones(B, x3.shape[1], dtype=torch.bool, device=x.device)
             xs.append(x3), ms.append(m)
@@ -230,13 +248,12 @@ def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) ->
                 gs[c].append(g_call[c].reshape(B, x3.shape[1], g_call[c].shape[-1]))
         x, m = _cat_tokens(xs, 1), _cat_tokens(ms, 1)
         g = [_cat_tokens(gc, 1) for gc in gs]
-        if b.kind == "bias":
-            return {"features": [(gc * m[:, :, None]).sum(dim=1) for gc in g]}  # C x (B, d_out)
-        if b.method == "features":
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            xa = x.to(acc)
-            return {"features": [torch.einsum("bto,btd->bod", (gc * m[:, :, None]).to(acc), xa).reshape(B, -1)
-                                 for gc in g]}
+        if b.kind == "bias" or b.method == "features":
+            if masked:  # padding adds nothing (the factored forms keep the mask instead)
+                g = [gc * m[:, :, None] for gc in g]
+            if b.kind == "bias":
+                return {"features": [gc.sum(dim=1) for gc in g]}  # C x (B, d_out)
+            return {"features": [_sample_gradients(gc, x).reshape(B, -1) for gc in g]}
         x, g, m = _compact(x, g, m, compact)
         return {"x": x, "g": g, "mask": m}
     if b.kind == "embedding":
