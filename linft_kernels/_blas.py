@@ -13,9 +13,10 @@ symmetric.
 
 psg_gram builds each d_out x d_in chunk of every per-sample gradient with one batched GEMM over the
 samples (K = tokens) into a bounded buffer and adds the chunk's Gram (K = chunk size) into a scratch,
-symmetric form by the same strips; see `psg_gram`.
+symmetric form by the same strips; with fp32 tiles and an fp64 out the chunk's Gram is the native
+mixed-precision gram (1.08-1.28x the native psg_gram at the NTK benchmark's shapes); see `psg_gram`.
 
-Mixed precision (16-bit inputs, fp64 accumulation of fp32 inputs in gram) stays with the native
+Mixed precision in gram (16-bit inputs, fp64 accumulation of fp32 inputs) stays with the native
 kernels.
 """
 from __future__ import annotations
@@ -80,11 +81,11 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, blocks: int
 
 def psg_applies(x1: torch.Tensor, x2: torch.Tensor | None, out: torch.Tensor,
                 tile_dtype: torch.dtype | None) -> bool:
-    """True when factors, per-sample gradient tiles and out share one dtype (fp32 or fp64). fp32 tiles
-    with an fp64 out stay with the native kernel: here their conversion and the fp64 Gram ran
-    0.56-0.87x its speed (2-core Sapphire Rapids VM)."""
-    return (out.dtype in (torch.float32, torch.float64) and tile_dtype in (None, out.dtype)
-            and x1.dtype == out.dtype and (x2 is None or x2.dtype == out.dtype))
+    """True when the per-sample gradient tiles are in the factors' dtype: all fp32 or all fp64, or
+    fp32 factors and tiles with an fp64 out (the mixed mode: `psg_gram` then takes a `gram`)."""
+    tile = out.dtype if tile_dtype is None else tile_dtype
+    return (tile in (torch.float32, torch.float64) and out.dtype in (torch.float32, torch.float64)
+            and x1.dtype == tile and (x2 is None or x2.dtype == tile))
 
 
 def _psg_chunks(rows: int, d_in: int, d_out: int, buffer: int, rows_out: int):
@@ -124,7 +125,7 @@ def _interleave(k: torch.Tensor, C1: int, C2: int) -> torch.Tensor:
     return k.view(C1, N, C2, M).permute(1, 0, 3, 2).reshape(N * C1, M * C2)
 
 
-def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", buffer: int = PSG_BUFFER,
+def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer: int = PSG_BUFFER,
              rows_out: int = PSG_ROWS_OUT, min_rows: int = PSG_MIN_STRIP_ROWS) -> torch.Tensor:
     """out[i, j] += <s1(F1_i), s2(F2_j)>, F_i = g_i^T diag(m_i) x_i, in chunks of (ob, db) entries.
 
@@ -133,8 +134,12 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", buffer: int = PSG
     built in (output, sample) order and interleaved at the end) into a buffer of at most `buffer`
     elements, signed in place for the sign kernels; its Gram (K = ob * db) is added to a scratch, in
     the symmetric form only on and above the diagonal by row strips (`_upper_strips`, strips of >=
-    min_rows) and mirrored at the end. Masked tokens are zeroed in x (see `_masked`). Inputs in out's
-    dtype. Memory: the buffer, a (N*C, M*C) scratch, and a copy of x when some token is masked.
+    min_rows) and mirrored at the end. Masked tokens are zeroed in x (see `_masked`).
+    Precision: F is built in the factors' dtype. With factors in out's dtype the Gram is torch's GEMM
+    in that dtype; with fp32 factors and an fp64 out (fp32 tiles, Gram accumulated in fp64) each
+    chunk's Gram goes to `gram(a, b, k)` (adds a @ b^T, b None: a @ a^T, exactly symmetric, into the
+    fp64 scratch k: the native mixed-precision gram).
+    Memory: the buffer, a (N*C, M*C) scratch, and a copy of x when some token is masked.
     """
     one_dataset = x2 is None
     sym = one_dataset and kernel != "asymmetric-signgd"
@@ -148,9 +153,11 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", buffer: int = PSG
     R1, R2 = C1 * N, C2 * M  # rows of each side
     d_in, d_out = x1.shape[2], g1.shape[3]
     ob, db = _psg_chunks(R1 if one_dataset else R1 + R2, d_in, d_out, buffer, rows_out)
+    if gram is None and x1.dtype != out.dtype:
+        raise ValueError(f"factors in {x1.dtype} with an out in {out.dtype} need a mixed-precision gram")
     k = torch.zeros(R1, R2, dtype=out.dtype)  # (output, sample) order
-    buf1 = torch.empty(R1 * ob * db, dtype=out.dtype)
-    buf2 = None if one_dataset else torch.empty(R2 * ob * db, dtype=out.dtype)
+    buf1 = torch.empty(R1 * ob * db, dtype=x1.dtype)
+    buf2 = None if one_dataset else torch.empty(R2 * ob * db, dtype=x1.dtype)
     for o0 in range(0, d_out, ob):
         o1 = min(d_out, o0 + ob)
         for d0 in range(0, d_in, db):
@@ -168,7 +175,10 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", buffer: int = PSG
             if kernel == "signgd":
                 torch.sign(f1, out=f1)
             if sym:
-                _upper_strips(f1, k, 0, R1, SYM_BLOCKS, min_rows, 0)
+                if gram is None:
+                    _upper_strips(f1, k, 0, R1, SYM_BLOCKS, min_rows, 0)
+                else:
+                    gram(f1, None, k)
                 continue
             if one_dataset:  # asymmetric-signgd of one dataset: <F_i, sign F_j>
                 f2 = torch.sign(f1)
@@ -176,8 +186,11 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", buffer: int = PSG
                 f2 = chunk(x2, g2, buf2)
                 if kernel != "sgd":
                     torch.sign(f2, out=f2)
-            k.addmm_(f1, f2.t())
-    if sym:
+            if gram is None:
+                k.addmm_(f1, f2.t())
+            else:
+                gram(f1, f2, k)
+    if sym and gram is None:
         k = torch.triu(k) + torch.triu(k, 1).t()
     out += k if C1 == C2 == 1 else _interleave(k, C1, C2)
     return out

@@ -146,7 +146,10 @@ def _per_output_rows(x, g, m):
 def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):
     tile_dtype = None if tiles == "out" else getattr(torch, tiles)
     if backend == "cpu" and _blas.psg_applies(x1, x2, out, tile_dtype):
-        _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel)  # factors, tiles and out in one dtype
+        # tiles in the factors' dtype; fp32 tiles into an fp64 out take their Gram from the native kernel
+        mixed = x1.dtype != out.dtype
+        _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel,
+                       gram=(lambda a, b, k: _run_gram(k, a, b, "cpu")) if mixed else None)
         return
     x1, g1, m1 = _per_output_rows(x1, g1, m1)
     x2, g2, m2 = _per_output_rows(x2, g2, m2)

@@ -128,13 +128,48 @@ def test_cpu_blas_psg_chunks(dtype, kernel, one_dataset):
             assert torch.equal(out, out.T)
 
 
-def test_cpu_blas_psg_applies_only_to_one_dtype():
+def test_cpu_blas_psg_applies_when_tiles_are_in_the_factors_dtype():
     from linft_kernels import _blas
     x, o32, o64 = randn(2, 3, 4), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
     assert _blas.psg_applies(x, None, o32, None) and _blas.psg_applies(x.double(), x.double(), o64, None)
-    assert not _blas.psg_applies(x, None, o64, torch.float32)  # fp32 tiles, fp64 Gram: native
+    assert _blas.psg_applies(x, None, o64, torch.float32)  # fp32 tiles, fp64 Gram: the mixed mode
+    assert not _blas.psg_applies(x, None, o64, None)  # fp64 tiles from fp32 factors: native
     assert not _blas.psg_applies(x.bfloat16(), None, o32, None)
     assert not _blas.psg_applies(x, x.double(), o32, None)
+    with pytest.raises(ValueError, match="mixed-precision gram"):
+        _blas.psg_gram(x, randn(2, 3, 5), None, None, None, None, o64)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("one_dataset", [True, False], ids=["x2=None", "cross"])
+def test_cpu_blas_psg_mixed_fp32_tiles_fp64_gram(kernel, one_dataset):
+    """fp32 factors into an fp64 out with tile_dtype=float32 on CPU: F chunks built in fp32 by the
+    batched GEMM, each chunk's Gram by the native mixed-precision gram into fp64. Small chunks, C=2
+    per-output gradients, masks: within fp32 accuracy of the float64 oracle, exactly symmetric where the
+    kernel is, and the same numbers through ops.psg_gram (which routes this mode here)."""
+    from linft_kernels import _blas, ops
+    from linft_testing import native_cpu_available
+    if not native_cpu_available():
+        pytest.skip("native CPU library not built")
+    torch.manual_seed(3)
+    x1, g1 = randn(7, 9, 23), randn(7, 2, 9, 13)
+    m1 = torch.ones(7, 9, dtype=torch.uint8)
+    m1[2, 5:] = 0
+    x2 = g2 = m2 = None
+    if not one_dataset:
+        x2, g2, m2 = randn(5, 6, 23), randn(5, 2, 6, 13), torch.ones(5, 6, dtype=torch.uint8)
+    M = 14 if one_dataset else 10
+    gram = lambda a, b, k: ops._run_gram(k, a, b, "cpu")  # noqa: E731
+    out = _blas.psg_gram(x1, g1, m1, x2, g2, m2, torch.zeros(14, M, dtype=torch.float64), kernel, gram=gram,
+                         buffer=14 * 4 * 7, rows_out=4)
+    oracle = psg_oracle(*_repeat_per_output(x1, g1, m1), *_repeat_per_output(x2, g2, m2), kernel=kernel)
+    atol = sign_flip_atol(*_repeat_per_output(x1, g1, m1), *_repeat_per_output(x2, g2, m2), kernel, torch.float32)
+    assert_close_to_oracle(out, oracle, torch.float32, extra_atol=atol, what=f"blas mixed {kernel}")
+    if one_dataset and kernel != "asymmetric-signgd":
+        assert torch.equal(out, out.T)
+    via_op = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend="cpu",
+                         tile_dtype=torch.float32, out=torch.zeros(14, M, dtype=torch.float64))
+    assert_close_to_oracle(via_op, oracle, torch.float32, extra_atol=atol, what=f"op mixed {kernel}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
