@@ -253,25 +253,39 @@ gram_reduce_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_
 }
 
 
+// Output tiles of edge `tile` and the split of K (= P) over grid z, shared by both gram launches:
+// with few output tiles K is split to reach about `target_blocks` blocks, keeping at least `min_k`
+// of K per split; each split's length is a multiple of `k_step` and there are at most kMaxGridYZ.
+struct TilePlan {
+  int64_t tiles_n, tiles_m, k_per, splits;
+};
+
+TilePlan plan_tiles(int64_t N, int64_t M, int64_t P, bool symmetric, int64_t tile, int64_t k_step,
+                    int64_t target_blocks, int64_t min_k, const char* op) {
+  TilePlan tp;
+  tp.tiles_n = ceil_div(N, tile);
+  tp.tiles_m = ceil_div(M, tile);
+  require(tp.tiles_m <= kMaxGridX, op, "M too large");
+  const int64_t tiles = symmetric ? tp.tiles_n * (tp.tiles_n + 1) / 2 : tp.tiles_n * tp.tiles_m;
+  int64_t splits = ceil_div(target_blocks, tiles);
+  const int64_t max_splits = ceil_div(P, min_k);
+  if (splits > max_splits) splits = max_splits;
+  if (splits < 1) splits = 1;
+  tp.k_per = ceil_div(ceil_div(P, splits), k_step) * k_step;
+  const int64_t k_min = ceil_div(ceil_div(P, kMaxGridYZ), k_step) * k_step;
+  if (tp.k_per < k_min) tp.k_per = k_min;
+  tp.splits = ceil_div(P, tp.k_per);
+  return tp;
+}
+
 // Tensor-core launch (see the top of the file); the caller checked dtype, alignment and P % 8.
 template <class T>
 void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t P, bool symmetric,
               cudaStream_t s, const char* op) {
-  const int64_t tiles_n = ceil_div(N, kMmaTile);
-  const int64_t tiles_m = ceil_div(M, kMmaTile);
-  require(tiles_m <= kMaxGridX, op, "M too large");
-  const int64_t tiles = symmetric ? tiles_n * (tiles_n + 1) / 2 : tiles_n * tiles_m;
-
   // Split K when there are few output tiles (aim at ~256 blocks, two per SM of an H100), keeping
   // >= 1024 of K per split. Not tuned on a GPU yet.
-  int64_t splits = ceil_div(256, tiles);
-  const int64_t max_splits = ceil_div(P, 1024);
-  if (splits > max_splits) splits = max_splits;
-  if (splits < 1) splits = 1;
-  int64_t k_per = ceil_div(ceil_div(P, splits), kMmaK) * kMmaK;
-  const int64_t k_min = ceil_div(ceil_div(P, kMaxGridYZ), kMmaK) * kMmaK;
-  if (k_per < k_min) k_per = k_min;
-  splits = ceil_div(P, k_per);
+  const TilePlan tp = plan_tiles(N, M, P, symmetric, kMmaTile, kMmaK, 256, 1024, op);
+  const int64_t tiles_n = tp.tiles_n, tiles_m = tp.tiles_m, k_per = tp.k_per, splits = tp.splits;
 
   // 60 KiB of dynamic shared memory: over the default 48 KiB, so opt in (per device; cheap).
   check_cuda(cudaFuncSetAttribute(gram_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -369,20 +383,9 @@ void gram(const void* a, const void* b, void* out, int64_t N, int64_t M, int64_t
     return;
   }
 
-  const int64_t tiles_n = ceil_div(N, kGramTile);
-  const int64_t tiles_m = ceil_div(M, kGramTile);
-  require(tiles_m <= kMaxGridX, op, "M too large");
-  const int64_t tiles = symmetric ? tiles_n * (tiles_n + 1) / 2 : tiles_n * tiles_m;
-
   // Split K when there are few output tiles (aim at ~1024 blocks), keeping >= 512 of K per split.
-  int64_t splits = ceil_div(1024, tiles);
-  const int64_t max_splits = ceil_div(P, 512);
-  if (splits > max_splits) splits = max_splits;
-  if (splits < 1) splits = 1;
-  int64_t k_per = ceil_div(ceil_div(P, splits), kGramK) * kGramK;
-  const int64_t k_min = ceil_div(ceil_div(P, kMaxGridYZ), kGramK) * kGramK;
-  if (k_per < k_min) k_per = k_min;
-  splits = ceil_div(P, k_per);
+  const TilePlan tp = plan_tiles(N, M, P, symmetric, kGramTile, kGramK, 1024, 512, op);
+  const int64_t tiles_n = tp.tiles_n, tiles_m = tp.tiles_m, k_per = tp.k_per, splits = tp.splits;
 
   dispatch_types(dtype, out_dtype, op, [&](auto ttag, auto atag) {
     using T = typename decltype(ttag)::type;
