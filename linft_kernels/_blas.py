@@ -57,10 +57,9 @@ def _upper_strips(a: torch.Tensor, upper: torch.Tensor, lo: int, hi: int, blocks
             upper[i0:i1, i0:i1].addmm_(a[i0:i1], a[i0:i1].t())
 
 
-def _mirror_into(out: torch.Tensor, upper: torch.Tensor) -> None:
-    """out += the symmetric matrix whose upper triangle is upper's (its lower part is ignored)."""
-    out += torch.triu(upper)
-    out += torch.triu(upper, 1).t()
+def _symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is upper's (its lower part is ignored)."""
+    return torch.triu(upper) + torch.triu(upper, 1).t()
 
 
 def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, blocks: int = SYM_BLOCKS,
@@ -75,7 +74,7 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, blocks: int
     N = a.shape[0]
     upper = torch.zeros(N, N, dtype=out.dtype, device=out.device)
     _upper_strips(a, upper, 0, N, blocks, min_rows, levels)
-    _mirror_into(out, upper)
+    out += _symmetric(upper)
     return out
 
 
@@ -191,6 +190,6 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
             else:
                 gram(f1, f2, k)
     if sym and gram is None:
-        k = torch.triu(k) + torch.triu(k, 1).t()
+        k = _symmetric(k)
     out += k if C1 == C2 == 1 else _interleave(k, C1, C2)
     return out
