@@ -133,7 +133,7 @@ def _run_ghost(out, x1, g1, m1, x2, g2, m2, backend, route="auto"):
         _native.ghost_gram(lib, x1, g1, m1, x2, g2, m2, out)
 
 
-def _per_output_rows(x, g, m):
+def per_output_rows(x, g, m):
     """(x, g, m) with g (N, C, T, d_out) -> rows i*C + a: x and m repeated per output (a copy)."""
     if g is None or g.dim() == 3:
         return x, g, m
@@ -151,8 +151,8 @@ def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):
         _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel,
                        gram=(lambda a, b, k: _run_gram(k, a, b, "cpu")) if mixed else None)
         return
-    x1, g1, m1 = _per_output_rows(x1, g1, m1)
-    x2, g2, m2 = _per_output_rows(x2, g2, m2)
+    x1, g1, m1 = per_output_rows(x1, g1, m1)
+    x2, g2, m2 = per_output_rows(x2, g2, m2)
     if backend == "reference":
         reference.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, tile_dtype)
     elif backend == "triton":

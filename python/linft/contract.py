@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import linft_kernels as lk
+from linft_kernels.ops import per_output_rows
 
 from .blocks import Block
 from .planner import linear_costs
@@ -46,15 +47,9 @@ def contract_block(block: Block, s1: dict, s2: dict | None, kernel: str, out: to
             method = "ghost" if ghost < mat else "psg"
 
         if method == "ghost":
-            def expand(s):
-                # rows i*C + a: x and mask repeat per output (a view when C == 1), g is stored that way
-                N, T = s["mask"].shape
-                x = s["x"].unsqueeze(1).expand(N, C, T, s["x"].shape[-1]).reshape(N * C, T, -1)
-                g = s["g"].reshape(N * C, T, s["g"].shape[-1])
-                m = s["mask"].unsqueeze(1).expand(N, C, T).reshape(N * C, T)
-                return x, g, m
-            x1, g1, m1 = expand(s1)
-            x2, g2, m2 = (None, None, None) if s2 is None else expand(s2)
+            # rows i*C + a: x and mask repeated per output (a copy when C > 1); g is stored that way
+            x1, g1, m1 = per_output_rows(s1["x"], s1["g"], s1["mask"])
+            x2, g2, m2 = (None, None, None) if s2 is None else per_output_rows(s2["x"], s2["g"], s2["mask"])
             lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
         else:
             # g (N, C, T, d_out) per output beside one x per sample: the op gives rows i*C + a without
