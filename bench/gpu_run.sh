@@ -18,8 +18,9 @@
 #   STAGES="diag tests ops llama" LLAMA_N=1024 ...     # choose stages
 #
 # Environment: PYTHON (default: .venv/bin/python, else python3) with a CUDA build of torch;
-# STAGES (default "diag tests ops llama"); TEST_TIMEOUT (150 s), OPS_TIMEOUT (150), LLAMA_TIMEOUT (200),
-# NTK_TIMEOUT (300); TEST_WORKERS (pytest-xdist workers, 8; 0 = none); OPS_ONLY (harness --only);
+# STAGES (default "diag tests ops llama"); TEST_TIMEOUT (150 s), OPS_TIMEOUT (150), FFMA_TIMEOUT (OPS_TIMEOUT),
+# LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
+# OPS_ONLY, OPS_DTYPES (harness --only, --dtypes: comma lists); PROFILE_TILES, PROFILE_N, PROFILE_TILE;
 # LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
 # Exit status: nonzero if any stage failed; later stages still run.
 set -uo pipefail
@@ -84,6 +85,7 @@ for s in $STAGES; do
       args=(--suite ops --device cuda --out "$DEST/cuda-ops.json")
       [ -n "${QUICK:-}" ] && args+=(--quick)
       [ -n "${OPS_ONLY:-}" ] && args+=(--only "$OPS_ONLY")
+      [ -n "${OPS_DTYPES:-}" ] && args+=(--dtypes "$OPS_DTYPES")
       timeout "${OPS_TIMEOUT:-150}" "$PY" bench/harness.py "${args[@]}" >"$DEST/cuda-ops.log" 2>&1 || rc=1
       grep -E "^\[ops\]|ratio|peak|ERROR|Error" "$DEST/cuda-ops.log" | tail -n 60 | tee -a "$LOG" ;;
     llama)
@@ -95,12 +97,12 @@ for s in $STAGES; do
     profile)
       stage "profile: bench/profile_ntk_gpu.py N=${LLAMA_N:-1024}"
       timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_ntk_gpu.py --n "${LLAMA_N:-1024}" --t "${LLAMA_T:-256}" \
-        --tiles "${PROFILE_TILES:-16,64}" --out "$DEST/gpu-profile.txt" >/dev/null 2>"$DEST/gpu-profile.err" || {
+        --tiles "${PROFILE_TILES:-16,64}" --profile-n "${PROFILE_N:-32}" --profile-tile "${PROFILE_TILE:-16}" --out "$DEST/gpu-profile.txt" >/dev/null 2>"$DEST/gpu-profile.err" || {
         rc=1; tail -n 20 "$DEST/gpu-profile.err" | tee -a "$LOG"; }
       grep -E "^(fwd|empirical|GPU|NVIDIA)" "$DEST/gpu-profile.txt" 2>/dev/null | tee -a "$LOG" ;;
     ffma)
       stage "ffma: harness --suite ops --only gram with LINFT_CUDA_GRAM_MMA=0"
-      LINFT_CUDA_GRAM_MMA=0 timeout "${OPS_TIMEOUT:-150}" "$PY" bench/harness.py --suite ops --device cuda \
+      LINFT_CUDA_GRAM_MMA=0 timeout "${FFMA_TIMEOUT:-${OPS_TIMEOUT:-150}}" "$PY" bench/harness.py --suite ops --device cuda \
         --only "${FFMA_ONLY:-gram_sym}" --out "$DEST/cuda-ops-ffma.json" >"$DEST/cuda-ops-ffma.log" 2>&1 || rc=1
       grep -E "ratio|ERROR|Error" "$DEST/cuda-ops-ffma.log" | tail -n 20 | tee -a "$LOG" ;;
     ntk)

@@ -280,11 +280,16 @@ def build_op_case(case: dict, device: torch.device):
 
 
 def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: str | None = None,
-            on_rows=None) -> list[dict]:
-    """The ops sweep; `on_rows(rows)` is called with the rows so far after each case (partial saves)."""
+            on_rows=None, dtypes: str | None = None) -> list[dict]:
+    """The ops sweep; `on_rows(rows)` is called with the rows so far after each case (partial saves).
+    only: comma list of substrings of case names; dtypes: comma list of dtype names (bfloat16, float32)."""
     rows = []
+    names = [s for s in (only or "").split(",") if s]
+    kinds = [s for s in (dtypes or "").split(",") if s]
     for case in op_cases(device.type, quick):
-        if only and only not in case["name"]:
+        if names and not any(s in case["name"] for s in names):
+            continue
+        if kinds and dtype_name(case["dtype"]) not in kinds:
             continue
         label = f"{case['name']} {case['op']}{'/' + case['kernel'] if case['kernel'] else ''} " \
                 f"{_shape_str(case['dims'])} {dtype_name(case['dtype'])}"
@@ -972,7 +977,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", help="result JSON (rows); default bench/results/<device>-<date>.json")
     ap.add_argument("--quick", action="store_true", help="small shapes, ~2 minutes on 2 CPU cores")
-    ap.add_argument("--only", help="ops: run only cases whose name contains this")
+    ap.add_argument("--only", help="ops: run only cases whose name contains one of these (comma list)")
+    ap.add_argument("--dtypes", help="ops: run only cases of these dtypes (comma list: bfloat16,float32)")
     ap.add_argument("--ntk-kernels", default="full,lora", help="comma list of full,lora")
     ap.add_argument("--large-n", type=int, default=None,
                     help="N of the large linft-only NTK run (default 256 on CPU, 1024 on CUDA; 0 skips)")
@@ -1052,7 +1058,7 @@ def main(argv=None) -> int:
             rows[n_ops:] = op_rows
             save()
 
-        run_ops(device, args.quick, peaks, meta, args.only, on_rows=partial_ops)
+        run_ops(device, args.quick, peaks, meta, args.only, on_rows=partial_ops, dtypes=args.dtypes)
     if args.suite in ("ntk", "all"):
         if args.mem_limit_gib is not None:
             mem_limit = args.mem_limit_gib * GiB
