@@ -72,13 +72,18 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 
 # Auto order on CUDA tensors, per (op, output dtype), from the H200 runs in bench/results/cuda-h200-*:
-# * gram into fp32: the autotuned Triton kernel (bf16: 15x the native CUDA C++ kernel, which has no
-#   tensor-core path; fp32: on par). fp64 outputs were not timed: native first, as before.
-# * ghost_gram and psg_gram: the reference backend (chunked cuBLAS products, choosing the cheaper of
-#   ghost and materialize) beat both kernels at 2 of 3 ghost shapes and at every psg shape (4-10x the
-#   native kernel; the Triton psg_gram was rewritten since and is not measured yet).
+# * gram into fp32: the autotuned Triton kernel (bf16 N=4096, P=65536: 2.6 ms, the tensor-core CUDA C++
+#   kernel 4.4 ms, torch a@a.T 2.9 ms; fp32: on par). fp64 outputs were not timed: native first.
+# * ghost_gram and psg_gram (bf16, 2026-11-27 second session): the Triton kernels won at the large
+#   shapes (N=256, T=256, d=1024: ghost 8.2 ms, psg 7.7 ms, against CUDA C++ 9.6 / 9.2 and the
+#   reference's chunked cuBLAS 26.7 / 26.3; cross shapes alike) and all three were within 0.2 ms at
+#   N=64, T=128, d=512. ghost_gram with T=16 and N=1024: Triton 21 ms, reference 28, CUDA C++ 176.
+#   fp32 inputs were not timed with these kernels; the order is the bf16 one. fp64 outputs (untimed)
+#   keep the reference first: its products run as cuBLAS fp64 GEMMs, the kernels' on CUDA-core loops.
 _CUDA_ORDER = {
     ("gram", torch.float32): ("triton", "cuda", "reference"),
+    ("ghost_gram", torch.float32): ("triton", "reference", "cuda"),
+    ("psg_gram", torch.float32): ("triton", "cuda", "reference"),
     ("ghost_gram", None): ("reference", "triton", "cuda"),
     ("psg_gram", None): ("reference", "triton", "cuda"),
 }

@@ -102,8 +102,9 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     # each graph in the second half of the store after its backward (each release costs the next tile
     # page faults, so not earlier: there the store is small).
     end = start + _batch_rows(batch)
-    late = store is not None and 2 * end > store.n
-    if store is not None and end >= store.n:
+    on_cpu = _on_cpu(batch)
+    late = on_cpu and store is not None and 2 * end > store.n
+    if on_cpu and store is not None and end >= store.n:
         release_free_memory()
     if mask is not None and bool(mask.all()):
         mask = None  # nothing padded: the forms below skip their masking (one check per tile)
@@ -160,6 +161,11 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
             rec.inputs.pop(b.module_name, None)
             grads.pop(b.module_name, None)
     return store, C
+
+
+def _on_cpu(batch) -> bool:
+    """Whether the tile's tensors live in host memory (the heap release below concerns only those)."""
+    return all(v.device.type == "cpu" for v in batch.values() if isinstance(v, torch.Tensor))
 
 
 def _batch_rows(batch) -> int:
