@@ -81,10 +81,12 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, blocks: int
 def psg_applies(x1: torch.Tensor, x2: torch.Tensor | None, out: torch.Tensor,
                 tile_dtype: torch.dtype | None) -> bool:
     """True when the per-sample gradient tiles are in the factors' dtype: all fp32 or all fp64, or
-    fp32 factors and tiles with an fp64 out (the mixed mode: `psg_gram` then takes a `gram`)."""
+    fp32 factors and tiles with an fp64 out, or bf16/fp16 factors and tiles with an fp32/fp64 out
+    (the mixed modes: `psg_gram` then takes a `gram`)."""
     tile = out.dtype if tile_dtype is None else tile_dtype
-    return (tile in (torch.float32, torch.float64) and out.dtype in (torch.float32, torch.float64)
-            and x1.dtype == tile and (x2 is None or x2.dtype == tile))
+    return (out.dtype in (torch.float32, torch.float64) and x1.dtype == tile
+            and (x2 is None or x2.dtype == tile)
+            and (tile in (torch.float32, torch.float64, torch.bfloat16, torch.float16)))
 
 
 def _psg_chunks(rows: int, d_in: int, d_out: int, buffer: int, rows_out: int):
@@ -134,10 +136,11 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
     elements, signed in place for the sign kernels; its Gram (K = ob * db) is added to a scratch, in
     the symmetric form only on and above the diagonal by row strips (`_upper_strips`, strips of >=
     min_rows) and mirrored at the end. Masked tokens are zeroed in x (see `_masked`).
-    Precision: F is built in the factors' dtype. With factors in out's dtype the Gram is torch's GEMM
-    in that dtype; with fp32 factors and an fp64 out (fp32 tiles, Gram accumulated in fp64) each
-    chunk's Gram goes to `gram(a, b, k)` (adds a @ b^T, b None: a @ a^T, exactly symmetric, into the
-    fp64 scratch k: the native mixed-precision gram).
+    Precision: F is built in the factors' dtype (16-bit F summed over tokens in fp32 by torch's GEMM
+    and rounded once). With factors in out's dtype the Gram is torch's GEMM in that dtype; otherwise
+    (fp32 tiles into an fp64 out, 16-bit tiles into fp32/fp64) each chunk's Gram goes to
+    `gram(a, b, k)` (adds a @ b^T, b None: a @ a^T, exactly symmetric, into the scratch k in out's
+    dtype: the native mixed-precision gram).
     Memory: the buffer, a (N*C, M*C) scratch, and a copy of x when some token is masked.
     """
     one_dataset = x2 is None

@@ -146,7 +146,7 @@ def per_output_rows(x, g, m):
 def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):
     tile_dtype = None if tiles == "out" else getattr(torch, tiles)
     if backend == "cpu" and _blas.psg_applies(x1, x2, out, tile_dtype):
-        # tiles in the factors' dtype; fp32 tiles into an fp64 out take their Gram from the native kernel
+        # tiles in the factors' dtype; tiles coarser than out take their Gram from the native kernel
         mixed = x1.dtype != out.dtype
         _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel,
                        gram=(lambda a, b, k: _run_gram(k, a, b, "cpu")) if mixed else None)
@@ -308,17 +308,26 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = No
     tile_dtype: None builds F in out's dtype (exact to its rounding); torch.float32 with an fp64 out
     builds each F entry (a sum over one sample's tokens) in fp32 and the Gram in fp64, the precision of
     an fp32 model's own weight gradients with fp64 accumulation over parameters, and about twice as
-    fast on CPU. The native CUDA library always builds F in out's dtype.
+    fast on CPU. The factors' own 16-bit dtype (bf16/fp16 factors only) sums each F entry in fp32 and
+    rounds it once to that dtype, as a 16-bit model's own weight gradients are, then accumulates the
+    Gram in out's dtype: the Gram's products run on bf16/fp16 matrix units (tensor cores, AMX). The
+    native CUDA library always builds F in out's dtype (finer than asked).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if tile_dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(f"tile_dtype must be None, torch.float32 or torch.float64, got {tile_dtype}")
     N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2, outputs=True)
     out = _out(out, (N, M), x1.dtype, x1.device)
+    if tile_dtype in (torch.bfloat16, torch.float16):
+        factors = {t.dtype for t in (x1, g1, x2, g2) if t is not None}
+        if factors != {tile_dtype}:
+            raise ValueError(f"tile_dtype={tile_dtype} needs factors x and g of that dtype, got "
+                             f"{sorted(str(d) for d in factors)}")
+    elif tile_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError("tile_dtype must be None, torch.float32, torch.float64 or the factors' 16-bit "
+                         f"dtype, got {tile_dtype}")
     if tile_dtype == torch.float64 and out.dtype != torch.float64:
         raise ValueError("tile_dtype=torch.float64 needs an fp64 out (tiles are never finer than out)")
-    tiles = "out" if tile_dtype in (None, out.dtype) else "float32"
+    tiles = "out" if tile_dtype in (None, out.dtype) else str(tile_dtype).replace("torch.", "")
     name = _dispatch.resolve("psg_gram", x1.device, backend, out.dtype)
     if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[-1] and (x2 is None or x2.shape[1]):
         _psg_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, kernel, name,

@@ -29,8 +29,10 @@ def gram(a, b, out):
 
 
 def per_sample_grads(x, g, m, dtype, o_slice=slice(None)):
-    """F_i = sum_t m[i,t] g[i,t,o_slice]^T x[i,t,:]: (N, |o_slice|, d_in) in `dtype`."""
-    return torch.einsum("nto,ntd->nod", _masked(g[:, :, o_slice], m, dtype), x.to(dtype))
+    """F_i = sum_t m[i,t] g[i,t,o_slice]^T x[i,t,:]: (N, |o_slice|, d_in) in `dtype`. 16-bit F is
+    summed over tokens in fp32 and rounded once to `dtype`."""
+    work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return torch.einsum("nto,ntd->nod", _masked(g[:, :, o_slice], m, work), x.to(work)).to(dtype)
 
 
 def _signed(f, kernel, second):

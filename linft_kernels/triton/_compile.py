@@ -70,7 +70,7 @@ def variants():
             for sign in (False, True):
                 sig = dict(x_ptr=pin, g_ptr=pin, m_ptr="*u8", f_ptr=pout, T="i32", D_IN="i32",
                            D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")
-                const = dict(HAS_M=True, SIGN=sign, **common)
+                const = dict(HAS_M=True, SIGN=sign, ROUND_BF16=False, **common)
                 yield from _per_config(_PSG, fam, f"{combo} sign={int(sign)} masked", sig, const)
     # unmasked variants (mask pointers are None -> constexpr), once, with each kernel's first 16-bit config
     cdt, acc, prec = _compute_config([tl.bfloat16], tl.float32, interpret=False)
@@ -81,11 +81,13 @@ def variants():
                  CDT=cdt, ACC=acc, PREC=prec, **first(_GHOST).kwargs)
     yield (_GHOST.kernel, "bf16->fp32 sym=1 unmasked", _constexpr_sig(sig, const), const,
            dict(num_warps=first(_GHOST).num_warps, num_stages=first(_GHOST).num_stages))
-    sig = dict(x_ptr="*bf16", g_ptr="*bf16", f_ptr="*fp32", T="i32", D_IN="i32",
-               D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")
-    const = dict(m_ptr=None, HAS_M=False, SIGN=True, CDT=cdt, ACC=acc, PREC=prec, **first(_PSG).kwargs)
-    yield (_PSG.kernel, "bf16->fp32 sign=1 unmasked", _constexpr_sig(sig, const), const,
-           dict(num_warps=first(_PSG).num_warps, num_stages=first(_PSG).num_stages))
+    for tiles in ("fp32", "bf16"):  # bf16: 16-bit tiles (tile_dtype=torch.bfloat16)
+        sig = dict(x_ptr="*bf16", g_ptr="*bf16", f_ptr="*" + tiles, T="i32", D_IN="i32",
+                   D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")
+        const = dict(m_ptr=None, HAS_M=False, SIGN=True, ROUND_BF16=False, CDT=cdt, ACC=acc, PREC=prec,
+                     **first(_PSG).kwargs)
+        yield (_PSG.kernel, f"bf16->{tiles} tiles sign=1 unmasked", _constexpr_sig(sig, const), const,
+               dict(num_warps=first(_PSG).num_warps, num_stages=first(_PSG).num_stages))
 
 
 def compile_all(arch: int = 90):

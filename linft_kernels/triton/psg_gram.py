@@ -61,13 +61,24 @@ def _f_tile(x_ptr, g_ptr, m_ptr, T, D_IN, D_OUT, oo, dd, mo, md,
 
 
 @triton.jit
+def _round_to_bf16(f):
+    """fp32 f rounded to the nearest bf16 value (ties to even), still in fp32; NaN kept. The
+    interpreter's fp32 -> bf16 conversion truncates (a GPU's rounds to nearest even): after this
+    rounding the conversion is exact on both."""
+    bits = f.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(f != f, f, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def psg_features_kernel(x_ptr, g_ptr, m_ptr, f_ptr, T, D_IN, D_OUT, o0, OC, SIZE_KEY,
                         HAS_M: tl.constexpr, SIGN: tl.constexpr, CDT: tl.constexpr, ACC: tl.constexpr,
-                        PREC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_T: tl.constexpr):
+                        PREC: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_O: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """f[n, o - o0, d] = (sign of) F_n[o, d] for o in [o0, o0 + OC): one (BLOCK_O x BLOCK_D) tile.
 
-    SIZE_KEY is unused: it is the autotuner's cache key (a size bucket).
+    SIZE_KEY is unused: it is the autotuner's cache key (a size bucket). ROUND_BF16: round to bf16
+    explicitly before the store (bf16 tiles in the interpreter, see `_round_to_bf16`).
     """
     n = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -84,6 +95,8 @@ def psg_features_kernel(x_ptr, g_ptr, m_ptr, f_ptr, T, D_IN, D_OUT, o0, OC, SIZE
                 HAS_M, CDT, ACC, PREC, BLOCK_O, BLOCK_D, BLOCK_T)
     if SIGN:
         f = _sign(f)
+    if ROUND_BF16:
+        f = _round_to_bf16(f)
     dst = f_ptr + n * OC * D_IN + (oo - o0)[:, None] * D_IN + dd[None, :]
     tl.store(dst, f.to(f_ptr.dtype.element_ty), mask=mo[:, None] & md[None, :])
 
@@ -113,7 +126,8 @@ def _features(x, g, m, f, o0, oc, sign, cdt, acc, prec, blocks, num_warps, num_s
         return f
     grid = lambda meta: (N, triton.cdiv(oc, meta["BLOCK_O"]) * triton.cdiv(d_in, meta["BLOCK_D"]))  # noqa: E731
     args = (x, g, m, f, T, d_in, d_out, o0, oc, size_key(N, T, oc, d_in))
-    const = dict(HAS_M=m is not None, SIGN=sign, CDT=cdt, ACC=acc, PREC=prec)
+    const = dict(HAS_M=m is not None, SIGN=sign, CDT=cdt, ACC=acc, PREC=prec,
+                 ROUND_BF16=f.dtype == torch.bfloat16 and _TUNE.interpreted)
     _TUNE.launch(grid, args, const, family(cdt, acc), blocks, num_warps, num_stages)
     return f
 
@@ -127,7 +141,8 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
 
     x2/g2/m2 None: second operand = first; symmetric (upper tiles only) for kernels 0 and 1, all pairs
     for kernel 2. `scratch_bytes` bounds the per-chunk scratch of F rows (at least one row of F).
-    tile_dtype: the dtype F is built and stored in (default out's; fp32 with an fp64 out: mixed mode).
+    tile_dtype: the dtype F is built and stored in (default out's; fp32 with an fp64 out: mixed mode;
+    the factors' bf16/fp16: F summed in fp32, stored rounded, its Gram on 16-bit tensor-core operands).
     blocks: fixed (BLOCK_O, BLOCK_D, BLOCK_T) of the features kernel (powers of two >= 16); None:
     autotuned on a GPU (and in the interpreter with LINFT_TRITON_AUTOTUNE=1).
     """
@@ -149,7 +164,10 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
         return out
     interp = _TUNE.interpreted
     f_dtype = out.dtype if tile_dtype is None else tile_dtype
-    cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], f_dtype,
+    # 16-bit tiles: F summed over tokens in fp32 and rounded once when stored (stage 2 then multiplies
+    # 16-bit operands on tensor cores)
+    f_acc = torch.float32 if f_dtype in (torch.bfloat16, torch.float16) else f_dtype
+    cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], f_acc,
                                      interp, fp32_precision)
     blocks = _TUNE.blocks(blocks)  # None: autotuned
     rows = N if sym else N + M

@@ -2,7 +2,8 @@
 import pytest
 import torch
 from factor_cases import cases, make
-from linft_testing import assert_close_to_oracle, backend_params, psg_oracle, randn, sign_flip_atol
+from linft_testing import (assert_close_to_oracle, backend_params, per_sample_grads64, psg_oracle, randn,
+                           sign_flip_atol)
 
 import linft_kernels as lk
 
@@ -89,10 +90,47 @@ def test_psg_gram_fp32_tiles_with_fp64_out(backend, device, symmetric):
         assert not torch.equal(mixed, exact)
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_psg_gram_16bit_tiles(backend, device, dtype, out_dtype, symmetric):
+    """tile_dtype = the factors' 16-bit dtype: each F entry summed over tokens in fp32 and rounded
+    once to that dtype (as a 16-bit model's weight gradient is), the Gram accumulated in out's dtype.
+    The oracle rounds the float64 F the same way; the result is far closer to it than to the
+    unrounded Gram (except the native CUDA library, which keeps out's precision: then both agree)."""
+    x1, g1, m1, x2, g2, m2 = make((7, 5, 30, 25, 37, 45), dtype, device, symmetric, True)
+    N, M = 7, (7 if symmetric else 5)
+    cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
+    f1 = per_sample_grads64(*cpu[:3]).flatten(1)
+    f2 = f1 if x2 is None else per_sample_grads64(*cpu[3:]).flatten(1)
+    r1, r2 = (f.to(dtype).double() for f in (f1, f2))
+    for kernel in ("sgd", "signgd"):
+        got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend=backend,
+                          tile_dtype=dtype, out=torch.zeros(N, M, dtype=out_dtype, device=device))
+        if kernel == "signgd":
+            atol = sign_flip_atol(*cpu, kernel, torch.float32)
+            assert_close_to_oracle(got, r1.sign() @ r2.sign().T, torch.float32, extra_atol=atol,
+                                   what=f"psg 16-bit tiles signgd {backend}")
+            continue
+        rounded, exact = r1 @ r2.T, f1 @ f2.T
+        one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()  # a tie rounded the other way
+        if backend == "cuda":
+            assert_close_to_oracle(got, exact, torch.float32, what="psg 16-bit tiles cuda (fp32 tiles)")
+            continue
+        assert_close_to_oracle(got, rounded, torch.float32, extra_atol=one_ulp,
+                               what=f"psg {dtype} tiles {backend} -> {out_dtype}")
+        err_rounded = (got.double().cpu() - rounded).abs().max().item()
+        err_exact = (got.double().cpu() - exact).abs().max().item()
+        assert err_rounded < err_exact / 4, (err_rounded, err_exact)
+
+
 def test_psg_gram_tile_dtype_is_checked():
     x, g = randn(2, 3, 4, dtype=torch.float32), randn(2, 3, 5, dtype=torch.float32)
-    with pytest.raises(ValueError, match="tile_dtype must be"):
+    with pytest.raises(ValueError, match="needs factors x and g of that dtype"):
         lk.psg_gram(x, g, tile_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="tile_dtype must be"):
+        lk.psg_gram(x, g, tile_dtype=torch.int8)
     with pytest.raises(ValueError, match="needs an fp64 out"):
         lk.psg_gram(x, g, tile_dtype=torch.float64)
 
@@ -134,7 +172,8 @@ def test_cpu_blas_psg_applies_when_tiles_are_in_the_factors_dtype():
     assert _blas.psg_applies(x, None, o32, None) and _blas.psg_applies(x.double(), x.double(), o64, None)
     assert _blas.psg_applies(x, None, o64, torch.float32)  # fp32 tiles, fp64 Gram: the mixed mode
     assert not _blas.psg_applies(x, None, o64, None)  # fp64 tiles from fp32 factors: native
-    assert not _blas.psg_applies(x.bfloat16(), None, o32, None)
+    assert not _blas.psg_applies(x.bfloat16(), None, o32, None)  # fp32 tiles from bf16 factors: native
+    assert _blas.psg_applies(x.bfloat16(), None, o32, torch.bfloat16)  # bf16 tiles, Gram into fp32
     assert not _blas.psg_applies(x, x.double(), o32, None)
     with pytest.raises(ValueError, match="mixed-precision gram"):
         _blas.psg_gram(x, randn(2, 3, 5), None, None, None, None, o64)
