@@ -223,17 +223,11 @@ def _compact(tok: torch.Tensor, gs: list, m: torch.Tensor, check: bool = True):
 
 
 def _sample_gradients(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients F_i = g_i^T x_i (B, d_out, d_in), summed over tokens in fp32 (fp64 for
-    fp64 models). 16-bit factors on CUDA go straight into a GEMM with an fp32 output (torch.bmm's
-    out_dtype: no fp32 copies of x and g); elsewhere the factors are converted first."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gt = g.transpose(1, 2)
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.bmm(gt, x, out_dtype=acc)
-        except (TypeError, RuntimeError):  # a torch without bmm's out_dtype
-            pass
-    return torch.bmm(gt.to(acc), x.to(acc))
+    """Per-sample weight gradients F_i = g_i^T x_i (B, d_out, d_in) in the factors' dtype, as the
+    model's own weight gradients are: summed over tokens in fp32 (fp64 for fp64 models) by the GEMM
+    and, for 16-bit models, rounded once to 16 bits (half the store of fp32 F, and their Gram runs on
+    16-bit matrix units)."""
+    return torch.bmm(g.transpose(1, 2), x)
 
 
 def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) -> dict:

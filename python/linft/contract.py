@@ -53,9 +53,10 @@ def contract_block(block: Block, s1: dict, s2: dict | None, kernel: str, out: to
             lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend=backend)
         else:
             # g (N, C, T, d_out) per output beside one x per sample: the op gives rows i*C + a without
-            # a copy of x per output. An fp32/16-bit model's per-sample gradients are built in fp32 (as
-            # its own weight gradients would be) and only their Gram is accumulated in fp64.
-            tiles = torch.float32 if out.dtype == torch.float64 and s1["x"].dtype != torch.float64 else None
+            # a copy of x per output. Per-sample gradients are built in the model's dtype (as its own
+            # weight gradients would be: 16-bit ones summed in fp32 and rounded once) and only their
+            # Gram is accumulated in out's dtype.
+            tiles = _tile_dtype(s1["x"].dtype, out.dtype)
             lk.psg_gram(s1["x"], s1["g"], None if s2 is None else s2["x"], None if s2 is None else s2["g"],
                         kernel=kernel, mask1=s1["mask"], mask2=None if s2 is None else s2["mask"], out=out,
                         backend=backend, tile_dtype=tiles)
@@ -64,6 +65,13 @@ def contract_block(block: Block, s1: dict, s2: dict | None, kernel: str, out: to
         _embedding(s1, s2, kernel, out, C, backend)
         return method
     raise AssertionError(method)
+
+
+def _tile_dtype(factors: torch.dtype, out: torch.dtype) -> torch.dtype | None:
+    """psg_gram's tile_dtype for a model in `factors` dtype and an NTK in `out` dtype: the model's."""
+    if factors in (torch.bfloat16, torch.float16):
+        return factors
+    return torch.float32 if factors == torch.float32 and out == torch.float64 else None
 
 
 def _embedding(s1, s2, kernel, out, C, backend):
