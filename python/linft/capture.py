@@ -224,10 +224,19 @@ def _compact(tok: torch.Tensor, gs: list, m: torch.Tensor, check: bool = True):
 
 def _sample_gradients(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients F_i = g_i^T x_i (B, d_out, d_in) in the factors' dtype, as the
-    model's own weight gradients are: summed over tokens in fp32 (fp64 for fp64 models) by the GEMM
-    and, for 16-bit models, rounded once to 16 bits (half the store of fp32 F, and their Gram runs on
-    16-bit matrix units)."""
-    return torch.bmm(g.transpose(1, 2), x)
+    model's own weight gradients are: summed over tokens in fp32 (fp64 for fp64 models) and, for
+    16-bit models, rounded once to 16 bits (half the store of fp32 F, and their Gram runs on 16-bit
+    matrix units). The sum is asked for in fp32 explicitly: a 16-bit GEMM may reduce in 16 bits
+    (torch's allow_fp16_reduced_precision_reduction; seen on an H200: fp16 entries off by 2 ulps)."""
+    gt = g.transpose(1, 2)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return torch.bmm(gt, x)
+    if x.is_cuda:
+        try:
+            return torch.bmm(gt, x, out_dtype=torch.float32).to(x.dtype)
+        except (TypeError, RuntimeError):  # a torch without bmm's out_dtype
+            pass
+    return torch.bmm(gt.float(), x.float()).to(x.dtype)
 
 
 def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) -> dict:
