@@ -462,11 +462,12 @@ def _linft(model, batch, output, params, spec):
     import linft
     ntk = linft.empirical_ntk(model, batch, output=output, params=params,
                               dtype=getattr(torch, spec.get("ntk_dtype", "float32")),
-                              memory_budget=spec.get("memory_budget"), sample_tile=spec.get("sample_tile", 16),
+                              memory_budget=spec.get("memory_budget"), sample_tile=spec.get("sample_tile"),
                               fuse_activations=spec.get("fuse_activations"))
     info = {"timings": ntk.timings, "peak_kept_bytes": ntk.meta.get("peak_kept_bytes"),
             "n_params": ntk.meta.get("n_params"), "passes": len(ntk.plan.get("passes", [])),
-            "methods": sorted({b["method"] for b in ntk.plan.get("blocks", [])})}
+            "methods": sorted({b["method"] for b in ntk.plan.get("blocks", [])}),
+            "sample_tile": ntk.meta.get("sample_tile")}
     return ntk.matrix, info
 
 

@@ -96,3 +96,51 @@ def test_default_budget_is_half_the_available_memory(monkeypatch):
     small = linft.empirical_ntk(model, inputs, output=out, params=PARAMS)
     assert len(small.plan["passes"]) > 1
     torch.testing.assert_close(small.matrix, ntk.matrix, rtol=1e-12, atol=0)
+
+
+def test_tile_for_room():
+    from linft.engine import tile_for_room
+    assert tile_for_room(room=1.5 * 64 * 10, per_sample=10, cap=64) == 64
+    assert tile_for_room(room=1.5 * 63 * 10, per_sample=10, cap=64) == 32
+    assert tile_for_room(room=1.5 * 1000 * 10, per_sample=10, cap=48) == 32  # power of two <= cap
+    assert tile_for_room(room=-5, per_sample=10, cap=64) == 1  # no room: one sample at a time
+
+
+def test_auto_sample_tile_cpu_default_and_gpu_rule(monkeypatch):
+    """sample_tile=None: 16 on CPU (same matrix as an explicit tile). The GPU rule, with the CUDA
+    allocator's counters replaced by fakes (the model runs on CPU): the tile comes from the memory
+    one probe capture took per sample and from what the largest pass keeps, and the plan says so."""
+    from linft import engine
+    model = _gpt2(n_embd=64)
+    inputs = batch(6, 8, seed=3)
+    out = linft.outputs.label_word_logits([3, 7])
+    auto = linft.empirical_ntk(model, inputs, output=out, params=PARAMS)
+    assert auto.meta["sample_tile"] == 6  # min(16, N)
+    torch.testing.assert_close(auto.matrix, linft.empirical_ntk(model, inputs, output=out, params=PARAMS,
+                                                                sample_tile=2).matrix, rtol=1e-5, atol=0)
+
+    per_sample = 3 << 20
+    state = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    real_capture = engine.capture_tile
+
+    def capture(model_, probe, *a, **k):  # the probe capture "allocates" per_sample per sample
+        state["peak"] = 100 + per_sample * probe["input_ids"].shape[0]
+        return real_capture(model_, probe, *a, **k)
+
+    monkeypatch.setattr(engine, "capture_tile", capture)
+    probe = {k: v[:2] for k, v in inputs.items()}
+    with torch.no_grad():
+        _, tokens = engine._probe(model, probe, out, blocks := engine.classify(
+            model, engine.select_parameters(model, PARAMS)))
+    for room_tiles, want in ((40, 32), (20, 16), (200, 64), (1, 1)):
+        plan = engine.plan_blocks(blocks, {b.name: (tokens[b.name], tokens[b.name]) for b in blocks},
+                                  1000, 1000, 2, "sgd", "auto", None, 4, cross=False)
+        kept = max(sum(bp.bytes for bp in plan.blocks if bp.name in names) for names in plan.passes)
+        budget = kept + int(1.5 * room_tiles * per_sample)
+        got = engine._auto_sample_tile(model, probe, out, blocks, plan, 2, 1000, budget, torch.device("cuda"))
+        assert got == want, (room_tiles, got)
+        assert f"sample_tile={want} (auto" in plan.notes[-1]

@@ -92,3 +92,16 @@ def test_operator_on_gpu_matches_explicit():
     op = linft.ntk_operator(gpu_model, inputs, output=out)
     V = torch.randn(K.shape[0], 3, dtype=torch.float64, device="cuda")
     assert _rel(op @ V, K @ V) < 1e-9
+
+
+def test_auto_sample_tile_on_gpu():
+    """sample_tile=None on a GPU measures one probe capture and picks a power of two within the
+    budget; the kernel equals the one from an explicit small tile."""
+    model = copy.deepcopy(with_lora(build("llama"), "llama")).cuda()
+    inputs = _to_cuda(batch(9, 6, seed=9))
+    out = linft.outputs.label_word_logits([4, 11])
+    auto = linft.empirical_ntk(model, inputs, output=out)
+    tile = auto.meta["sample_tile"]
+    assert tile in (1, 2, 4, 8) and any(f"sample_tile={tile} (auto" in n for n in auto.plan["notes"])
+    small = linft.empirical_ntk(model, inputs, output=out, sample_tile=2)
+    assert _rel(auto.matrix, small.matrix) < 1e-10
