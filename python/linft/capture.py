@@ -245,21 +245,23 @@ def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) ->
     drop the tokens without gradient (`_compact`)."""
     if b.kind in ("linear", "bias"):
         xs, ms, gs = [], [], [[] for _ in range(C)]
-        masked = False  # some token of this block is padding
         for x, g_call in zip(calls_x, calls_g):
-            m = _mask_for(x.shape, mask, B)
             x3 = _flat3(x)
-            masked |= m is not None
-            if m is None:
-                m = torch.ones(B, x3.shape[1], dtype=torch.bool, device=x.device)
-            xs.append(x3), ms.append(m)
+            xs.append(x3), ms.append(_mask_for(x.shape, mask, B))
             for c in range(C):
                 gs[c].append(g_call[c].reshape(B, x3.shape[1], g_call[c].shape[-1]))
-        x, m = _cat_tokens(xs, 1), _cat_tokens(ms, 1)
-        g = [_cat_tokens(gc, 1) for gc in gs]
-        if b.kind == "bias" or b.method == "features":
-            if masked:  # padding adds nothing (the factored forms keep the mask instead)
-                g = [gc * m[:, :, None] for gc in g]
+        masked = any(mm is not None for mm in ms)  # some token of this block is padding
+        per_sample = b.kind == "bias" or b.method == "features"
+        x, g, m = _cat_tokens(xs, 1), [_cat_tokens(gc, 1) for gc in gs], None
+        if masked or not per_sample:  # the per-sample forms need no mask where nothing is padded
+            m = _cat_tokens([torch.ones(B, xx.shape[1], dtype=torch.bool, device=xx.device) if mm is None
+                             else mm for xx, mm in zip(xs, ms)], 1)
+        if per_sample:
+            if masked:  # padding adds nothing: zeroed in the narrower factor (x is shared by the outputs)
+                if b.kind == "bias" or x.shape[-1] > C * g[0].shape[-1]:
+                    g = [gc * m[:, :, None] for gc in g]
+                else:
+                    x = x * m[:, :, None]
             if b.kind == "bias":
                 return {"features": [gc.sum(dim=1) for gc in g]}  # C x (B, d_out)
             return {"features": [_sample_gradients(gc, x).reshape(B, -1) for gc in g]}
