@@ -8,7 +8,9 @@
 #   5. (stage "ntk") the GPT-2 NTK suite (full + LoRA vs vmap(jacrev))
 #   6. (stage "profile") bench/profile_ntk_gpu.py: where the LoRA NTK's time goes
 #   7. (stage "ffma") the gram rows again with LINFT_CUDA_GRAM_MMA=0: the native CUDA gram on CUDA cores,
-#      the A/B for its tensor-core (mma.sync) path that stage "ops" measures (not yet timed on a GPU)
+#      the A/B for its tensor-core (mma.sync) path that stage "ops" measures
+#   8. (stage "llamab") stage 4 with LINFT_BATCHED_OUTPUT_GRADS=1: one batched backward pass per tile
+#      instead of one per output (not yet timed on a GPU)
 # Every stage has its own time limit and writes its files as it goes, so a stage that hangs or is
 # killed costs only itself. Results go under $OUT when set (the device runner collects it), else
 # bench/results/.
@@ -88,12 +90,15 @@ for s in $STAGES; do
       [ -n "${OPS_DTYPES:-}" ] && args+=(--dtypes "$OPS_DTYPES")
       timeout "${OPS_TIMEOUT:-150}" "$PY" bench/harness.py "${args[@]}" >"$DEST/cuda-ops.log" 2>&1 || rc=1
       grep -E "^\[ops\]|ratio|peak|ERROR|Error" "$DEST/cuda-ops.log" | tail -n 60 | tee -a "$LOG" ;;
-    llama)
-      stage "llama: LoRA NTK of a 1.1B Llama-shaped model, N=${LLAMA_N:-1024} T=${LLAMA_T:-256}"
+    llama|llamab)
+      # llamab: the same with the C backward passes of a tile batched (LINFT_BATCHED_OUTPUT_GRADS=1)
+      b=""; [ "$s" = llamab ] && b="-batched"
+      stage "$s: LoRA NTK of a 1.1B Llama-shaped model, N=${LLAMA_N:-1024} T=${LLAMA_T:-256}"
+      LINFT_BATCHED_OUTPUT_GRADS=$([ "$s" = llamab ] && echo 1 || echo 0) \
       timeout "${LLAMA_TIMEOUT:-200}" "$PY" bench/harness.py --suite ntk --ntk-preset llama-1b --device cuda \
-        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} --out "$DEST/cuda-llama.json" \
-        >"$DEST/cuda-llama.log" 2>&1 || rc=1
-      grep -vE "Warning|warn\(" "$DEST/cuda-llama.log" | tail -n 25 | tee -a "$LOG" ;;
+        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} --out "$DEST/cuda-llama$b.json" \
+        >"$DEST/cuda-llama$b.log" 2>&1 || rc=1
+      grep -vE "Warning|warn\(" "$DEST/cuda-llama$b.log" | tail -n 25 | tee -a "$LOG" ;;
     profile)
       stage "profile: bench/profile_ntk_gpu.py N=${LLAMA_N:-1024}"
       timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_ntk_gpu.py --n "${LLAMA_N:-1024}" --t "${LLAMA_T:-256}" \

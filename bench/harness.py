@@ -460,6 +460,7 @@ def _fwdbwd(model, batch, output, names, chunk=None):
 
 def _linft(model, batch, output, params, spec):
     import linft
+    from linft.capture import batched_output_gradients
     ntk = linft.empirical_ntk(model, batch, output=output, params=params,
                               dtype=getattr(torch, spec.get("ntk_dtype", "float32")),
                               memory_budget=spec.get("memory_budget"), sample_tile=spec.get("sample_tile"),
@@ -467,7 +468,8 @@ def _linft(model, batch, output, params, spec):
     info = {"timings": ntk.timings, "peak_kept_bytes": ntk.meta.get("peak_kept_bytes"),
             "n_params": ntk.meta.get("n_params"), "passes": len(ntk.plan.get("passes", [])),
             "methods": sorted({b["method"] for b in ntk.plan.get("blocks", [])}),
-            "sample_tile": ntk.meta.get("sample_tile")}
+            "sample_tile": ntk.meta.get("sample_tile"),
+            "batched_output_grads": batched_output_gradients()}
     return ntk.matrix, info
 
 

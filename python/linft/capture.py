@@ -13,6 +13,8 @@ T' counts only tokens whose output gradient is nonzero for some output (see `_co
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .blocks import Block
@@ -123,8 +125,7 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     # grads[module][call][c]: output gradient of output c, shaped like the module output
     grads = {n: [[None] * C for _ in rec.outputs[n]] for n in names}
     if ys and any(y.requires_grad for y in ys):
-        for c in range(C):
-            gs = torch.autograd.grad(f[:, c].sum(), ys, retain_graph=c < C - 1, allow_unused=True)
+        for c, gs in _output_gradients(f, ys):
             k = 0
             for n in names:
                 for call in range(len(rec.outputs[n])):
@@ -161,6 +162,28 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
             rec.inputs.pop(b.module_name, None)
             grads.pop(b.module_name, None)
     return store, C
+
+
+def batched_output_gradients() -> bool:
+    """LINFT_BATCHED_OUTPUT_GRADS=1: the C backward passes of a tile run as one batched pass
+    (autograd's is_grads_batched, vmapped over the outputs' cotangents): the same gradients with about
+    half the operator launches of C passes, for launch-bound GPU captures. Off by default until
+    measured on a GPU (backward ops without a batching rule fall back to a loop there)."""
+    return os.environ.get("LINFT_BATCHED_OUTPUT_GRADS", "0") not in ("", "0")
+
+
+def _output_gradients(f: torch.Tensor, ys: list):
+    """(c, gradients of sum_i f[i, c] with respect to each of ys) for every output c, None where
+    a y does not reach f: C backward passes, or one batched pass (`batched_output_gradients`)."""
+    C = f.shape[1]
+    if C > 1 and batched_output_gradients():
+        cotangents = torch.eye(C, dtype=f.dtype, device=f.device)[:, None, :].expand(C, *f.shape)
+        gs = torch.autograd.grad(f, ys, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True)
+        for c in range(C):
+            yield c, [None if g is None else g[c] for g in gs]
+        return
+    for c in range(C):
+        yield c, torch.autograd.grad(f[:, c].sum(), ys, retain_graph=c < C - 1, allow_unused=True)
 
 
 def _on_cpu(batch) -> bool:
