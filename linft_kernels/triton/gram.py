@@ -160,12 +160,18 @@ _TUNE = TunedKernel(gram_kernel, _GPU_CONFIGS, _INTERP_CONFIGS, _INTERP_BLOCKS,
                     restore_value=["out_ptr"])
 
 
-def _split_k(tiles: int, P: int, block_k: int, device: torch.device) -> int:
-    """Split the K (= P) range when there are too few output tiles to fill the GPU."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+MAX_SPLITS = 128
+
+
+def _split_k(tiles: int, P: int, block_k: int, sms: int) -> int:
+    """Split the K (= P) range when there are too few output tiles to fill the GPU: about two waves
+    of programs over `sms` multiprocessors, each split at least 8 K-blocks long, at most MAX_SPLITS.
+    (With 64 at most, an N=256 Gram's 3 tiles made 192 programs on 132 SMs: 1.45 waves; the H200 ran
+    it at 24% of the bf16 rate, torch's a @ a.T at 2x that. 128 gives 264 programs, two full waves:
+    not yet timed.)"""
     if tiles >= sms or P < 8 * block_k * 8:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, tiles), P // (8 * block_k), 64))
+    return max(1, min(triton.cdiv(2 * sms, tiles), P // (8 * block_k), MAX_SPLITS))
 
 
 def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, *,
@@ -201,7 +207,8 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, *,
     if split_k is not None:
         splits = max(1, int(split_k))
     else:
-        splits = 1 if interp or not out.is_cuda else _split_k(useful, P, bk, out.device)
+        splits = 1 if interp or not out.is_cuda else _split_k(
+            useful, P, bk, torch.cuda.get_device_properties(out.device).multi_processor_count)
     k_split = triton.cdiv(triton.cdiv(P, splits), bk) * bk
     splits = triton.cdiv(P, k_split)
     dst = out if splits == 1 else torch.zeros((splits, N, M), dtype=out.dtype, device=out.device)

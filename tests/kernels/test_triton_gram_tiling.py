@@ -86,3 +86,15 @@ def test_psg_gram_in_d_out_chunks(kernel, symmetric):
     assert_close_to_oracle(out, psg_oracle(*cpu, kernel=names[kernel]), torch.float64,
                            extra_atol=sign_flip_atol(*cpu, names[kernel], torch.float64),
                            what=f"psg chunks kernel={kernel} sym={symmetric}")
+
+
+def test_split_k_heuristic_fills_two_waves():
+    """Split-K only when the output tiles cannot fill the GPU: about two waves of programs over the
+    multiprocessors (132 on an H100/H200), each split at least 8 K-blocks, at most MAX_SPLITS."""
+    import importlib
+    g = importlib.import_module("linft_kernels.triton.gram")
+    assert g._split_k(tiles=3, P=786432, block_k=64, sms=132) == 88  # 264 programs: two full waves
+    assert g._split_k(tiles=1, P=786432, block_k=64, sms=132) == g.MAX_SPLITS
+    assert g._split_k(tiles=1, P=64 * 8 * 10, block_k=64, sms=132) == 10  # splits of >= 8 K-blocks
+    assert g._split_k(tiles=132, P=786432, block_k=64, sms=132) == 1  # enough tiles already
+    assert g._split_k(tiles=3, P=64 * 8 * 7, block_k=64, sms=132) == 1  # too short to split
