@@ -29,18 +29,27 @@ KERNELS = ("sgd", "signgd", "asymmetric-signgd")
 
 @contextlib.contextmanager
 def _model_state(model: torch.nn.Module, selected: dict):
+    """While linft runs the model: eval mode, only the selected parameters requiring grad, and no
+    key/value cache (transformers' config.use_cache: the same outputs without building a cache that
+    every forward would fill and nothing reads). All restored afterwards, also on error."""
     training = model.training
     flags = {id(p): p.requires_grad for p in model.parameters()}
     chosen = {id(p) for p in selected.values()}
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
+        if use_cache:
+            config.use_cache = False
         yield
     finally:
         model.train(training)
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
+        if use_cache:
+            config.use_cache = use_cache
 
 
 def _model_device(model) -> torch.device:

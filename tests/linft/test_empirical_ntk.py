@@ -163,10 +163,29 @@ def test_unsupported_custom_module_goes_through_generic_path():
 
 
 def test_restores_model_state():
+    """During the call: eval mode and no key/value cache (the same outputs, no cache built); after it,
+    also when the output raises, training mode, requires_grad flags and use_cache are as they were."""
     model = build("gpt2").train()
+    model.config.use_cache = True
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    linft.empirical_ntk(model, batch(2, 4), output=linft.outputs.label_word_logits([3]), params=["*h.0.attn.c_attn.*"])
-    assert model.training
+    seen = []
+    words = linft.outputs.label_word_logits([3])
+
+    def out(m, b):
+        seen.append((m.training, m.config.use_cache))
+        return words(m, b)
+
+    linft.empirical_ntk(model, batch(2, 4), output=out, params=["*h.0.attn.c_attn.*"])
+    assert seen and set(seen) == {(False, False)}
+    assert model.training and model.config.use_cache is True
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def broken(m, b):
+        raise RuntimeError("output failed")
+
+    with pytest.raises(RuntimeError, match="output failed"):
+        linft.empirical_ntk(model, batch(2, 4), output=broken, params=["*h.0.attn.c_attn.*"])
+    assert model.training and model.config.use_cache is True
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
 
