@@ -141,7 +141,8 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         faster per sample there); on a GPU, where a larger tile amortizes the many small launches of
         a forward and C backward passes (a 1.1B model on an H200: tile 64 is 2.2x faster than 16),
         the largest power of two up to 64 whose measured capture memory fits beside what the
-        largest pass keeps within memory_budget (`_auto_sample_tile`).
+        largest pass keeps within memory_budget (`_auto_sample_tile`; it resets the GPU's
+        peak-memory statistics once).
     backend: kernel backend for linft_kernels ops.
     checkpoint: a directory where each finished block is saved (atomically); a call that stopped
         resumes there at the first unfinished block and returns the identical matrix. A directory of
@@ -296,7 +297,9 @@ def _auto_sample_tile(model, probe, output, blocks, plan, C: int, N: int, budget
     memory a tile takes per sample (its autograd graph, output gradients and stored forms, at the
     allocator's peak); the tile is the largest power of two up to AUTO_TILE_MAX (and N) whose
     capture, with a margin of 1.5x, fits in `budget` beside what the largest pass keeps. The choice
-    is written into the plan's notes."""
+    is written into the plan's notes. The measurement resets the device's peak-memory statistics
+    (torch.cuda.reset_peak_memory_stats) once, before the capture work of the call. The generic path
+    runs one sample at a time whatever the tile, so only the factored capture is measured."""
     if device.type != "cuda":
         return max(1, min(AUTO_TILE_CPU, N))
     factored = [b for b in blocks if b.method != "generic"]
