@@ -6,7 +6,8 @@ kernel 0: out[i, j] += <F_i, F_j>;  1: <sign F_i, sign F_j>;  2: <F_i, sign F_j>
 For each chunk of `oc` rows of F (all samples at once, so no sample's gradient is built twice):
   1. `psg_features_kernel`: one program per (sample, o-tile, d-tile) builds the F tile with tl.dot
      over token chunks (16-bit operands on tensor cores, fp32/fp64 accumulation), signs it if asked,
-     and writes it to a scratch of N x oc x d_in (bounded by `scratch_bytes`);
+     and writes it to a scratch of N x oc x d_in (bounded by `scratch_bytes`; signgd's signs in bf16,
+     exactly, whatever F's dtype);
   2. the Triton `gram` (symmetric half tiles, autotuned on a GPU) adds scratch @ scratch2^T into out.
 The earlier one-program-per-pair kernel rebuilt both samples' F tiles for every pair (N times the
 work of building each once): 0.1% of the bf16 GEMM rate on an H200 at N=256, T=256, d=1024.
@@ -93,8 +94,8 @@ def psg_features_kernel(x_ptr, g_ptr, m_ptr, f_ptr, T, D_IN, D_OUT, o0, OC, SIZE
         m_ptr += n * T
     f = _f_tile(x_ptr, g_ptr, m_ptr, T, D_IN, D_OUT, oo, dd, mo, md,
                 HAS_M, CDT, ACC, PREC, BLOCK_O, BLOCK_D, BLOCK_T)
-    if SIGN:
-        f = _sign(f)
+    if SIGN:  # -1, 0, 1: exact in fp32 and in the scratch (bf16 for signgd); fp64 -> bf16 via fp32
+        f = _sign(f).to(tl.float32)
     if ROUND_BF16:
         f = _round_to_bf16(f)
     dst = f_ptr + n * OC * D_IN + (oo - o0)[:, None] * D_IN + dd[None, :]
@@ -127,7 +128,7 @@ def _features(x, g, m, f, o0, oc, sign, cdt, acc, prec, blocks, num_warps, num_s
     grid = lambda meta: (N, triton.cdiv(oc, meta["BLOCK_O"]) * triton.cdiv(d_in, meta["BLOCK_D"]))  # noqa: E731
     args = (x, g, m, f, T, d_in, d_out, o0, oc, size_key(N, T, oc, d_in))
     const = dict(HAS_M=m is not None, SIGN=sign, CDT=cdt, ACC=acc, PREC=prec,
-                 ROUND_BF16=f.dtype == torch.bfloat16 and _TUNE.interpreted)
+                 ROUND_BF16=f.dtype == torch.bfloat16 and _TUNE.interpreted and not sign)  # signs: exact
     _TUNE.launch(grid, args, const, family(cdt, acc), blocks, num_warps, num_stages)
     return f
 
@@ -170,19 +171,30 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,
     cdt, acc, prec = _compute_config([x1.dtype, g1.dtype, x2.dtype, g2.dtype], f_acc,
                                      interp, fp32_precision)
     blocks = _TUNE.blocks(blocks)  # None: autotuned
+    # signgd: sign F is -1, 0 or 1, exact in bf16 whatever F was built in, so it is stored in bf16 and
+    # stage 2 multiplies bf16 operands on tensor cores. Their fp32 sums are exact integers up to 2^24:
+    # a chunk has at most 2^24 columns, and with an fp64 out each chunk's Gram goes through an fp32
+    # scratch that is then added (exactly) to out.
+    signs16 = kernel == 1 and f_dtype in (torch.float32, torch.float64)
+    store_dtype = torch.bfloat16 if signs16 else f_dtype
     rows = N if sym else N + M
-    oc_max = max(1, min(d_out, scratch_bytes // max(1, rows * d_in * torch.finfo(f_dtype).bits // 8)))
-    buf1 = torch.empty(N * oc_max * d_in, dtype=f_dtype, device=out.device)
-    buf2 = None if sym else torch.empty(M * oc_max * d_in, dtype=f_dtype, device=out.device)
+    oc_max = max(1, min(d_out, scratch_bytes // max(1, rows * d_in * torch.finfo(store_dtype).bits // 8)))
+    if signs16:
+        oc_max = max(1, min(oc_max, (1 << 24) // d_in))
+    buf1 = torch.empty(N * oc_max * d_in, dtype=store_dtype, device=out.device)
+    buf2 = None if sym else torch.empty(M * oc_max * d_in, dtype=store_dtype, device=out.device)
+    k32 = torch.empty(N, M, dtype=torch.float32, device=out.device) if signs16 and out.dtype == torch.float64 \
+        else None
     with _device_guard(out):
         for o0 in range(0, d_out, oc_max):
             oc = min(oc_max, d_out - o0)
             f1 = _features(x1, g1, m1, buf1[:N * oc * d_in].view(N, oc * d_in), o0, oc, kernel == 1,
                            cdt, acc, prec, blocks, num_warps, num_stages)
-            if sym:
-                _gram(f1, None, out, fp32_precision=fp32_precision)
-                continue
-            f2 = _features(x2, g2, m2, buf2[:M * oc * d_in].view(M, oc * d_in), o0, oc, kernel != 0,
-                           cdt, acc, prec, blocks, num_warps, num_stages)
-            _gram(f1, f2, out, fp32_precision=fp32_precision)
+            f2 = None if sym else _features(x2, g2, m2, buf2[:M * oc * d_in].view(M, oc * d_in), o0, oc,
+                                             kernel != 0, cdt, acc, prec, blocks, num_warps, num_stages)
+            if k32 is None:
+                _gram(f1, f2, out, fp32_precision=fp32_precision)
+            else:
+                _gram(f1, f2, k32.zero_(), fp32_precision=fp32_precision)
+                out += k32
     return out

@@ -125,6 +125,40 @@ def test_psg_gram_16bit_tiles(backend, device, dtype, out_dtype, symmetric):
         assert err_rounded < err_exact / 4, (err_rounded, err_exact)
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_psg_gram_signgd_is_exact(backend, device, dtype, out_dtype, symmetric, monkeypatch):
+    """signgd counts sign agreements: with small-integer factors (F exact in every dtype, zeros
+    included) every backend gives the integer oracle exactly. The Triton kernel stores the signs in
+    bf16 and multiplies them on bf16 operands (seen by its Gram's input dtype), fp64 outs through an
+    exact fp32 scratch."""
+    if out_dtype == torch.float32 and dtype == torch.float64:
+        pytest.skip("fp64 factors need an fp64 out")
+    gen = torch.Generator().manual_seed(13)
+
+    def ints(*shape):
+        return torch.randint(-2, 3, shape, generator=gen).to(dtype).to(device)
+
+    N, M, T, S, d_in, d_out = 6, 5, 7, 4, 19, 23
+    x1, g1 = ints(N, T, d_in), ints(N, T, d_out)
+    x2, g2 = (None, None) if symmetric else (ints(M, S, d_in), ints(M, S, d_out))
+    seen = []
+    if backend == "triton":
+        import importlib
+        tpsg = importlib.import_module("linft_kernels.triton.psg_gram")
+        real = tpsg._gram
+        monkeypatch.setattr(tpsg, "_gram", lambda a, b, o, **k: seen.append(a.dtype) or real(a, b, o, **k))
+    got = lk.psg_gram(x1, g1, x2, g2, kernel="signgd", backend=backend,
+                      out=torch.zeros(N, N if symmetric else M, dtype=out_dtype, device=device))
+    oracle = psg_oracle(x1.cpu(), g1.cpu(), None, None if x2 is None else x2.cpu(),
+                        None if g2 is None else g2.cpu(), None, kernel="signgd")
+    assert torch.equal(got.cpu().double(), oracle), (got.cpu().double() - oracle).abs().max()
+    if backend == "triton":
+        assert seen and set(seen) == {torch.bfloat16}
+
+
 def test_psg_gram_tile_dtype_is_checked():
     x, g = randn(2, 3, 4, dtype=torch.float32), randn(2, 3, 5, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs factors x and g of that dtype"):
