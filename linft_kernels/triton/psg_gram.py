@@ -107,8 +107,12 @@ def _cfg(o, d, t, warps, stages):
 
 
 # F tiles (BLOCK_O x BLOCK_D: tl.dot M and N) built over token steps (BLOCK_T: tl.dot K); all >= 16
+# 16-bit: the 128 x 128 tiles read each sample's x and g half as often as 64 x 64 ones (every (o, d)
+# tile re-reads its T x BLOCK rows; at T=256 the loads, not the products, bound the smaller tiles);
+# sm_90: wgmma (HGMMA), 155-162 registers, no spills (cuobjdump of the compiled cubins).
 GPU_CONFIGS = {
-    "16bit": [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 64, 4, 2)],
+    "16bit": [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 64, 4, 2),
+              _cfg(128, 128, 32, 8, 3), _cfg(128, 128, 64, 8, 2)],
     "fp32": [_cfg(32, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3), _cfg(64, 64, 16, 4, 4)],
     # CUDA-core fp64 (see gram._mma: an (O, T, D) broadcast per step): small cubes only
     "fp64": [_cfg(FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, FP64_PAIR_BLOCK, 4, 3),
