@@ -92,9 +92,10 @@ for s in $STAGES; do
       grep -E "^\[ops\]|ratio|peak|ERROR|Error" "$DEST/cuda-ops.log" | tail -n 60 | tee -a "$LOG" ;;
     llama|llamab)
       # llamab: the same with the C backward passes of a tile batched (LINFT_BATCHED_OUTPUT_GRADS=1)
-      b=""; [ "$s" = llamab ] && b="-batched"
+      batched=0; b=""
+      if [ "$s" = llamab ]; then batched=1; b="-batched"; fi
       stage "$s: LoRA NTK of a 1.1B Llama-shaped model, N=${LLAMA_N:-1024} T=${LLAMA_T:-256}"
-      LINFT_BATCHED_OUTPUT_GRADS=$([ "$s" = llamab ] && echo 1 || echo 0) \
+      LINFT_BATCHED_OUTPUT_GRADS=$batched \
       timeout "${LLAMA_TIMEOUT:-200}" "$PY" bench/harness.py --suite ntk --ntk-preset llama-1b --device cuda \
         --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} --out "$DEST/cuda-llama$b.json" \
         >"$DEST/cuda-llama$b.log" 2>&1 || rc=1

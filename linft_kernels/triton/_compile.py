@@ -81,17 +81,14 @@ def variants():
                  CDT=cdt, ACC=acc, PREC=prec, **first(_GHOST).kwargs)
     yield (_GHOST.kernel, "bf16->fp32 sym=1 unmasked", _constexpr_sig(sig, const), const,
            dict(num_warps=first(_GHOST).num_warps, num_stages=first(_GHOST).num_stages))
-    for fin, acc_name in (("fp32", "fp32"), ("fp64", "fp64")):  # signgd: signs stored in bf16
-        cdt_s, acc_s, prec_s = _compute_config([getattr(tl, "float" + fin[2:])],
-                                               getattr(tl, "float" + acc_name[2:]), interpret=False)
+    for fin in ("fp32", "fp64"):  # signgd: signs of F built in the factors' dtype, stored in bf16
+        cdt_s, acc_s, prec_s = _compute_config([_IN[fin]], _OUT[fin], interpret=False)
         sig = dict(x_ptr="*" + fin, g_ptr="*" + fin, m_ptr="*u8", f_ptr="*bf16", T="i32", D_IN="i32",
                    D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")
-        fam_s = family(cdt_s, acc_s)
-        const = dict(HAS_M=True, SIGN=True, ROUND_BF16=False, CDT=cdt_s, ACC=acc_s, PREC=prec_s,
-                     **_PSG.gpu_configs[fam_s][0].kwargs)
+        cfg = _PSG.gpu_configs[family(cdt_s, acc_s)][0]
+        const = dict(HAS_M=True, SIGN=True, ROUND_BF16=False, CDT=cdt_s, ACC=acc_s, PREC=prec_s, **cfg.kwargs)
         yield (_PSG.kernel, f"{fin}->bf16 sign tiles masked", _constexpr_sig(sig, const), const,
-               dict(num_warps=_PSG.gpu_configs[fam_s][0].num_warps,
-                    num_stages=_PSG.gpu_configs[fam_s][0].num_stages))
+               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     for tiles in ("fp32", "bf16"):  # bf16: 16-bit tiles (tile_dtype=torch.bfloat16)
         sig = dict(x_ptr="*bf16", g_ptr="*bf16", f_ptr="*" + tiles, T="i32", D_IN="i32",
                    D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")

@@ -303,7 +303,7 @@ def _auto_sample_tile(model, probe, output, blocks, plan, C: int, N: int, budget
     if device.type != "cuda":
         return max(1, min(AUTO_TILE_CPU, N))
     factored = [b for b in blocks if b.method != "generic"]
-    B = next(v.shape[0] for v in probe.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    B = _data.n_samples([probe])
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
