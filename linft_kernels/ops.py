@@ -147,9 +147,9 @@ def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):
     tile_dtype = None if tiles == "out" else getattr(torch, tiles)
     if backend == "cpu" and _blas.psg_applies(x1, x2, out, tile_dtype):
         # tiles in the factors' dtype; tiles coarser than out take their Gram from the native kernel
-        mixed = x1.dtype != out.dtype
-        _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel,
-                       gram=(lambda a, b, k: _run_gram(k, a, b, "cpu")) if mixed else None)
+        native = lambda a, b, k: _run_gram(k, a, b, "cpu")  # noqa: E731
+        _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, gram=native if x1.dtype != out.dtype else None,
+                       few_rows_gram=native)
         return
     x1, g1, m1 = per_output_rows(x1, g1, m1)
     x2, g2, m2 = per_output_rows(x2, g2, m2)

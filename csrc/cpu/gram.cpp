@@ -169,8 +169,9 @@ LINFT_AI void pack_any(const Operand& op, int64_t rows, int64_t kc, T* dst) {
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernel: C[MR x NR] (leading dimension ldc) += sum_k Ap[k, :]^T Bp[k, :], NR = NV * L lanes.
-// MR * NV accumulators stay in registers (24 zmm for AVX-512, 12 ymm/xmm otherwise).
-template <class T, int L, int MR, int NV>
+// MR * NV accumulators stay in registers (24 zmm for AVX-512, 12 ymm/xmm otherwise). Consecutive k
+// of A are AS elements apart: MR in an A panel, NR when A's rows are read from a B panel (syrk_impl).
+template <class T, int L, int MR, int NV, int AS = MR>
 LINFT_AI void micro(int64_t kc, const T* __restrict Ap, const T* __restrict Bp, T* __restrict C,
                     int64_t ldc) {
   typedef typename Vec<T, L>::type V;
@@ -184,7 +185,7 @@ LINFT_AI void micro(int64_t kc, const T* __restrict Ap, const T* __restrict Bp, 
     V b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(Bp + k * NR + v * L);
-    const T* a = Ap + k * MR;
+    const T* a = Ap + k * AS;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const V ar = a[r] - V{};  // broadcast (x - 0 == x for every x, folded away)
@@ -206,11 +207,64 @@ LINFT_AI void micro(int64_t kc, const T* __restrict Ap, const T* __restrict Bp, 
 // Per-thread packing buffers (kept between calls; bounded by MC*KC + NC*KC elements).
 thread_local AlignedArray<unsigned char> tls_apack, tls_bpack;
 
+constexpr int64_t kKC = 256;  // k chunk of every product: C gets each chunk's sum, in k order
+
+// Symmetric product of few rows (m <= kSyrkRows): C[i, j] += A_i . A_j for i <= j, with the
+// operand packed once per k chunk. gemm_impl packs it twice, as A panels and as B panels, which for
+// a Gram of ~128 rows costs about what the skipped lower triangle saves. Here the rows are packed
+// into NR-wide k-major panels; each NR-column panel of C is computed for the rows up to its last
+// column, MR rows at a time, whose values the micro-kernel broadcasts straight from their panel (MR
+// divides NR, so MR rows never straddle two panels). With NR = 32, about 62% of the full product
+// at 128 rows. Each element is summed in the same order as by gemm_impl (kKC chunks, k ascending).
+constexpr int64_t kSyrkRows = 384;
+
 template <class T, int L, int MR, int NV>
+LINFT_AI void syrk_impl(const Operand& A, int64_t m, int64_t K, T* __restrict C, int64_t ldc) {
+  constexpr int NR = NV * L;
+  static_assert(NR % MR == 0, "MR rows must lie in one NR-wide panel");
+  const int64_t np = (m + NR - 1) / NR;
+  const int64_t kcap = std::min<int64_t>(kKC, K);
+  tls_bpack.resize(np * NR * kcap * sizeof(T));
+  T* Pk = reinterpret_cast<T*>(tls_bpack.data());
+  alignas(64) T tmp[MR * NR];
+  for (int64_t pc = 0; pc < K; pc += kKC) {
+    const int64_t kc = std::min(kKC, K - pc);
+    pack_any<T, NR>(A.cols_from(pc), m, kc, Pk);
+    for (int64_t jp = 0; jp < np; ++jp) {
+      const int64_t c0 = jp * NR, nr = std::min<int64_t>(NR, m - c0);
+      const T* bp = Pk + jp * kc * NR;
+      for (int64_t r0 = 0; r0 < c0 + nr; r0 += MR) {
+        const int64_t mr = std::min<int64_t>(MR, m - r0);
+        const T* ap = Pk + (r0 / NR) * kc * NR + r0 % NR;  // rows past m are packed as zeros
+        T* c = C + r0 * ldc + c0;
+        if (mr == MR && nr == NR) {
+          micro<T, L, MR, NV, NR>(kc, ap, bp, c, ldc);
+        } else {  // edge tile: full tile into tmp, valid part into C
+          for (int i = 0; i < MR * NR; ++i) tmp[i] = T(0);
+          micro<T, L, MR, NV, NR>(kc, ap, bp, tmp, NR);
+          for (int64_t i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] += tmp[i * NR + j];
+        }
+      }
+    }
+  }
+}
+
+bool same_rows(const Operand& A, const Operand& B) {
+  return A.base == B.base && A.dtype == B.dtype && A.ld == B.ld && A.idx == B.idx &&
+         A.kmajor == B.kmajor;
+}
+
+// SMR x SNV: the register tile of syrk_impl, which gemm_nt(upper) takes for few rows of one operand.
+template <class T, int L, int MR, int NV, int SMR, int SNV>
 LINFT_AI void gemm_impl(const Operand& A, const Operand& B, int64_t m, int64_t n, int64_t K,
                         T* __restrict C, int64_t ldc, bool upper) {
+  if (upper && m == n && m <= kSyrkRows && same_rows(A, B)) {
+    syrk_impl<T, L, SMR, SNV>(A, m, K, C, ldc);
+    return;
+  }
   constexpr int NR = NV * L;
-  constexpr int64_t KC = 256;      // k chunk: an NR x KC panel of B stays in L1
+  constexpr int64_t KC = kKC;      // k chunk: an NR x KC panel of B stays in L1
   constexpr int64_t MC = 16 * MR;  // an MC x KC block of A stays in L2
   constexpr int64_t NC = 64 * NR;  // an NC x KC block of B stays in L2/L3
   if (m <= 0 || n <= 0 || K <= 0) return;
@@ -267,11 +321,11 @@ using GemmF64 = void (*)(const Operand&, const Operand&, int64_t, int64_t, int64
 // Baseline (whatever the build flags allow; 16-byte vectors, 16 registers).
 void gemm_generic_f32(const Operand& A, const Operand& B, int64_t m, int64_t n, int64_t K, float* C,
                       int64_t ldc, bool upper) {
-  gemm_impl<float, 4, 6, 2>(A, B, m, n, K, C, ldc, upper);
+  gemm_impl<float, 4, 6, 2, 4, 2>(A, B, m, n, K, C, ldc, upper);
 }
 void gemm_generic_f64(const Operand& A, const Operand& B, int64_t m, int64_t n, int64_t K,
                       double* C, int64_t ldc, bool upper) {
-  gemm_impl<double, 2, 6, 2>(A, B, m, n, K, C, ldc, upper);
+  gemm_impl<double, 2, 6, 2, 2, 2>(A, B, m, n, K, C, ldc, upper);
 }
 
 #ifdef LINFT_X86_DISPATCH
@@ -281,19 +335,19 @@ void gemm_generic_f64(const Operand& A, const Operand& B, int64_t m, int64_t n, 
 
 LINFT_TARGET_AVX2 void gemm_avx2_f32(const Operand& A, const Operand& B, int64_t m, int64_t n,
                                      int64_t K, float* C, int64_t ldc, bool upper) {
-  gemm_impl<float, 8, 6, 2>(A, B, m, n, K, C, ldc, upper);
+  gemm_impl<float, 8, 6, 2, 4, 2>(A, B, m, n, K, C, ldc, upper);
 }
 LINFT_TARGET_AVX2 void gemm_avx2_f64(const Operand& A, const Operand& B, int64_t m, int64_t n,
                                      int64_t K, double* C, int64_t ldc, bool upper) {
-  gemm_impl<double, 4, 6, 2>(A, B, m, n, K, C, ldc, upper);
+  gemm_impl<double, 4, 6, 2, 4, 2>(A, B, m, n, K, C, ldc, upper);
 }
 LINFT_TARGET_AVX512 void gemm_avx512_f32(const Operand& A, const Operand& B, int64_t m, int64_t n,
                                          int64_t K, float* C, int64_t ldc, bool upper) {
-  gemm_impl<float, 16, 12, 2>(A, B, m, n, K, C, ldc, upper);
+  gemm_impl<float, 16, 12, 2, 8, 2>(A, B, m, n, K, C, ldc, upper);
 }
 LINFT_TARGET_AVX512 void gemm_avx512_f64(const Operand& A, const Operand& B, int64_t m, int64_t n,
                                          int64_t K, double* C, int64_t ldc, bool upper) {
-  gemm_impl<double, 8, 12, 2>(A, B, m, n, K, C, ldc, upper);
+  gemm_impl<double, 8, 12, 2, 8, 2>(A, B, m, n, K, C, ldc, upper);
 }
 #endif
 

@@ -200,6 +200,35 @@ def test_cpu_blas_psg_chunks(dtype, kernel, one_dataset):
             assert torch.equal(out, out.T)
 
 
+@pytest.mark.parametrize("kernel", ["sgd", "signgd"])
+def test_cpu_blas_psg_few_rows_chunk_gram(kernel):
+    """Symmetric psg_gram on CPU whose chunks have >= 16384 entries and whose rows (samples x outputs)
+    are few takes each chunk's Gram from the native few-rows kernel (whole symmetric Grams, not upper
+    triangles): C = 2 per-output gradients, a masked token, a last chunk shorter than the others
+    (below the few-rows size: torch's GEMM, also whole) all add up to the float64 oracle, exactly
+    symmetric, with and without that kernel (few_rows_gram=None: torch's GEMM in strips)."""
+    from linft_kernels import _blas, ops
+    from linft_testing import native_cpu_available
+    if not native_cpu_available():
+        pytest.skip("native CPU library not built")
+    torch.manual_seed(5)
+    x, g = randn(5, 6, 131), randn(5, 2, 6, 200)
+    m = torch.ones(5, 6, dtype=torch.uint8)
+    m[3, 4:] = 0
+    oracle = psg_oracle(*_repeat_per_output(x, g, m), None, None, None, kernel=kernel)
+    atol = sign_flip_atol(*_repeat_per_output(x, g, m), None, None, None, kernel, torch.float32)
+    native = lambda a, b, k: ops._run_gram(k, a, b, "cpu")  # noqa: E731
+    rows_out = 128  # chunks of 128 x 131 (16768 entries: few rows) and a last one of 72 x 131
+    assert _blas._psg_chunks(10, 131, 200, 10 * 128 * 131, rows_out) == (128, 131)
+    assert _blas.few_rows(10, 128 * 131) and not _blas.few_rows(10, 72 * 131)
+    for few_rows_gram in (native, None):
+        out = _blas.psg_gram(x, g, m, None, None, None, torch.zeros(10, 10), kernel, buffer=10 * 128 * 131,
+                             rows_out=rows_out, few_rows_gram=few_rows_gram)
+        assert_close_to_oracle(out, oracle, torch.float32, extra_atol=atol,
+                               what=f"few-rows psg {kernel} native={few_rows_gram is not None}")
+        assert torch.equal(out, out.T)
+
+
 def test_cpu_blas_psg_applies_when_tiles_are_in_the_factors_dtype():
     from linft_kernels import _blas
     x, o32, o64 = randn(2, 3, 4), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
