@@ -184,6 +184,8 @@ def op_cases(device: str, quick: bool) -> list[dict]:
             add("gram_sym", "gram", dict(N=1024, P=16384), dt)
             add("gram_cross", "gram", dict(N=1024, M=512, P=16384), dt)
         add("gram_sym_ntk_features", "gram", dict(N=128, P=786432), f32, reps=3)
+        # one chunk's Gram inside psg_gram at the NTK benchmark's shapes (64 samples x 2 outputs)
+        add("gram_sym_few_rows", "gram", dict(N=128, P=32768), f32)
         for dt in (f32, bf16):
             add("ghost_gram_sym", "ghost_gram", dict(N=64, T=128, d_in=512, d_out=512), dt, reps=3)
         add("ghost_gram_cross", "ghost_gram", dict(N=64, M=32, T=128, d_in=512, d_out=512), f32, reps=3)
