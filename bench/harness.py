@@ -274,9 +274,10 @@ def build_op_case(case: dict, device: torch.device):
             fl = FL.psg_gram(N, T, d_in, d_out, M, S)
             for be in _backends(device, heavy):
                 cands.append((be, lambda be=be: lk.psg_gram(x1, g1, x2, g2, kernel=kernel, backend=be)))
-            if lowp and device.type == "cuda":  # F rounded to the factors' dtype, as the bf16 baseline's
-                cands.append((f"triton [{native} tiles]", lambda: lk.psg_gram(
-                    x1, g1, x2, g2, kernel=kernel, backend="triton", tile_dtype=dt)))
+            if lowp:  # F rounded to the factors' dtype, as the bf16 baseline's (its Gram on AMX / tensor cores)
+                tiled = "triton" if device.type == "cuda" else "cpu"
+                cands.append((f"{tiled} [{native} tiles]", lambda: lk.psg_gram(
+                    x1, g1, x2, g2, kernel=kernel, backend=tiled, tile_dtype=dt)))
             bases.append((f"einsum materialize [{native}]", lambda: _materialize(x1, g1, x2, g2, kernel)))
             if lowp:
                 bases.append(("einsum materialize [fp32 upcast]",
