@@ -9,7 +9,8 @@
 //   B: 16-column panels in the VNNI layout TDPBF16PS wants: panel[k/2][col][k%2].
 // Then OpenMP over 32 x 32 output blocks (only those on or above the diagonal in the symmetric
 // form), taken in groups of 4 x 4 blocks so that their operands stay in L2: four 16 x 16 fp32
-// accumulator tiles, two A tiles and two B tiles per 32-long k step, stored to a local block and
+// accumulator tiles, two A tiles and two B tiles per 32-long k step, loaded from and stored to the
+// block's accumulator, which carries the sum over the chunks. After the last chunk each block is
 // added to out by add_block (off-diagonal symmetric blocks also to the transposed place, diagonal
 // blocks from their upper triangle, so the result is exactly symmetric).
 #include <omp.h>
@@ -39,6 +40,21 @@ namespace {
 constexpr int64_t KC = 2048;  // k chunk (multiple of 32)
 constexpr int64_t SB = 4;     // output blocks are visited in SB x SB groups: 128 rows of A and 128
                               // columns of B over one k chunk (2 x 512 KiB) stay in L2 meanwhile
+// Every output block's fp32 accumulator (4 KiB) persists across the k chunks, so out is updated once
+// per call: adding each chunk's block to out (32 rows of 128 B far apart, and the transposed copy
+// of the symmetric form) took about as long as the chunk's tile products. At most kAccBlocks blocks
+// (128 MiB) are held: larger outputs run in bands of block rows, each repacking the chunks.
+constexpr int64_t kAccBlocks = 32768;
+
+int64_t acc_blocks() {  // LINFT_AMX_ACC_BLOCKS overrides kAccBlocks (tests use it to force bands)
+  static const int64_t n = [] {
+    const char* e = std::getenv("LINFT_AMX_ACC_BLOCKS");
+    const long long v = e ? std::atoll(e) : 0;
+    return v > 0 ? static_cast<int64_t>(v) : kAccBlocks;
+  }();
+  return n;
+}
+constexpr int64_t kKeepBlocks = 2048;  // 8 MiB
 
 bool detect() {
   const char* off = std::getenv("LINFT_NO_AMX");
@@ -75,15 +91,24 @@ __attribute__((target("amx-tile"))) void configure() {
 
 __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 
-// 32 x 32 block: C (ldc 32 floats) = A[32 rows, kp] . B[32 cols, kp]^T over kp (multiple of 32).
-// Ap: 32 packed rows of kp bf16 (row stride kp); Bp0/Bp1: two VNNI panels of 16 columns each.
+// 32 x 32 block: C (ldc 32 floats) += A[32 rows, kp] . B[32 cols, kp]^T over kp (multiple of 32),
+// C = 0 first when `fresh`. Ap: 32 packed rows of kp bf16 (row stride kp); Bp0/Bp1: two VNNI panels
+// of 16 columns each. The fp32 accumulation goes on in the tiles from the value loaded from C.
 __attribute__((target("amx-tile,amx-bf16"))) void block32(const uint16_t* Ap, int64_t kp,
                                                            const uint16_t* Bp0,
-                                                           const uint16_t* Bp1, float* C) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+                                                           const uint16_t* Bp1, float* C,
+                                                           bool fresh) {
+  if (fresh) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, C, 128);
+    _tile_loadd(1, C + 16, 128);
+    _tile_loadd(2, C + 16 * 32, 128);
+    _tile_loadd(3, C + 16 * 32 + 16, 128);
+  }
   const int64_t a_stride = kp * 2;  // bytes
   for (int64_t k = 0; k < kp; k += 32) {
     _tile_loadd(4, Ap + k, a_stride);
@@ -116,17 +141,60 @@ void pack_rows(const uint16_t* src, int64_t n, int64_t n_pad, int64_t ld, int64_
   }
 }
 
+// In-register transpose of a 16 x 16 matrix of 32-bit elements: r[c] holds row c on entry and
+// column c on return. 32-bit then 64-bit interleaves within 128-bit lanes, then two rounds of lane
+// shuffles (64 shuffles for 256 elements). Every CPU with AMX has AVX-512F.
+__attribute__((target("avx512f"))) inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i] lane L: rows i, i+1 at columns 4L, 4L+1; t[i+1]: 4L+2, 4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // r[g + j] lane L: rows g..g+3 at column 4L + j
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of r[j], r[4 + j], r[8 + j], r[12 + j]
+    const __m512i lo_a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44);       // lanes 0, 1 of each
+    const __m512i lo_b = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512i hi_a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);       // lanes 2, 3 of each
+    const __m512i hi_b = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    t[j] = _mm512_shuffle_i32x4(lo_a, lo_b, 0x88);       // lane 0 of all four: column j
+    t[4 + j] = _mm512_shuffle_i32x4(lo_a, lo_b, 0xDD);   // lane 1: column 4 + j
+    t[8 + j] = _mm512_shuffle_i32x4(hi_a, hi_b, 0x88);   // lane 2: column 8 + j
+    t[12 + j] = _mm512_shuffle_i32x4(hi_a, hi_b, 0xDD);  // lane 3: column 12 + j
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // VNNI panels of 16 packed rows: panel[k/2][c][k%2] = rows[16 p + c][k], i.e. a transpose of 32-bit
-// pairs, written contiguously (16 sequential read streams).
-void vnni_panels(const uint16_t* rows, int64_t n_pad, int64_t kp, uint16_t* dst) {
+// pairs: 16 x 16 blocks of pairs through registers (contiguous 64-byte loads and stores; the scalar
+// transpose it replaced cost about as much as the tile products of a 1024-row Gram).
+__attribute__((target("avx512f"))) void vnni_panels(const uint16_t* rows, int64_t n_pad, int64_t kp,
+                                                    uint16_t* dst) {
 #pragma omp for schedule(static)
   for (int64_t p = 0; p < n_pad / 16; ++p) {
-    const uint32_t* src[16];
-    for (int c = 0; c < 16; ++c) src[c] = reinterpret_cast<const uint32_t*>(rows + (p * 16 + c) * kp);
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(rows + p * 16 * kp);
     uint32_t* d = reinterpret_cast<uint32_t*>(dst + p * 16 * kp);
-    for (int64_t r = 0; r < kp / 2; ++r)
-      for (int c = 0; c < 16; ++c) d[r * 16 + c] = src[c][r];
+    const int64_t pairs = kp / 2, ld = kp / 2;  // kp is a multiple of 32: pairs of 16
+    for (int64_t r0 = 0; r0 < pairs; r0 += 16) {
+      __m512i v[16];
+      for (int c = 0; c < 16; ++c) v[c] = _mm512_loadu_si512(src + c * ld + r0);
+      transpose16x16(v);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(d + (r0 + i) * 16, v[i]);
+    }
   }
+}
+
+// out += the 32 x 32 block (bi, bj) held in C (row stride 32; its valid part at the edges).
+void add_to_out(float* out, int64_t N, int64_t M, float* C, int64_t bi, int64_t bj, bool sym) {
+  const int64_t i0 = bi * 32, j0 = bj * 32;
+  const int64_t m = std::min<int64_t>(32, N - i0), n = std::min<int64_t>(32, M - j0);
+  if (n < 32)  // edge block: rows of n values, as add_block reads them
+    for (int64_t i = 1; i < m; ++i) std::memmove(C + i * n, C + i * 32, n * sizeof(float));
+  add_block(out, M, C, i0, j0, m, n, sym);  // diagonal blocks: from their upper triangle
 }
 
 }  // namespace
@@ -146,43 +214,61 @@ void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, 
   AlignedArray<uint16_t> Brows(sym ? 1 : static_cast<std::size_t>(Mp * kc_max));
   AlignedArray<uint16_t> Bvnni(static_cast<std::size_t>((sym ? Np : Mp) * kc_max));
   const int64_t nbi = Np / 32, nbj = Mp / 32;
-  std::vector<std::pair<int64_t, int64_t>> blocks;
-  for (int64_t gi = 0; gi < nbi; gi += SB)
-    for (int64_t gj = sym ? gi : 0; gj < nbj; gj += SB)
-      for (int64_t bi = gi; bi < std::min(nbi, gi + SB); ++bi)
-        for (int64_t bj = std::max(gj, sym ? bi : int64_t(0)); bj < std::min(nbj, gj + SB); ++bj)
-          blocks.push_back({bi, bj});
-  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  // Bands of block rows whose accumulators fit kAccBlocks (one band unless the output is huge).
+  const int64_t row_blocks = sym ? (nbj + 1) / 2 + 1 : nbj;  // about the blocks per block row
+  const int64_t band = std::max<int64_t>(SB, acc_blocks() / std::max<int64_t>(1, row_blocks) / SB * SB);
+  // One k chunk: each block goes to out right after its products (no accumulators to carry).
+  const bool carry = P > KC;
+  // Accumulators of up to kKeepBlocks blocks stay allocated in this thread between calls (psg_gram
+  // calls gram once per chunk of its per-sample gradients: fresh pages every call cost more than
+  // the products of a small Gram); larger ones are freed on return.
+  thread_local AlignedArray<float> kept_acc;
+  AlignedArray<float> big_acc;
+  for (int64_t b0 = 0; b0 < nbi; b0 += band) {
+    const int64_t b1 = std::min(nbi, b0 + band);
+    std::vector<std::pair<int64_t, int64_t>> blocks;
+    for (int64_t gi = b0; gi < b1; gi += SB)
+      for (int64_t gj = sym ? gi : 0; gj < nbj; gj += SB)
+        for (int64_t bi = gi; bi < std::min(b1, gi + SB); ++bi)
+          for (int64_t bj = std::max(gj, sym ? bi : int64_t(0)); bj < std::min(nbj, gj + SB); ++bj)
+            blocks.push_back({bi, bj});
+    const int64_t nblocks = static_cast<int64_t>(blocks.size());
+    AlignedArray<float>& acc = nblocks <= kKeepBlocks ? kept_acc : big_acc;
+    if (carry) acc.resize(static_cast<std::size_t>(nblocks * 1024));
 
-  for (int64_t k0 = 0; k0 < P; k0 += KC) {
-    const int64_t kl = std::min(KC, P - k0), kp = (kl + 31) / 32 * 32;
-    const uint16_t* Ap = Apack.data();
-    const uint16_t* Bp = Bvnni.data();
+    for (int64_t k0 = 0; k0 < P; k0 += KC) {
+      const int64_t kl = std::min(KC, P - k0), kp = (kl + 31) / 32 * 32;
+      const uint16_t* Ap = Apack.data();
+      const uint16_t* Bp = Bvnni.data();
 #pragma omp parallel
-    {
-      pack_rows(a, N, Np, P, k0, kl, kp, Apack.data());
-      if (sym) {
-        vnni_panels(Apack.data(), Np, kp, Bvnni.data());  // after the implicit barrier above
-      } else {
-        pack_rows(b, M, Mp, P, k0, kl, kp, Brows.data());
-        vnni_panels(Brows.data(), Mp, kp, Bvnni.data());
+      {
+        pack_rows(a, N, Np, P, k0, kl, kp, Apack.data());
+        if (sym) {
+          vnni_panels(Apack.data(), Np, kp, Bvnni.data());  // after the implicit barrier above
+        } else {
+          pack_rows(b, M, Mp, P, k0, kl, kp, Brows.data());
+          vnni_panels(Brows.data(), Mp, kp, Bvnni.data());
+        }
+      }
+#pragma omp parallel
+      {
+        configure();
+        alignas(64) float local[32 * 32];
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t w = 0; w < nblocks; ++w) {
+          const int64_t bi = blocks[w].first, bj = blocks[w].second;
+          float* C = carry ? acc.data() + w * 1024 : local;
+          block32(Ap + bi * 32 * kp, kp, Bp + (2 * bj) * 16 * kp, Bp + (2 * bj + 1) * 16 * kp, C,
+                  !carry || k0 == 0);
+          if (!carry) add_to_out(out, N, M, C, bi, bj, sym);
+        }
+        release();
       }
     }
-#pragma omp parallel
-    {
-      configure();
-      alignas(64) float C[32 * 32];
-#pragma omp for schedule(dynamic, 4)
-      for (int64_t w = 0; w < nblocks; ++w) {
-        const int64_t bi = blocks[w].first, bj = blocks[w].second;
-        block32(Ap + bi * 32 * kp, kp, Bp + (2 * bj) * 16 * kp, Bp + (2 * bj + 1) * 16 * kp, C);
-        const int64_t i0 = bi * 32, j0 = bj * 32;
-        const int64_t m = std::min<int64_t>(32, N - i0), n = std::min<int64_t>(32, M - j0);
-        if (n < 32)  // edge block: rows of n values, as add_block reads them
-          for (int64_t i = 1; i < m; ++i) std::memmove(C + i * n, C + i * 32, n * sizeof(float));
-        add_block(out, M, C, i0, j0, m, n, sym);  // diagonal blocks: from their upper triangle
-      }
-      release();
+    if (carry) {
+#pragma omp parallel for schedule(dynamic, 4)
+      for (int64_t w = 0; w < nblocks; ++w)
+        add_to_out(out, N, M, acc.data() + w * 1024, blocks[w].first, blocks[w].second, sym);
     }
   }
 }

@@ -133,7 +133,9 @@ def test_cpu_few_rows_symmetric_gram(dtype, out_dtype):
 def test_cpu_bf16_amx_and_portable_paths_agree(tmp_path):
     """bf16 -> fp32 gram on CPU runs on AMX tiles where the CPU has them; LINFT_NO_AMX=1 forces the
     portable packed kernel. Both must give the float64 oracle (fp32 accumulation) for odd shapes,
-    symmetric (exactly symmetric) and cross, accumulated into out."""
+    symmetric (exactly symmetric) and cross, accumulated into out, over one k chunk and several (the
+    AMX accumulators carried across chunks), and with LINFT_AMX_ACC_BLOCKS=4 (at most 4 blocks of
+    accumulators: the output in bands of 128 rows)."""
     import os
     import subprocess
     import sys
@@ -146,7 +148,8 @@ import sys, torch, linft_kernels as lk
 from linft_kernels import _native
 torch.manual_seed(0)
 res = {"amx": _native.cpu_lib().build_info()["amx_bf16"]}
-for N, M, P in [(1, None, 1), (37, None, 100), (37, 53, 70), (65, None, 4200), (33, 17, 2049)]:
+for N, M, P in [(1, None, 1), (37, None, 100), (37, 53, 70), (65, None, 4200), (33, 17, 2049),
+                (300, None, 2100), (290, 70, 4097)]:
     a = torch.randn(N, P).bfloat16(); b = None if M is None else torch.randn(M, P).bfloat16()
     start = torch.randn(N, N if M is None else M)
     if M is None: start = start + start.T
@@ -158,18 +161,18 @@ for N, M, P in [(1, None, 1), (37, None, 100), (37, 53, 70), (65, None, 4200), (
 print(repr(res))
 '''
     outs = {}
-    for off in ("0", "1"):
-        env = {**os.environ, "LINFT_NO_AMX": off}
+    for off, acc in (("0", ""), ("0", "4"), ("1", "")):
+        env = {**os.environ, "LINFT_NO_AMX": off, "LINFT_AMX_ACC_BLOCKS": acc}
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
-        outs[off] = eval(p.stdout.strip().splitlines()[-1])
+        outs[off + acc] = eval(p.stdout.strip().splitlines()[-1])
     assert outs["1"]["amx"] is False  # turned off
     for off, res in outs.items():
         for key, val in res.items():
             if key == "amx":
                 continue
             err, sym = val
-            assert err < 2e-5 and sym, f"LINFT_NO_AMX={off} {key}: err {err:.2e} symmetric {sym}"
+            assert err < 2e-5 and sym, f"LINFT_NO_AMX, ACC_BLOCKS = {off}: {key}: err {err:.2e} symmetric {sym}"
 
 
 @pytest.mark.gpu
