@@ -30,17 +30,19 @@ MIN_STRIP_ROWS = 256  # thinner strips make memory-bound GEMMs (measured: N=128 
 PSG_BUFFER = 1 << 23  # elements of one chunk of all per-sample gradients (32 MiB in fp32)
 PSG_ROWS_OUT = 64     # d_out rows per chunk: the batched GEMM's M (measured 16 -> 64: 1.5-1.9x faster)
 PSG_MIN_STRIP_ROWS = 64  # the chunk Grams have K >= ~16k: strips of 64 rows still run at GEMM speed
-# Symmetric Grams of at most FEW_ROWS rows and at least FEW_ROWS_MIN_K columns go to the native kernel
-# (`few_rows`): it packs the rows once per k chunk and computes ~62% of the product at 128 rows, where
-# torch's GEMM gets no faster in strips (three 64-row products of a 128-row Gram take 0.96x the time
-# of the whole one). Measured 1.26x torch's a @ a.T at 128 x 32768, 1.41x at 256 x 32768 (fp32).
+# Symmetric Grams of FEW_ROWS_MIN to FEW_ROWS rows and at least FEW_ROWS_MIN_K columns go to the native
+# kernel (`few_rows`): it packs the rows once per k chunk and computes ~62% of the product at 128 rows,
+# where torch's GEMM gets no faster in strips (three 64-row products of a 128-row Gram take 0.96x the
+# time of the whole one). Measured against torch (fp32): 1.2-1.3x at 128-256 rows and 16384-32768
+# columns, 0.98x at 64 rows, 0.05-0.9x at 2-32 rows (memory-bound: torch's GEMM streams them better).
 FEW_ROWS = 256
+FEW_ROWS_MIN = 96
 FEW_ROWS_MIN_K = 16384
 
 
 def few_rows(n: int, k: int) -> bool:
     """Whether a symmetric n x n Gram over k columns is for the native few-rows kernel."""
-    return n <= FEW_ROWS and k >= FEW_ROWS_MIN_K
+    return FEW_ROWS_MIN <= n <= FEW_ROWS and k >= FEW_ROWS_MIN_K
 
 
 def applies(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> bool:

@@ -101,23 +101,27 @@ def test_cpu_blas_path_blocks(dtype, blocks):
                                              (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
                          ids=str)
 def test_cpu_few_rows_symmetric_gram(dtype, out_dtype):
-    """A symmetric Gram of at most 256 rows over P >= 16384 runs on the native kernel's single-pack
-    path (few rows, `_blas.few_rows`) instead of torch's GEMM: odd row counts, P past the split-K
-    chunk multiples, added into a nonzero out; the float64 oracle, exactly symmetric, and bitwise
-    equal in its upper triangle to the native cross product of the same rows (same sums in the same
-    order: the path only skips work, it does not reorder it)."""
+    """The native kernel's single-pack path for symmetric Grams of few rows: odd row counts, P past
+    the split-K chunk multiples, added into a nonzero out; the float64 oracle, exactly symmetric, and
+    bitwise equal in its upper triangle to the native cross product of the same rows (same sums in
+    the same order: the path only skips work, it does not reorder it). `gram` on CPU sends 96-256
+    rows over P >= 16384 there instead of torch's GEMM (`_blas.few_rows`)."""
     from linft_kernels import _blas, _native
     from linft_testing import native_cpu_available
     if not native_cpu_available():
         pytest.skip("native CPU library not built")
     lib = _native.cpu_lib()
     P = 16384 + 4096 + 37
-    for N in (1, 13, 33, 129, 256):
+    for N in (1, 13, 33, 97, 129, 256):
         a = randn(N, P, dtype=dtype)
         start = randn(N, N, dtype=out_dtype)
         start = start + start.T
-        assert not _blas.applies(a, None, start)  # routed to the native kernel
-        out = lk.gram(a, out=start.clone(), backend="cpu")
+        out = start.clone()
+        if N >= 96:
+            assert not _blas.applies(a, None, start)  # routed to the native kernel
+            lk.gram(a, out=out, backend="cpu")
+        else:
+            _native.gram(lib, a, None, out)
         oracle = start.double() + a.double() @ a.double().T
         assert_close_to_oracle(out, oracle, out_dtype, what=f"few-rows gram N={N} {dtype}->{out_dtype}")
         assert torch.equal(out, out.T)
@@ -128,6 +132,7 @@ def test_cpu_few_rows_symmetric_gram(dtype, out_dtype):
     wide = randn(257, 16384)
     assert _blas.applies(wide, None, torch.zeros(257, 257))  # more rows: torch's GEMM in strips
     assert _blas.applies(randn(128, 16383), None, torch.zeros(128, 128))  # shorter P: torch's GEMM
+    assert _blas.applies(randn(95, 16384), None, torch.zeros(95, 95))  # fewer rows: torch's GEMM
 
 
 def test_cpu_bf16_amx_and_portable_paths_agree(tmp_path):

@@ -212,17 +212,17 @@ def test_cpu_blas_psg_few_rows_chunk_gram(kernel):
     if not native_cpu_available():
         pytest.skip("native CPU library not built")
     torch.manual_seed(5)
-    x, g = randn(5, 6, 131), randn(5, 2, 6, 200)
-    m = torch.ones(5, 6, dtype=torch.uint8)
+    x, g = randn(48, 6, 131), randn(48, 2, 6, 200)  # 96 rows: samples x outputs
+    m = torch.ones(48, 6, dtype=torch.uint8)
     m[3, 4:] = 0
     oracle = psg_oracle(*_repeat_per_output(x, g, m), None, None, None, kernel=kernel)
     atol = sign_flip_atol(*_repeat_per_output(x, g, m), None, None, None, kernel, torch.float32)
     native = lambda a, b, k: ops._run_gram(k, a, b, "cpu")  # noqa: E731
     rows_out = 128  # chunks of 128 x 131 (16768 entries: few rows) and a last one of 72 x 131
-    assert _blas._psg_chunks(10, 131, 200, 10 * 128 * 131, rows_out) == (128, 131)
-    assert _blas.few_rows(10, 128 * 131) and not _blas.few_rows(10, 72 * 131)
+    assert _blas._psg_chunks(96, 131, 200, 96 * 128 * 131, rows_out) == (128, 131)
+    assert _blas.few_rows(96, 128 * 131) and not _blas.few_rows(96, 72 * 131)
     for few_rows_gram in (native, None):
-        out = _blas.psg_gram(x, g, m, None, None, None, torch.zeros(10, 10), kernel, buffer=10 * 128 * 131,
+        out = _blas.psg_gram(x, g, m, None, None, None, torch.zeros(96, 96), kernel, buffer=96 * 128 * 131,
                              rows_out=rows_out, few_rows_gram=few_rows_gram)
         assert_close_to_oracle(out, oracle, torch.float32, extra_atol=atol,
                                what=f"few-rows psg {kernel} native={few_rows_gram is not None}")
