@@ -34,7 +34,8 @@ PSG_MIN_STRIP_ROWS = 64  # the chunk Grams have K >= ~16k: strips of 64 rows sti
 # kernel (`few_rows`): it packs the rows once per k chunk and computes ~62% of the product at 128 rows,
 # where torch's GEMM gets no faster in strips (three 64-row products of a 128-row Gram take 0.96x the
 # time of the whole one). Measured against torch (fp32): 1.2-1.3x at 128-256 rows and 16384-32768
-# columns, 0.98x at 64 rows, 0.05-0.9x at 2-32 rows (memory-bound: torch's GEMM streams them better).
+# columns, 0.98x at 64 rows, 0.05-0.9x at 2-32 rows (memory-bound: torch's GEMM streams them better);
+# fp64: 1.28-1.59x at 100-256 rows.
 FEW_ROWS = 256
 FEW_ROWS_MIN = 96
 FEW_ROWS_MIN_K = 16384

@@ -43,7 +43,8 @@ constexpr int64_t SB = 4;     // output blocks are visited in SB x SB groups: 12
 // Every output block's fp32 accumulator (4 KiB) persists across the k chunks, so out is updated once
 // per call: adding each chunk's block to out (32 rows of 128 B far apart, and the transposed copy
 // of the symmetric form) took about as long as the chunk's tile products. At most kAccBlocks blocks
-// (128 MiB) are held: larger outputs run in bands of block rows, each repacking the chunks.
+// (128 MiB) are held: larger outputs run in bands of block rows, each repacking the chunks (a single
+// block row can exceed it: one row is the least a band holds).
 constexpr int64_t kAccBlocks = 32768;
 
 int64_t acc_blocks() {  // LINFT_AMX_ACC_BLOCKS overrides kAccBlocks (tests use it to force bands)
@@ -214,18 +215,27 @@ void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, 
   AlignedArray<uint16_t> Brows(sym ? 1 : static_cast<std::size_t>(Mp * kc_max));
   AlignedArray<uint16_t> Bvnni(static_cast<std::size_t>((sym ? Np : Mp) * kc_max));
   const int64_t nbi = Np / 32, nbj = Mp / 32;
-  // Bands of block rows whose accumulators fit kAccBlocks (one band unless the output is huge).
-  const int64_t row_blocks = sym ? (nbj + 1) / 2 + 1 : nbj;  // about the blocks per block row
-  const int64_t band = std::max<int64_t>(SB, acc_blocks() / std::max<int64_t>(1, row_blocks) / SB * SB);
   // One k chunk: each block goes to out right after its products (no accumulators to carry).
   const bool carry = P > KC;
+  // With accumulators to carry: bands of whole block rows holding at most acc_blocks() blocks (at
+  // least one row); one band otherwise.
+  std::vector<int64_t> band_ends;
+  for (int64_t bi = 0, held = 0; bi < nbi; ++bi) {
+    const int64_t row = sym ? nbj - bi : nbj;  // blocks of block row bi
+    if (carry && held > 0 && held + row > acc_blocks()) {
+      band_ends.push_back(bi);
+      held = 0;
+    }
+    held += row;
+  }
+  band_ends.push_back(nbi);
   // Accumulators of up to kKeepBlocks blocks stay allocated in this thread between calls (psg_gram
   // calls gram once per chunk of its per-sample gradients: fresh pages every call cost more than
   // the products of a small Gram); larger ones are freed on return.
   thread_local AlignedArray<float> kept_acc;
   AlignedArray<float> big_acc;
-  for (int64_t b0 = 0; b0 < nbi; b0 += band) {
-    const int64_t b1 = std::min(nbi, b0 + band);
+  int64_t b0 = 0;
+  for (const int64_t b1 : band_ends) {
     std::vector<std::pair<int64_t, int64_t>> blocks;
     for (int64_t gi = b0; gi < b1; gi += SB)
       for (int64_t gj = sym ? gi : 0; gj < nbj; gj += SB)
@@ -270,6 +280,7 @@ void gram_bf16_amx(const uint16_t* a, const uint16_t* b, float* out, int64_t N, 
       for (int64_t w = 0; w < nblocks; ++w)
         add_to_out(out, N, M, acc.data() + w * 1024, blocks[w].first, blocks[w].second, sym);
     }
+    b0 = b1;
   }
 }
 

@@ -98,7 +98,7 @@ def test_cpu_blas_path_blocks(dtype, blocks):
 
 
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float64),
-                                             (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+                                             (torch.float64, torch.float64), (torch.bfloat16, torch.float64)],
                          ids=str)
 def test_cpu_few_rows_symmetric_gram(dtype, out_dtype):
     """The native kernel's single-pack path for symmetric Grams of few rows: odd row counts, P past
@@ -135,16 +135,60 @@ def test_cpu_few_rows_symmetric_gram(dtype, out_dtype):
     assert _blas.applies(randn(95, 16384), None, torch.zeros(95, 95))  # fewer rows: torch's GEMM
 
 
-def test_cpu_bf16_amx_and_portable_paths_agree(tmp_path):
-    """bf16 -> fp32 gram on CPU runs on AMX tiles where the CPU has them; LINFT_NO_AMX=1 forces the
-    portable packed kernel. Both must give the float64 oracle (fp32 accumulation) for odd shapes,
-    symmetric (exactly symmetric) and cross, accumulated into out, over one k chunk and several (the
-    AMX accumulators carried across chunks), and with LINFT_AMX_ACC_BLOCKS=4 (at most 4 blocks of
-    accumulators: the output in bands of 128 rows)."""
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_cpu_few_rows_symmetric_gram_other_isas(isa):
+    """The single-pack symmetric path with the AVX2 and baseline register tiles (LINFT_CPU_ISA caps
+    the engine; this machine otherwise runs AVX-512): the float64 oracle, and upper triangles bitwise
+    equal to the cross product's, fp32 and fp64 accumulators, rows not a multiple of any tile."""
     import os
     import subprocess
     import sys
 
+    from linft_testing import native_cpu_available
+    if not native_cpu_available():
+        pytest.skip("native CPU library not built")
+    code = r'''
+import torch
+from linft_kernels import _native
+lib = _native.cpu_lib()
+torch.manual_seed(0)
+res = {"isa": lib.build_info().get("simd")}
+for N, P, dt, od in [(1, 300, torch.float32, torch.float32), (13, 16500, torch.float32, torch.float32),
+                     (37, 700, torch.float32, torch.float64), (130, 16400, torch.float64, torch.float64)]:
+    a = torch.randn(N, P, dtype=torch.float64).to(dt)
+    sym, cross = torch.zeros(N, N, dtype=od), torch.zeros(N, N, dtype=od)
+    _native.gram(lib, a, None, sym)
+    _native.gram(lib, a, a.clone(), cross)
+    ref = a.double() @ a.double().T
+    err = ((sym.double() - ref).abs().max() / ref.abs().max()).item()
+    res[f"{N},{P},{dt}"] = (err, bool(torch.equal(torch.triu(sym), torch.triu(cross))), bool(torch.equal(sym, sym.T)))
+print(repr(res))
+'''
+    env = {**os.environ, "LINFT_CPU_ISA": isa}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = eval(p.stdout.strip().splitlines()[-1])
+    assert res["isa"] == isa
+    for key, val in res.items():
+        if key == "isa":
+            continue
+        err, same, symmetric = val
+        tol = 1e-12 if "float64" in key else 2e-6
+        assert err < tol and same and symmetric, f"{isa} {key}: err {err:.2e} same {same} symmetric {symmetric}"
+
+
+def test_cpu_bf16_amx_and_portable_paths_agree(tmp_path):
+    """bf16 -> fp32 gram on CPU runs on AMX tiles where the CPU has them; LINFT_NO_AMX=1 forces the
+    portable packed kernel. Both must give the float64 oracle (fp32 accumulation) for odd shapes,
+    symmetric (exactly symmetric) and cross, accumulated into out, over one k chunk and several (the
+    AMX accumulators carried across chunks), and with LINFT_AMX_ACC_BLOCKS=4 (accumulators for at
+    most 4 blocks: the output in bands of one 32-row block row each). Where this process can use AMX,
+    the runs without LINFT_NO_AMX must have used it."""
+    import os
+    import subprocess
+    import sys
+
+    from linft_kernels import _native
     from linft_testing import native_cpu_available
     if not native_cpu_available():
         pytest.skip("native CPU library not built")
@@ -172,6 +216,8 @@ print(repr(res))
         assert p.returncode == 0, p.stdout + p.stderr
         outs[off + acc] = eval(p.stdout.strip().splitlines()[-1])
     assert outs["1"]["amx"] is False  # turned off
+    if _native.cpu_lib().build_info()["amx_bf16"]:
+        assert outs["0"]["amx"] is True and outs["04"]["amx"] is True
     for off, res in outs.items():
         for key, val in res.items():
             if key == "amx":

@@ -217,7 +217,12 @@ def test_cpu_blas_psg_few_rows_chunk_gram(kernel):
     m[3, 4:] = 0
     oracle = psg_oracle(*_repeat_per_output(x, g, m), None, None, None, kernel=kernel)
     atol = sign_flip_atol(*_repeat_per_output(x, g, m), None, None, None, kernel, torch.float32)
-    native = lambda a, b, k: ops._run_gram(k, a, b, "cpu")  # noqa: E731
+    calls = []
+
+    def native(a, b, k):
+        calls.append(a.shape)
+        ops._run_gram(k, a, b, "cpu")
+
     rows_out = 128  # chunks of 128 x 131 (16768 entries: few rows) and a last one of 72 x 131
     assert _blas._psg_chunks(96, 131, 200, 96 * 128 * 131, rows_out) == (128, 131)
     assert _blas.few_rows(96, 128 * 131) and not _blas.few_rows(96, 72 * 131)
@@ -227,6 +232,7 @@ def test_cpu_blas_psg_few_rows_chunk_gram(kernel):
         assert_close_to_oracle(out, oracle, torch.float32, extra_atol=atol,
                                what=f"few-rows psg {kernel} native={few_rows_gram is not None}")
         assert torch.equal(out, out.T)
+    assert calls == [(96, 128 * 131), (96, 72 * 131)]  # every chunk's Gram went to few_rows_gram
 
 
 def test_cpu_blas_psg_applies_when_tiles_are_in_the_factors_dtype():
