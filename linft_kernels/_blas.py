@@ -9,12 +9,14 @@ above the diagonal: each strip's part right of its diagonal block as one GEMM, a
 block split the same way once more (strips of >= 256, then >= 128 rows), about 52% of the full
 product's work at N=4096 (56% without the second level), into a scratch whose upper triangle is then
 added to `out` and mirrored into its lower triangle (three O(N^2) passes), so the result is exactly
-symmetric.
+symmetric. Not for few rows (`few_rows`: 96-256 rows over a long P): there strips gain nothing and
+the native kernel, which packs the rows once and computes the triangle, is faster.
 
 psg_gram builds each d_out x d_in chunk of every per-sample gradient with one batched GEMM over the
 samples (K = tokens) into a bounded buffer and adds the chunk's Gram (K = chunk size) into a scratch,
-symmetric form by the same strips; with fp32 tiles and an fp64 out the chunk's Gram is the native
-mixed-precision gram (1.08-1.28x the native psg_gram at the NTK benchmark's shapes); see `psg_gram`.
+symmetric form by the same strips (by the native few-rows gram when the caller gives it and the rows
+are few); with fp32 tiles and an fp64 out the chunk's Gram is the native mixed-precision gram
+(1.08-1.28x the native psg_gram at the NTK benchmark's shapes); see `psg_gram`.
 
 Mixed precision in gram (16-bit inputs, fp64 accumulation of fp32 inputs) stays with the native
 kernels.
