@@ -10,6 +10,15 @@ from .capture import run_output
 from .engine import _model_device, _model_state
 
 
+def _forward_ad_attention():
+    """scaled_dot_product_attention by its math backend (matmuls and a softmax) while forward-mode AD
+    runs: the fused flash / memory-efficient kernels that transformers models use by default
+    ("sdpa") have no forward-mode derivative (NotImplementedError on CPU and CUDA). The same function
+    up to rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 class _Output(torch.nn.Module):
     """`output(model, batch)` as a module, so torch.func.functional_call can swap parameters."""
 
@@ -79,8 +88,10 @@ class NTKOperator:
         for start, B, batch in self._tiles():
             for col in range(k):
                 tangents = {f"model.{n}": u.to(primals[f"model.{n}"].dtype) for n, u in zip(names, U[col])}
-                _, jv = torch.func.jvp(lambda p: torch.func.functional_call(wrapped, p, (batch,), strict=False),
-                                       (primals,), (tangents,))
+                with _forward_ad_attention():
+                    _, jv = torch.func.jvp(
+                        lambda p: torch.func.functional_call(wrapped, p, (batch,), strict=False),
+                        (primals,), (tangents,))
                 out[start * C:(start + B) * C, col] = jv.reshape(-1).to(self.dtype)
         return out
 

@@ -29,6 +29,21 @@ def test_operator_products_match_explicit_kernel(arch):
         op @ torch.randn(7)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_operator_with_sdpa_attention(arch):
+    """Models loaded with transformers' default attention ("sdpa": fused kernels without a
+    forward-mode derivative) work too: the JVP runs attention by its math backend."""
+    model = with_lora(build(arch, attn="sdpa"), arch)
+    assert model.config._attn_implementation == "sdpa"
+    inputs = batch(4, 6)
+    out = linft.outputs.label_word_logits([5, 9])
+    K = linft.empirical_ntk(model, inputs, output=out).matrix
+    op = linft.ntk_operator(model, inputs, output=out, sample_tile=3)
+    V = torch.randn(8, 2, dtype=torch.float64)
+    KV = K @ V
+    assert (op @ V - KV).abs().max() <= TOL[arch] * KV.abs().max()
+
+
 def test_spectrum_of_operator_equals_spectrum_of_matrix():
     """Top eigenpairs through the matrix-free operator equal those of the explicit kernel."""
     model = with_lora(build("gpt2"), "gpt2")

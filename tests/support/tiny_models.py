@@ -7,11 +7,12 @@ import torch
 VOCAB = 50
 
 
-def build(arch: str, head: str = "lm") -> torch.nn.Module:
-    """A tiny float64 model in eval mode. arch: gpt2 | llama | bert | roberta | opt."""
+def build(arch: str, head: str = "lm", attn: str = "eager") -> torch.nn.Module:
+    """A tiny float64 model in eval mode. arch: gpt2 | llama | bert | roberta | opt. attn: transformers'
+    attn_implementation ("sdpa" is what pretrained models load with by default)."""
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, attn_implementation="eager")
+    common = dict(vocab_size=VOCAB, attn_implementation=attn)
     if arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
                             eos_token_id=0, pad_token_id=0, **common)
