@@ -49,6 +49,18 @@ def test_full_model_lm_head_with_padding(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_default_sdpa_attention_with_padding(arch):
+    """Models as transformers loads them by default (attn_implementation="sdpa", fused attention
+    kernels): the same kernel as the float64 Jacobian, with padding, LoRA and per-layer blocks."""
+    model = with_lora(build(arch, attn="sdpa"), arch)
+    assert model.config._attn_implementation == "sdpa"
+    inputs = batch(4, 6, pad_id=PAD[arch])
+    out = linft.outputs.label_word_logits([5, 9])
+    ntk = linft.empirical_ntk(model, inputs, output=out, per_layer=True)
+    _check(ntk, model, inputs, out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_lora_trained_cross_kernel_classification(arch):
     """peft LoRA with B != 0 plus a trainable classifier head; train/test cross kernel K(X, X2)."""
     model = with_lora(build(arch, head="cls"), arch)
