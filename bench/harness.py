@@ -17,11 +17,13 @@ Method
 * ntk: every measurement runs in its own subprocess (`--worker`), which builds the model, warms up on
   two samples, resets the peak-RSS mark (/proc/self/clear_refs), runs the measured call once and
   reports wall time and peak RSS above the RSS after the model build and warm-up (ru_maxrss).
-  Methods: linft.empirical_ntk, torch.func vmap(jacrev) + J J^T (chunks of samples), one plain
-  forward+backward over the same samples (the unit of the NTK cost ratio). Subprocesses of one kernel
-  run in rounds, alternating methods. A baseline whose Jacobian would not fit the memory limit is
-  measured at a smaller N and extrapolated (Jacobian time x N/n, Gram time x (N/n)^2, memory: the
-  Jacobian's bytes rescaled); such rows say `extrapolated_from_n`.
+  Methods: linft.empirical_ntk, torch.func vmap(jacrev) + J J^T (chunks of samples), the torch.func
+  NTK-vector-product method (K = J (J^T I): a vmapped VJP and a JVP per block of basis columns), one
+  plain forward+backward over the same samples (the unit of the NTK cost ratio). Subprocesses of one
+  kernel run in rounds, alternating methods. A baseline whose Jacobian would not fit the memory limit
+  is measured at a smaller N and extrapolated (Jacobian time x N/n, Gram time x (N/n)^2, memory: the
+  Jacobian's bytes rescaled); the NTK-vector products, whose time grows as N^2, are measured at a few
+  samples and their time scaled by (N/n)^2. Such rows say `extrapolated_from_n`.
 
 Rows are long-format dicts (one measurement each) with hardware, versions, git commit and date.
 """
@@ -525,6 +527,37 @@ def _vmap_jacrev(model, batch, output, names, spec):
     return K, info
 
 
+def _ntk_vp(model, batch, output, names, spec):
+    """The NTK-vector-product method (torch.func): K = J (J^T I) one block of basis columns at a time:
+    for each basis vector e_j of the N*C outputs, J^T e_j by one VJP over all samples (the VJP
+    function of one forward, vmapped over `chunk` columns) and J of that by one JVP over all samples.
+    Never holds J; N*C backward and forward-mode passes over the data, so time grows as N^2. The JVP
+    runs attention by SDPA's math backend (the fused kernels have no forward-mode derivative)."""
+    from torch.func import jvp, vjp, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    _set_grad(model, [])
+    params = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
+    ids = batch["input_ids"]
+
+    def f(p):  # no attention_mask: the benchmark batch has none padded (see _vmap_jacrev)
+        return output(_Functional(model, p), {"input_ids": ids})
+
+    t0 = time.perf_counter()
+    out, vjp_fn = vjp(f, params)
+    NC = out.numel()
+    basis = torch.eye(NC, dtype=out.dtype, device=ids.device).view(NC, *out.shape)
+
+    def column(v):
+        (u,) = vjp_fn(v)
+        with sdpa_kernel(SDPBackend.MATH):
+            return jvp(f, (params,), (u,))[1].reshape(-1)
+
+    chunk = spec.get("chunk", 8)
+    K = torch.cat([vmap(column)(basis[j:j + chunk]) for j in range(0, NC, chunk)]).T
+    sync(ids.device)
+    return K, {"t_s": time.perf_counter() - t0, "columns": NC, "chunk": chunk}
+
+
 def run_method(method: str, model, batch, output, names, params, spec):
     if method == "fwdbwd":
         return _fwdbwd(model, batch, output, names, spec.get("fwd_chunk"))
@@ -532,6 +565,8 @@ def run_method(method: str, model, batch, output, names, params, spec):
         return _linft(model, batch, output, params, spec)
     if method == "vmap_jacrev":
         return _vmap_jacrev(model, batch, output, names, spec)
+    if method == "ntk_vp":
+        return _ntk_vp(model, batch, output, names, spec)
     raise ValueError(method)
 
 
@@ -613,11 +648,13 @@ def _measure(spec: dict, timeout: float) -> dict:
 
 
 def ntk_config(device: str, quick: bool) -> dict:
+    """vp_N: samples at which the NTK-vector-product baseline is measured (its time grows as N^2 and
+    is extrapolated to N: ~12 s at 8 samples of the CPU shape, ~13 min at 64)."""
     if quick:
-        return dict(n_embd=256, n_layer=2, n_head=4, vocab=8192, T=64, N=16, large_N=64, rounds=1)
+        return dict(n_embd=256, n_layer=2, n_head=4, vocab=8192, T=64, N=16, large_N=64, rounds=1, vp_N=4)
     if device == "cuda":
-        return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=1024, rounds=1)
-    return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=256, rounds=1)
+        return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=1024, rounds=1, vp_N=16)
+    return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=256, rounds=1, vp_N=8)
 
 
 def _jacobian_bytes(N, C, P):
@@ -656,7 +693,8 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
         while _jacobian_bytes(n_base, C, P) * 1.3 > mem_limit and n_base > 1:
             n_base //= 2
         # fwd+bwd (cheap) brackets linft, so the cost ratio sees the same load on both sides
-        methods = [("fwdbwd", N), ("linft", N), ("fwdbwd", N), ("vmap_jacrev", n_base)]
+        methods = [("fwdbwd", N), ("linft", N), ("fwdbwd", N), ("vmap_jacrev", n_base),
+                   ("ntk_vp", min(N, cfg["vp_N"]))]
         if fp64 and kernel == "full" and not quick:
             methods.append(("linft_fp64", N))
         if unfused and kernel == "full" and not quick:
@@ -672,19 +710,21 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
                         "ntk_dtype": "float64" if method == "linft_fp64" else "float32", "chunk": 8}
                 if method == "linft_unfused":
                     spec["fuse_activations"] = False
-                if r == 0 and method in ("linft", "vmap_jacrev"):
+                if r == 0 and method in ("linft", "vmap_jacrev", "ntk_vp"):
                     spec["save_k"] = str(tmp / f"{kernel}-{method}.pt")
                 log(f"    round {r} {method} n={n_m} ...")
                 results[method].append(_measure(spec, worker_timeout))
-        # Correctness: linft's K against the baseline's (same first samples when extrapolated).
-        err = None
-        fa, fb = tmp / f"{kernel}-linft.pt", tmp / f"{kernel}-vmap_jacrev.pt"
-        if fa.exists() and fb.exists():
-            Ka, Kb = torch.load(fa), torch.load(fb)
-            m = Kb.shape[0]
-            err = rel_err(Ka[:m, :m], Kb)
+        # Correctness: linft's K against each baseline's (same first samples when measured at fewer).
+        errs = {}
+        fa = tmp / f"{kernel}-linft.pt"
+        for base in ("vmap_jacrev", "ntk_vp"):
+            fb = tmp / f"{kernel}-{base}.pt"
+            if fa.exists() and fb.exists():
+                Ka, Kb = torch.load(fa), torch.load(fb)
+                m = Kb.shape[0]
+                errs[base] = rel_err(Ka[:m, :m], Kb)
         if cfg["rounds"] > 0:  # --rounds 0: only the large run
-            rows += _ntk_rows(kernel, cfg, P, C, results, n_meas, err, meta, device)
+            rows += _ntk_rows(kernel, cfg, P, C, results, n_meas, errs, meta, device)
         # The large-N linft run (full-weight kernel only): shows it completes where the baseline cannot.
         if kernel == "full" and cfg.get("large_N"):
             NL = cfg["large_N"]
@@ -784,8 +824,10 @@ def _ntk_shape(cfg, N, P, C):
             "vocab": cfg["vocab"]}
 
 
-def _ntk_rows(kernel, cfg, P, C, results, n_meas, err, meta, device) -> list[dict]:
+def _ntk_rows(kernel, cfg, P, C, results, n_meas, errs, meta, device) -> list[dict]:
+    """errs: linft's relative error against each baseline's K ({"vmap_jacrev": .., "ntk_vp": ..})."""
     N = cfg["N"]
+    err = errs.get("vmap_jacrev")
     name = "ntk_full_weight" if kernel == "full" else "ntk_lora_r8"
     fb = _med(results["fwdbwd"])
     # Baseline, extrapolated if measured at a smaller n.
@@ -804,6 +846,10 @@ def _ntk_rows(kernel, cfg, P, C, results, n_meas, err, meta, device) -> list[dic
             jb = vr[0]["info"]["jacobian_bytes"]
             base_mem = _peak(vr) - jb + jb * s
             extrap = n_b
+    # NTK-vector products: time grows as N^2 (N*C columns, each a pass over N samples), extrapolated.
+    vp = [r for r in results.get("ntk_vp", []) if "error" not in r]
+    n_vp = n_meas.get("ntk_vp")
+    vp_s = _med(vp) * (N / n_vp) ** 2 if vp else None
     rows = []
     common = {"suite": "ntk", "name": name, "kernel": kernel, "shape": _ntk_shape(cfg, N, P, C),
               "shape_str": f"N={N},T={cfg['T']},C={C},P={P}", "dtype": "float32", "device": device.type,
@@ -831,12 +877,19 @@ def _ntk_rows(kernel, cfg, P, C, results, n_meas, err, meta, device) -> list[dic
                 "fwdbwd_s": fb, "ntk_cost_ratio": (med / fb) if fb else None,
                 "mem_ratio": (row["peak_mem_bytes"] / base_mem) if base_mem and row["peak_mem_bytes"] else None,
                 "max_rel_err": err if method == "linft" else None,
+                "ntk_vp_s": vp_s, "ratio_vs_ntk_vp": (vp_s / med) if vp_s else None,
+                "max_rel_err_vs_ntk_vp": errs.get("ntk_vp") if method == "linft" else None,
             })
             if kernel == "full":
                 row["targets"] = {
                     "ntk_cost_ratio<=2": None if row["ntk_cost_ratio"] is None else row["ntk_cost_ratio"] <= 2,
                     "peak_mem<=baseline/4": None if row["mem_ratio"] is None else row["mem_ratio"] <= 0.25,
                 }
+        if method == "ntk_vp" and vp and n_vp != N:
+            row.update({"extrapolated_from_n": n_vp, "measured_median_s": med, "median_s": vp_s,
+                        "measured_peak_mem_bytes": row["peak_mem_bytes"], "peak_mem_bytes": None,
+                        "note": f"measured at n={n_vp}; time = t_n * (N/n)^2 (N*C columns, each one VJP "
+                                "and one JVP over all N samples); peak memory only as measured at n"})
         if method == "vmap_jacrev" and extrap:
             row.update({"extrapolated_from_n": extrap, "measured_median_s": med, "median_s": base_s,
                         "measured_peak_mem_bytes": row["peak_mem_bytes"], "peak_mem_bytes": base_mem,
@@ -942,11 +995,15 @@ def summarize(rows: list[dict]) -> None:
                 extra += f" vs baseline x{r['ratio']:.2f}"
             if r.get("mem_ratio") is not None:
                 extra += f" mem {r['mem_ratio']:.2f} of baseline"
+            if r.get("ratio_vs_ntk_vp") is not None:
+                extra += f" vs NTK-vector products x{r['ratio_vs_ntk_vp']:.1f}"
+            if r.get("extrapolated_from_n"):
+                extra += f" (extrapolated from n={r['extrapolated_from_n']})"
             ms = r.get("median_s")
             pm = r.get("peak_mem_bytes")
             print(f"ntk  {r['name']:<24} {r['method']:<12} {r['shape_str']:<34} "
                   f"{(ms if ms is not None else float('nan')):9.1f} s  peak "
-                  f"{(pm / GiB if pm is not None else float('nan')):6.2f} GiB{extra}")
+                  f"{f'{pm / GiB:6.2f} GiB' if pm is not None else '   n/a    '}{extra}")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -960,8 +1017,9 @@ def markdown_table(rows: list[dict]) -> str:
         out.append(f"| {op} | {r['shape_str']} | {r['dtype']} | {r['backend']} | {r['baseline']} | "
                    f"{_fmt_s(r['median_s'])} | {_fmt_s(r['baseline_median_s'])} | **{r['ratio']:.2f}** | "
                    f"{r['achieved_gflops']:.0f} ({r['peak_gflops']:.0f}) | {r['max_rel_err']:.1e} |")
-    out += ["", "| NTK | method | N | time | peak mem | NTK cost ratio | vs baseline | mem / baseline |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out += ["", "| NTK | method | N | time | peak mem | NTK cost ratio | vs vmap(jacrev) | mem / vmap(jacrev) "
+                "| vs NTK-vector products |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["suite"] != "ntk":
             continue
@@ -970,9 +1028,10 @@ def markdown_table(rows: list[dict]) -> str:
         cr = f"{r['ntk_cost_ratio']:.2f}" if r.get("ntk_cost_ratio") else ""
         vb = f"{r['ratio']:.2f}x" if r.get("ratio") else ""
         mr = f"{r['mem_ratio']:.2f}" if r.get("mem_ratio") else ""
+        vp = f"{r['ratio_vs_ntk_vp']:.1f}x" if r.get("ratio_vs_ntk_vp") else ""
         out.append(f"| {r['name']} | {r['method']}{ex} | {r['shape']['N']} | "
                    f"{_fmt_s(ms) if ms is not None else 'failed'} | "
-                   f"{(pm / GiB if pm is not None else float('nan')):.2f} GiB | {cr} | {vb} | {mr} |")
+                   f"{f'{pm / GiB:.2f} GiB' if pm is not None else 'n/a'} | {cr} | {vb} | {mr} | {vp} |")
     return "\n".join(out)
 
 

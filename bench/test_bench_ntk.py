@@ -1,6 +1,7 @@
 """pytest-benchmark suite of the end-to-end NTK on one small GPT-2-shaped random model (full-weight
-kernel of all linear layers): linft.empirical_ntk, the torch.func vmap(jacrev) + J J^T baseline, and one
-plain forward+backward over the same samples (the unit of the NTK cost ratio). The standalone
+kernel of all linear layers): linft.empirical_ntk, the torch.func baselines vmap(jacrev) + J J^T and
+NTK-vector products (a VJP and a JVP per output column), and one plain forward+backward over the same
+samples (the unit of the NTK cost ratio). The standalone
 harness measures the full-size configuration with peak memory (bench/harness.py --suite ntk).
 
     .venv/bin/python -m pytest bench/test_bench_ntk.py --benchmark-only
@@ -28,7 +29,7 @@ def setup(request):
     return device, model, names, params, batch, output
 
 
-@pytest.mark.parametrize("method", ["linft", "vmap_jacrev", "fwdbwd"])
+@pytest.mark.parametrize("method", ["linft", "vmap_jacrev", "ntk_vp", "fwdbwd"])
 def test_ntk(measure, benchmark, setup, method):
     device, model, names, params, batch, output = setup
     benchmark.group = f"ntk full-weight GPT-2 {SPEC} N={N} {device}"
