@@ -60,6 +60,25 @@ def test_default_sdpa_attention_with_padding(arch):
     _check(ntk, model, inputs, out)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_more_decoder_families(arch, lora):
+    """Qwen2 (biased q/k/v), Mistral, Gemma (RMSNorm scaled by 1 + weight; scaled embeddings tied to the
+    LM head), Phi-3 (fused qkv and gate_up projections), GPT-NeoX, as loaded by default (sdpa attention),
+    with padding: every parameter trainable, or LoRA on all linear layers."""
+    from tiny_models import MORE_DECODERS
+    import transformers as tf
+    if not hasattr(tf, MORE_DECODERS[arch][0]):
+        pytest.skip(f"{arch} is not in this transformers")
+    model = build(arch, attn="sdpa")
+    if lora:
+        model = with_lora(model, arch)
+    inputs = batch(4, 6)
+    out = linft.outputs.label_word_logits([5, 9])
+    ntk = linft.empirical_ntk(model, inputs, output=out, per_layer=True)
+    _check(ntk, model, inputs, out)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_trained_cross_kernel_classification(arch):
     """peft LoRA with B != 0 plus a trainable classifier head; train/test cross kernel K(X, X2)."""

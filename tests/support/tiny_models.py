@@ -7,9 +7,24 @@ import torch
 VOCAB = 50
 
 
+# arch -> (config class, LM class, sequence-classification class, extra config): Qwen2 (biased q/k/v),
+# Mistral, Gemma (RMSNorm scaled by 1 + weight, scaled tied embeddings), Phi-3 (fused qkv and gate_up),
+# GPT-NeoX.
+MORE_DECODERS = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", {"num_key_value_heads": 1}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification",
+                {"num_key_value_heads": 1}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "GemmaForSequenceClassification",
+              {"num_key_value_heads": 1, "head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification", {"num_key_value_heads": 1}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification", {}),
+}
+
+
 def build(arch: str, head: str = "lm", attn: str = "eager") -> torch.nn.Module:
-    """A tiny float64 model in eval mode. arch: gpt2 | llama | bert | roberta | opt. attn: transformers'
-    attn_implementation ("sdpa" is what pretrained models load with by default)."""
+    """A tiny float64 model in eval mode. arch: gpt2 | llama | bert | roberta | opt, or one of
+    MORE_DECODERS. attn: transformers' attn_implementation ("sdpa" is what pretrained models load with
+    by default)."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, attn_implementation=attn)
@@ -31,6 +46,12 @@ def build(arch: str, head: str = "lm", attn: str = "eager") -> torch.nn.Module:
         else:
             cfg, cls = tf.RobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, **kw), (
                 tf.RobertaForMaskedLM if head == "lm" else tf.RobertaForSequenceClassification)
+    elif arch in MORE_DECODERS:  # the decoder families researchers fine-tune most, in their default form
+        cfg_cls, cls_lm, cls_seq, extra = MORE_DECODERS[arch]
+        cfg_cls, cls = getattr(tf, cfg_cls), getattr(tf, cls_lm if head == "lm" else cls_seq)
+        cfg = cfg_cls(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra,
+                      **common)
     elif arch == "opt":
         cfg = tf.OPTConfig(hidden_size=16, ffn_dim=24, num_hidden_layers=2, num_attention_heads=2,
                            max_position_embeddings=32, word_embed_proj_dim=16, bos_token_id=0, eos_token_id=0,
@@ -57,7 +78,7 @@ LORA_TARGETS = {
 def with_lora(model, arch: str, r: int = 2, at_init: bool = False):
     import peft
 
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=LORA_TARGETS[arch],
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=LORA_TARGETS.get(arch, "all-linear"),
                           init_lora_weights=True if at_init else False)
     return peft.get_peft_model(model, cfg).double().eval()
 
