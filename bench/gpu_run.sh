@@ -5,7 +5,7 @@
 #   2. pytest -m gpu tests            the GPU tests (kernels on every backend, NTK on CUDA vs float64 CPU)
 #   3. bench/harness.py --suite ops   the op sweep (cuda/triton vs torch matmul / einsum; GEMM peak)
 #   4. bench/harness.py --ntk-preset llama-1b   LoRA NTK of a 1.1B Llama-shaped model vs fwd+bwd
-#   5. (stage "ntk") the GPT-2 NTK suite (full + LoRA vs vmap(jacrev))
+#   5. (stage "ntk") the GPT-2 NTK suite (full + LoRA vs vmap(jacrev) and NTK-vector products)
 #   6. (stage "profile") bench/profile_ntk_gpu.py: where the LoRA NTK's time goes
 #   7. (stage "ffma") the gram rows again with LINFT_CUDA_GRAM_MMA=0: the native CUDA gram on CUDA cores,
 #      the A/B for its tensor-core (mma.sync) path that stage "ops" measures
