@@ -135,15 +135,23 @@ def test_cpu_few_rows_symmetric_gram(dtype, out_dtype):
     assert _blas.applies(randn(95, 16384), None, torch.zeros(95, 95))  # fewer rows: torch's GEMM
 
 
+def _run_with_env(code: str, **env) -> dict:
+    """Run `code` in a fresh Python with these environment variables (read once when the native
+    library loads) and return the dict it prints last (repr)."""
+    import os
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return eval(p.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_cpu_few_rows_symmetric_gram_other_isas(isa):
     """The single-pack symmetric path with the AVX2 and baseline register tiles (LINFT_CPU_ISA caps
     the engine; this machine otherwise runs AVX-512): the float64 oracle, and upper triangles bitwise
     equal to the cross product's, fp32 and fp64 accumulators, rows not a multiple of any tile."""
-    import os
-    import subprocess
-    import sys
-
     from linft_testing import native_cpu_available
     if not native_cpu_available():
         pytest.skip("native CPU library not built")
@@ -164,10 +172,7 @@ for N, P, dt, od in [(1, 300, torch.float32, torch.float32), (13, 16500, torch.f
     res[f"{N},{P},{dt}"] = (err, bool(torch.equal(torch.triu(sym), torch.triu(cross))), bool(torch.equal(sym, sym.T)))
 print(repr(res))
 '''
-    env = {**os.environ, "LINFT_CPU_ISA": isa}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    res = eval(p.stdout.strip().splitlines()[-1])
+    res = _run_with_env(code, LINFT_CPU_ISA=isa)
     assert res["isa"] == isa
     for key, val in res.items():
         if key == "isa":
@@ -184,10 +189,6 @@ def test_cpu_bf16_amx_and_portable_paths_agree(tmp_path):
     AMX accumulators carried across chunks), and with LINFT_AMX_ACC_BLOCKS=4 (accumulators for at
     most 4 blocks: the output in bands of one 32-row block row each). Where this process can use AMX,
     the runs without LINFT_NO_AMX must have used it."""
-    import os
-    import subprocess
-    import sys
-
     from linft_kernels import _native
     from linft_testing import native_cpu_available
     if not native_cpu_available():
@@ -211,10 +212,7 @@ print(repr(res))
 '''
     outs = {}
     for off, acc in (("0", ""), ("0", "4"), ("1", "")):
-        env = {**os.environ, "LINFT_NO_AMX": off, "LINFT_AMX_ACC_BLOCKS": acc}
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-        assert p.returncode == 0, p.stdout + p.stderr
-        outs[off + acc] = eval(p.stdout.strip().splitlines()[-1])
+        outs[off + acc] = _run_with_env(code, LINFT_NO_AMX=off, LINFT_AMX_ACC_BLOCKS=acc)
     assert outs["1"]["amx"] is False  # turned off
     if _native.cpu_lib().build_info()["amx_bf16"]:
         assert outs["0"]["amx"] is True and outs["04"]["amx"] is True
