@@ -219,6 +219,18 @@ def _cat_tokens(tensors, dim):
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
+def _first_sample_full(gs: list, m: torch.Tensor) -> bool:
+    """Whether the first sample has every token carrying gradient: then the tokens kept per sample
+    (their largest count) are all T and nothing can be compacted. One sample's pass over g instead of
+    the tile's: most blocks get gradient at every token, and the test runs on each block's first tile."""
+    if m.shape[0] == 0 or not bool(m[0].all()):
+        return False
+    live = gs[0][0].any(dim=-1)
+    for g in gs[1:]:
+        live |= g[0].any(dim=-1)
+    return bool(live.all())
+
+
 def _compact(tok: torch.Tensor, gs: list, m: torch.Tensor, check: bool = True):
     """Keep only the tokens that carry gradient. A token whose output gradient is exactly zero for every
     output (a position the outputs do not depend on, e.g. every position but the last in the last
@@ -226,7 +238,7 @@ def _compact(tok: torch.Tensor, gs: list, m: torch.Tensor, check: bool = True):
     the tokens left are moved to the front of each sample. Returns (tok, gs, mask) with T' >= 1 tokens,
     T' the largest count of kept tokens in a sample. check=False skips the test (one pass over g)
     and keeps every token: exact too, only not compacted."""
-    if not check:
+    if not check or _first_sample_full(gs, m):
         return tok, gs, m
     live = m & gs[0].any(dim=-1)
     for g in gs[1:]:

@@ -81,6 +81,30 @@ def test_store_grows_pads_and_zeroes_tiles_where_the_module_did_not_run():
     assert s.nbytes() == sum(t.numel() * t.element_size() for form in s.forms.values() for t in form.values())
 
 
+def test_compaction_keeps_every_token_when_the_first_sample_has_gradient_at_each():
+    """The token test looks at the first sample alone when every token of it carries gradient (no
+    token count can then shrink); otherwise it looks at every sample. Either way the tokens kept per
+    sample are the largest count of live tokens, and the tokens moved to the front are the live ones."""
+    from linft.capture import _compact
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4)
+    m = torch.ones(3, 5, dtype=torch.bool)
+    g = [torch.randn(3, 5, 2), torch.randn(3, 5, 2)]
+    for c in range(2):
+        g[c][1:, :3] = 0  # samples 1 and 2: only the last two tokens carry gradient
+    x2, g2, m2 = _compact(x, g, m)
+    assert x2 is x and all(a is b for a, b in zip(g2, g)) and m2.all()  # sample 0 is full: kept whole
+    g[0][0, 1] = 0
+    g[1][0, 1] = 0  # now sample 0 has 4 live tokens, the others 2: T' = 4
+    x3, g3, m3 = _compact(x, g, m)
+    assert x3.shape == (3, 4, 4) and m3.sum(1).tolist() == [4, 2, 2]
+    assert torch.equal(x3[0], x[0, [0, 2, 3, 4]]) and torch.equal(x3[1, :2], x[1, 3:])
+    assert torch.equal(g3[1][0], g[1][0, [0, 2, 3, 4]]) and not g3[0][1:, 2:].any()
+    m[0, 4] = False  # padding in the first sample: the test looks at every sample
+    _, _, m4 = _compact(x, g, m)
+    assert m4.sum(1).tolist() == [3, 2, 2]
+
+
 def test_capture_tiles_cover_every_sample_once_and_halve_in_the_second_half_on_cpu():
     """On CPU the tiles of a store's second half are halved (a lower resident-memory peak at about
     the same cost per sample); on a GPU a smaller tile costs more per sample, so they stay whole."""
