@@ -24,8 +24,16 @@ def test_fused_new_gelu_is_the_same_function_and_is_restored():
     with fused_activations(model) as n:
         assert n == len(acts) and all("forward" in m.__dict__ for m in acts)
         got = acts[0](x)
+        assert got.grad_fn.name() == "_GeluTanhBackward"  # one fused op, not a chain
+        # its backward multiplies by the derivative saved in the forward: torch's gelu derivative
+        (saved,) = got.grad_fn.saved_tensors
+        unit = torch.ones_like(x)
+        assert torch.equal(saved, torch.ops.aten.gelu_backward(unit, x.detach(), approximate="tanh"))
         (gg,) = torch.autograd.grad(got.sum(), x)
-        assert got.grad_fn.name().startswith("GeluBackward")  # one fused op, not a chain
+        (g2,) = torch.autograd.grad(acts[0](x), x, grad_outputs=2 * unit)
+        assert torch.equal(g2, 2 * gg)
+        with torch.no_grad():  # no graph: the plain fused op, no derivative computed
+            assert torch.equal(acts[0](x), got.detach())
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(gg, gw, rtol=1e-13, atol=1e-14)
     assert not any("forward" in m.__dict__ for m in acts)
