@@ -280,6 +280,15 @@ def build_op_case(case: dict, device: torch.device):
                 tiled = "triton" if device.type == "cuda" else "cpu"
                 cands.append((f"{tiled} [{native} tiles]", lambda: lk.psg_gram(
                     x1, g1, x2, g2, kernel=kernel, backend=tiled, tile_dtype=dt)))
+            if lowp and device.type == "cuda":
+                # The same work through cuBLAS: F in chunks of up to 2^26 entries by batched GEMMs
+                # (fp32 sums, rounded once), each chunk's Gram by torch.mm with fp32 accumulation
+                # and result (linft_kernels._blas). Not wired into dispatch: a candidate to time.
+                from linft_kernels import _blas
+                M_ = N if M is None else M
+                cands.append((f"cublas chunks [{native} tiles]", lambda: _blas.psg_gram(
+                    x1, g1, None, x2, g2, None, torch.zeros(N, M_, device=device), kernel,
+                    gram=_blas.cuda_gram_fp32, buffer=1 << 26, rows_out=256)))
             bases.append((f"einsum materialize [{native}]", lambda: _materialize(x1, g1, x2, g2, kernel)))
             if lowp:
                 bases.append(("einsum materialize [fp32 upcast]",

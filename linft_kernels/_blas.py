@@ -20,12 +20,18 @@ are few); with fp32 tiles and an fp64 out the chunk's Gram is the native mixed-p
 
 Mixed precision in gram (16-bit inputs, fp64 accumulation of fp32 inputs) stays with the native
 kernels.
+
+`psg_gram` is torch code and also runs on CUDA tensors: with 16-bit factors and `cuda_gram_fp32` as
+its `gram` it is the cuBLAS route for 16-bit tiles, which bench/harness.py times beside the Triton
+psg_gram on a GPU (not yet measured; dispatch does not use it).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["applies", "gram", "psg_applies", "psg_gram"]
+__all__ = ["applies", "cuda_gram_fp32", "gram", "psg_applies", "psg_gram"]
 
 SYM_BLOCKS = 8
 MIN_STRIP_ROWS = 256  # thinner strips make memory-bound GEMMs (measured: N=128 in 8 strips ran 0.57x a@a.T)
@@ -134,6 +140,35 @@ def _masked(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None):
     return x, g
 
 
+@contextlib.contextmanager
+def _sums_in_fp32(x: torch.Tensor):
+    """While 16-bit per-sample gradients are built on a CUDA device: cuBLAS may otherwise reduce
+    16-bit GEMMs partly in 16 bits (torch's allow_{bf16,fp16}_reduced_precision_reduction, on by
+    default), and each F entry is to be summed over tokens in fp32 and rounded once."""
+    name = {torch.bfloat16: "allow_bf16_reduced_precision_reduction",
+            torch.float16: "allow_fp16_reduced_precision_reduction"}.get(x.dtype)
+    if x.device.type != "cuda" or name is None:
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    before = getattr(flags, name)
+    setattr(flags, name, False)
+    try:
+        yield
+    finally:
+        setattr(flags, name, before)
+
+
+def cuda_gram_fp32(a: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor) -> None:
+    """k (fp32) += a @ b^T (b None: a @ a^T, made exactly symmetric) by cuBLAS with fp32 accumulation
+    and an fp32 result (torch.mm's out_dtype), for 16-bit chunks of F on a CUDA device: the `gram` of
+    `psg_gram` there. A candidate beside the Triton psg_gram, timed by the harness on a GPU."""
+    c = torch.mm(a, (a if b is None else b).t(), out_dtype=torch.float32)
+    if b is None:
+        c = _symmetric(c)
+    k += c
+
+
 def _outputs_first(g: torch.Tensor) -> torch.Tensor:
     """g (N, T, d) or (N, C, T, d) as (C, N, T, d) (a view)."""
     return g.unsqueeze(0) if g.dim() == 3 else g.transpose(0, 1)
@@ -178,12 +213,12 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
     ob, db = _psg_chunks(R1 if one_dataset else R1 + R2, d_in, d_out, buffer, rows_out)
     if gram is None and x1.dtype != out.dtype:
         raise ValueError(f"factors in {x1.dtype} with an out in {out.dtype} need a mixed-precision gram")
-    k = torch.zeros(R1, R2, dtype=out.dtype)  # (output, sample) order
+    k = torch.zeros(R1, R2, dtype=out.dtype, device=out.device)  # (output, sample) order
     # one choice per call (by the full chunk's size): k then holds either whole symmetric Grams or
     # only valid upper triangles
     few = sym and gram is None and few_rows_gram is not None and few_rows(R1, ob * db)
-    buf1 = torch.empty(R1 * ob * db, dtype=x1.dtype)
-    buf2 = None if one_dataset else torch.empty(R2 * ob * db, dtype=x1.dtype)
+    buf1 = torch.empty(R1 * ob * db, dtype=x1.dtype, device=x1.device)
+    buf2 = None if one_dataset else torch.empty(R2 * ob * db, dtype=x1.dtype, device=x1.device)
     for o0 in range(0, d_out, ob):
         o1 = min(d_out, o0 + ob)
         for d0 in range(0, d_in, db):
@@ -193,8 +228,9 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
             def chunk(x, g, buf):
                 C, n = g.shape[:2]
                 f = buf[:C * n * size].view(C, n, o1 - o0, d1 - d0)
-                for c in range(C):
-                    torch.bmm(g[c, :, :, o0:o1].transpose(1, 2), x[:, :, d0:d1], out=f[c])
+                with _sums_in_fp32(x):
+                    for c in range(C):
+                        torch.bmm(g[c, :, :, o0:o1].transpose(1, 2), x[:, :, d0:d1], out=f[c])
                 return f.view(C * n, size)
 
             f1 = chunk(x1, g1, buf1)

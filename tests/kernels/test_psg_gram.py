@@ -363,3 +363,36 @@ def test_psg_gram_per_output_shape_errors():
         lk.psg_gram(x, randn(2, 3))
     with pytest.raises(ValueError, match="4 dimensions|3 dimensions"):
         lk.ghost_gram(x, g)  # per-output gradients are a psg_gram form only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_blas_psg_on_cuda_with_16bit_tiles(dtype, symmetric):
+    """The cuBLAS route that bench/harness.py times on a GPU (`_blas.psg_gram` on CUDA tensors with
+    `_blas.cuda_gram_fp32`): F built in chunks, each entry summed over tokens in fp32 and rounded once
+    to 16 bits, the chunks' Grams accumulated in fp32; closer to the rounded-F oracle than to the exact
+    one, masked tokens (holding NaN) add nothing, the symmetric form exactly symmetric."""
+    from linft_kernels import _blas
+    x1, g1, m1, x2, g2, m2 = make((7, 5, 30, 25, 37, 45), dtype, "cuda", symmetric, True)
+    cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
+    g1.masked_fill_((m1 == 0).unsqueeze(-1), float("nan"))
+    N, M = 7, (7 if symmetric else 5)
+    f1 = per_sample_grads64(*cpu[:3]).flatten(1)
+    f2 = f1 if x2 is None else per_sample_grads64(*cpu[3:]).flatten(1)
+    r1, r2 = (f.to(dtype).double() for f in (f1, f2))
+    one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()
+    for kernel in ("sgd", "signgd"):
+        for buffer, rows_out in [(1 << 26, 256), ((N + M) * 8 * 37, 8)]:  # one chunk; 8 x 37 chunks
+            got = _blas.psg_gram(x1, g1, m1, x2, g2, m2, torch.zeros(N, M, device="cuda"), kernel,
+                                 gram=_blas.cuda_gram_fp32, buffer=buffer, rows_out=rows_out)
+            what = f"cublas psg {kernel} {dtype} buffer={buffer}"
+            if kernel == "signgd":
+                atol = sign_flip_atol(*cpu, kernel, torch.float32)
+                assert_close_to_oracle(got, r1.sign() @ r2.sign().T, torch.float32, extra_atol=atol, what=what)
+            else:
+                assert_close_to_oracle(got, r1 @ r2.T, torch.float32, extra_atol=one_ulp, what=what)
+                err_rounded = (got.double().cpu() - r1 @ r2.T).abs().max().item()
+                assert err_rounded < (got.double().cpu() - f1 @ f2.T).abs().max().item() / 4, what
+            if symmetric:
+                assert torch.equal(got, got.T), what
