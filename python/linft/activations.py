@@ -25,7 +25,9 @@ class _GeluTanh(torch.autograd.Function):
     over the same tile, and torch's gelu backward recomputes the derivative (a tanh per element) in
     every one: at C = 2 on the CPU benchmark's GELU (16 x 128 x 2048), 3.8 + 2 x 4.1 ms per layer and
     tile becomes 3.8 + 4.1 + 2 x 0.9 ms. The derivative is torch's own (its gelu backward with a unit
-    cotangent), so the gradients are the ones torch's backward would give (bitwise here)."""
+    cotangent), so the gradients are the ones torch's backward would give (bitwise here). fp32 and
+    fp64 only: a 16-bit derivative would round once more than torch's backward, which multiplies
+    by it in fp32."""
     generate_vmap_rule = True  # torch.func transforms (batched output gradients) see plain torch ops
 
     @staticmethod
@@ -45,7 +47,7 @@ class _GeluTanh(torch.autograd.Function):
 
 
 def _gelu_tanh(input: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and input.requires_grad:
+    if torch.is_grad_enabled() and input.requires_grad and input.dtype in (torch.float32, torch.float64):
         return _GeluTanh.apply(input)[0]
     return F.gelu(input, approximate="tanh")
 

@@ -34,6 +34,8 @@ def test_fused_new_gelu_is_the_same_function_and_is_restored():
         assert torch.equal(g2, 2 * gg)
         with torch.no_grad():  # no graph: the plain fused op, no derivative computed
             assert torch.equal(acts[0](x), got.detach())
+        xb = x.detach().to(torch.bfloat16).requires_grad_()  # 16-bit: torch's own backward
+        assert acts[0](xb).grad_fn.name().startswith("GeluBackward")
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(gg, gw, rtol=1e-13, atol=1e-14)
     assert not any("forward" in m.__dict__ for m in acts)
