@@ -25,15 +25,22 @@ def test_fused_new_gelu_is_the_same_function_and_is_restored():
         assert n == len(acts) and all("forward" in m.__dict__ for m in acts)
         got = acts[0](x)
         assert got.grad_fn.name() == "_GeluTanhBackward"  # one fused op, not a chain
-        # its backward multiplies by the derivative saved in the forward: torch's gelu derivative
-        (saved,) = got.grad_fn.saved_tensors
-        unit = torch.ones_like(x)
-        assert torch.equal(saved, torch.ops.aten.gelu_backward(unit, x.detach(), approximate="tanh"))
         (gg,) = torch.autograd.grad(got.sum(), x)
-        (g2,) = torch.autograd.grad(acts[0](x), x, grad_outputs=2 * unit)
-        assert torch.equal(g2, 2 * gg)
-        with torch.no_grad():  # no graph: the plain fused op, no derivative computed
-            assert torch.equal(acts[0](x), got.detach())
+        # one backward per output over the same forward (the derivative is computed by the first and
+        # reused): each gives torch's fused gelu backward for its cotangent, bitwise
+        y = acts[0](x)
+        for c in (torch.randn_like(x), torch.randn_like(x)):
+            (gc,) = torch.autograd.grad(y, x, grad_outputs=c, retain_graph=True)
+            assert torch.equal(gc, torch.ops.aten.gelu_backward(c, x.detach(), approximate="tanh"))
+        # a differentiated backward (a second derivative) and forward mode stay exact
+        (g1,) = torch.autograd.grad(acts[0](x).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad((g1 ** 2).sum(), x)
+        (w1,) = torch.autograd.grad(NewGELUActivation()(x).sum(), x, create_graph=True)
+        torch.testing.assert_close(h, torch.autograd.grad((w1 ** 2).sum(), x)[0], rtol=1e-12, atol=1e-13)
+        t = torch.randn_like(x)
+        _, jt = torch.func.jvp(acts[0], (x.detach(),), (t,))
+        torch.testing.assert_close(jt, torch.func.jvp(NewGELUActivation(), (x.detach(),), (t,))[1],
+                                   rtol=1e-13, atol=1e-14)
         xb = x.detach().to(torch.bfloat16).requires_grad_()  # 16-bit: torch's own backward
         assert acts[0](xb).grad_fn.name().startswith("GeluBackward")
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
