@@ -144,7 +144,10 @@ def _masked(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None):
 def _sums_in_fp32(x: torch.Tensor):
     """While 16-bit per-sample gradients are built on a CUDA device: cuBLAS may otherwise reduce
     16-bit GEMMs partly in 16 bits (torch's allow_{bf16,fp16}_reduced_precision_reduction, on by
-    default), and each F entry is to be summed over tokens in fp32 and rounded once."""
+    default), and each F entry is to be summed over tokens in fp32 and rounded once. The flag is
+    process-wide (as torch's own are): set for the batched GEMMs of one chunk, then restored with
+    its split-K companion where this torch has one. (An fp32 GEMM result copied to 16 bits would
+    cost two more passes over F.)"""
     name = {torch.bfloat16: "allow_bf16_reduced_precision_reduction",
             torch.float16: "allow_fp16_reduced_precision_reduction"}.get(x.dtype)
     if x.device.type != "cuda" or name is None:
@@ -152,11 +155,12 @@ def _sums_in_fp32(x: torch.Tensor):
         return
     flags = torch.backends.cuda.matmul
     before = getattr(flags, name)
-    setattr(flags, name, False)
+    split_k = getattr(flags, name + "_split_k", None)  # torch >= 2.12: (reduced precision, split-K)
+    setattr(flags, name, False if split_k is None else (False, split_k))
     try:
         yield
     finally:
-        setattr(flags, name, before)
+        setattr(flags, name, before if split_k is None else (before, split_k))
 
 
 def cuda_gram_fp32(a: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor) -> None:

@@ -372,8 +372,14 @@ def test_blas_psg_on_cuda_with_16bit_tiles(dtype, symmetric):
     """The cuBLAS route that bench/harness.py times on a GPU (`_blas.psg_gram` on CUDA tensors with
     `_blas.cuda_gram_fp32`): F built in chunks, each entry summed over tokens in fp32 and rounded once
     to 16 bits, the chunks' Grams accumulated in fp32; closer to the rounded-F oracle than to the exact
-    one, masked tokens (holding NaN) add nothing, the symmetric form exactly symmetric."""
+    one, masked tokens (holding NaN) add nothing, the symmetric form exactly symmetric; cuBLAS's
+    reduced-precision flags are as they were afterwards."""
     from linft_kernels import _blas
+    flags = torch.backends.cuda.matmul
+    names = [n for n in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction",
+                         "allow_bf16_reduced_precision_reduction_split_k",
+                         "allow_fp16_reduced_precision_reduction_split_k") if hasattr(flags, n)]
+    before = {n: getattr(flags, n) for n in names}
     x1, g1, m1, x2, g2, m2 = make((7, 5, 30, 25, 37, 45), dtype, "cuda", symmetric, True)
     cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
     g1.masked_fill_((m1 == 0).unsqueeze(-1), float("nan"))
@@ -396,3 +402,36 @@ def test_blas_psg_on_cuda_with_16bit_tiles(dtype, symmetric):
                 assert err_rounded < (got.double().cpu() - f1 @ f2.T).abs().max().item() / 4, what
             if symmetric:
                 assert torch.equal(got, got.T), what
+    assert {n: getattr(flags, n) for n in names} == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_blas_psg_turns_off_16bit_reductions_on_cuda_and_restores_them(dtype):
+    """While _blas builds 16-bit per-sample gradients of CUDA tensors, cuBLAS's reduced-precision
+    reduction flag for that dtype is off, its split-K companion untouched; afterwards both are what
+    they were, also for a user's (False, False) and after an error. (The flags are process-wide
+    settings that this CPU build of torch stores too; a stand-in with .device and .dtype is used.)"""
+    from types import SimpleNamespace
+
+    from linft_kernels import _blas
+    flags = torch.backends.cuda.matmul
+    name = "allow_bf16_reduced_precision_reduction" if dtype == torch.bfloat16 else "allow_fp16_reduced_precision_reduction"
+    has_split = hasattr(flags, name + "_split_k")
+    state = lambda: (getattr(flags, name), getattr(flags, name + "_split_k", None))  # noqa: E731
+    original = state()
+    fake = SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+    try:
+        for user in ([(True, True), (False, False), (False, True)] if has_split else [True, False]):
+            setattr(flags, name, user)
+            before = state()
+            with _blas._sums_in_fp32(fake):
+                assert state() == (False, before[1])
+            assert state() == before
+            with pytest.raises(RuntimeError, match="boom"):
+                with _blas._sums_in_fp32(fake):
+                    raise RuntimeError("boom")
+            assert state() == before
+        with _blas._sums_in_fp32(SimpleNamespace(device=torch.device("cpu"), dtype=dtype)):
+            assert state() == before  # CPU tensors: nothing to change
+    finally:
+        setattr(flags, name, original if has_split else original[0])
