@@ -706,8 +706,8 @@ def run_ntk(device: torch.device, quick: bool, meta: dict, mem_limit: float, lar
         # fwd+bwd (cheap) brackets linft, so the cost ratio sees the same load on both sides
         methods = [("fwdbwd", N), ("linft", N), ("fwdbwd", N), ("vmap_jacrev", n_base),
                    ("ntk_vp", min(N, cfg["vp_N"]))]
-        if base_spec["fwd_chunk"]:  # the literal "one forward+backward": all N samples in one batch
-            methods.insert(2, ("fwdbwd_whole", N))
+        if base_spec["fwd_chunk"] and base_spec["fwd_chunk"] < N:  # the literal "one forward+backward":
+            methods.insert(3, ("fwdbwd_whole", N))                  # all N samples in one batch
         if fp64 and kernel == "full" and not quick:
             methods.append(("linft_fp64", N))
         if unfused and kernel == "full" and not quick:
@@ -843,7 +843,7 @@ def _ntk_rows(kernel, cfg, P, C, results, n_meas, errs, meta, device) -> list[di
     err = errs.get("vmap_jacrev")
     name = "ntk_full_weight" if kernel == "full" else "ntk_lora_r8"
     fb = _med(results["fwdbwd"])
-    fbw = _med([r for r in results.get("fwdbwd_whole", []) if "error" not in r])
+    fbw = _med(results.get("fwdbwd_whole", []))
     # Baseline, extrapolated if measured at a smaller n.
     vr = [r for r in results["vmap_jacrev"] if "error" not in r]
     n_b = n_meas["vmap_jacrev"]
