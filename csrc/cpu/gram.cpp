@@ -204,6 +204,22 @@ LINFT_AI void micro(int64_t kc, const T* __restrict Ap, const T* __restrict Bp, 
     }
 }
 
+// One mr x nr (at most MR x NR) tile of C: the micro-kernel straight into C when the tile is whole;
+// at the edges the full tile into the zeroed scratch tmp (MR * NR values) and its valid part into C.
+template <class T, int L, int MR, int NV, int AS = MR>
+LINFT_AI void tile(int64_t kc, const T* __restrict Ap, const T* __restrict Bp, T* __restrict C,
+                   int64_t ldc, int64_t mr, int64_t nr, T* __restrict tmp) {
+  constexpr int NR = NV * L;
+  if (mr == MR && nr == NR) {
+    micro<T, L, MR, NV, AS>(kc, Ap, Bp, C, ldc);
+    return;
+  }
+  for (int i = 0; i < MR * NR; ++i) tmp[i] = T(0);
+  micro<T, L, MR, NV, AS>(kc, Ap, Bp, tmp, NR);
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) C[i * ldc + j] += tmp[i * NR + j];
+}
+
 // Per-thread packing buffers (kept between calls; bounded by MC*KC + NC*KC elements).
 thread_local AlignedArray<unsigned char> tls_apack, tls_bpack;
 
@@ -237,14 +253,7 @@ LINFT_AI void syrk_impl(const Operand& A, int64_t m, int64_t K, T* __restrict C,
         const int64_t mr = std::min<int64_t>(MR, m - r0);
         const T* ap = Pk + (r0 / NR) * kc * NR + r0 % NR;  // rows past m are packed as zeros
         T* c = C + r0 * ldc + c0;
-        if (mr == MR && nr == NR) {
-          micro<T, L, MR, NV, NR>(kc, ap, bp, c, ldc);
-        } else {  // edge tile: full tile into tmp, valid part into C
-          for (int i = 0; i < MR * NR; ++i) tmp[i] = T(0);
-          micro<T, L, MR, NV, NR>(kc, ap, bp, tmp, NR);
-          for (int64_t i = 0; i < mr; ++i)
-            for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] += tmp[i * NR + j];
-        }
+        tile<T, L, MR, NV, NR>(kc, ap, bp, c, ldc, mr, nr, tmp);
       }
     }
   }
@@ -298,14 +307,7 @@ LINFT_AI void gemm_impl(const Operand& A, const Operand& B, int64_t m, int64_t n
             const int64_t mr = std::min<int64_t>(MR, mc - ir);
             const T* ap = Ap + ir * kc;
             T* c = C + r0 * ldc + c0;
-            if (mr == MR && nr == NR) {
-              micro<T, L, MR, NV>(kc, ap, bp, c, ldc);
-            } else {  // edge tile: full tile into tmp, valid part into C
-              for (int i = 0; i < MR * NR; ++i) tmp[i] = T(0);
-              micro<T, L, MR, NV>(kc, ap, bp, tmp, NR);
-              for (int64_t i = 0; i < mr; ++i)
-                for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] += tmp[i * NR + j];
-            }
+            tile<T, L, MR, NV>(kc, ap, bp, c, ldc, mr, nr, tmp);
           }
         }
       }
