@@ -1,4 +1,4 @@
-"""Fused equivalents of activation modules that are written as chains of elementwise torch ops.
+"""Fused equivalents of modules that are written as chains of elementwise torch ops.
 
 transformers' `NewGELUActivation` (GPT-2's "gelu_new") computes 0.5 x (1 + tanh(sqrt(2/pi) (x +
 0.044715 x^3))) with eight separate tensor ops, and autograd differentiates it op by op: about fifteen
@@ -8,10 +8,18 @@ NTK benchmark (GPT-2 shape, C = 2) those passes were ~0.5 s of a 3.7 s capture. 
 a fused backward. While linft runs the model, such modules use it (with the derivative computed once
 per forward and reused by each output's backward, `_GeluTanh`); results differ from the module's own
 only by rounding (fp64: ~1e-16, fp32: ~1e-7 relative on the NTK).
+
+Llama's RMSNorm (and the ~140 transformers classes that copy its forward statement for statement)
+upcasts to fp32, squares, averages, adds, takes rsqrt, multiplies, rounds back and multiplies by the
+weight: about six kernels forward and twelve per backward, most over fp32 copies of the activation.
+`torch.nn.functional.rms_norm` is the same function; on CUDA it is one fused kernel each way
+(elsewhere torch runs its decomposition, the same ops as the module). See `_rms_norm`.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +76,59 @@ _FUSED = {
     ("transformers.activations", "NewGELUActivation"): _gelu_tanh,
 }
 
+# The statements of transformers' LlamaRMSNorm.forward (input hidden_states, attributes weight and
+# variance_epsilon). A class whose forward is exactly these runs `_rms_norm` instead.
+_LLAMA_RMS_NORM = (
+    "input_dtype = hidden_states.dtype",
+    "hidden_states = hidden_states.to(torch.float32)",
+    "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+    "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+    "return self.weight * hidden_states.to(input_dtype)",
+)
+
+
+@functools.cache
+def _is_llama_rms_norm(cls: type) -> bool:
+    """Whether cls.forward is Llama's RMSNorm, statement for statement (read from its source: a model
+    whose RMSNorm differs in any way, e.g. Gemma's 1 + weight, or a transformers release that changes
+    the formula, is not matched and runs as written)."""
+    if not cls.__name__.endswith("RMSNorm"):
+        return False
+    try:
+        lines = inspect.getsource(cls.forward).splitlines()
+    except (OSError, TypeError):
+        return False
+    body = [ln.strip() for ln in lines[1:]]
+    return tuple(ln for ln in body if ln and not ln.startswith("#")) == _LLAMA_RMS_NORM
+
+
+def _rms_norm(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A Llama-form RMSNorm by `F.rms_norm` (on CUDA torch's fused kernel forward and backward: the
+    backward, run once per output, is one pass over the activation instead of about twelve, and no fp32
+    copy of the activation is kept for it). fp32: the module's function to rounding. 16-bit: the
+    normalized value times the weight is rounded once (the module rounds the normalized value, then the
+    product). The module's own forward runs where that is not the same function or where its weight is
+    differentiated: fp64 inputs (the module computes in fp32), a weight of another dtype or shape."""
+    w = module.weight
+    x = hidden_states
+    if (x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or w.dtype != x.dtype
+            or w.shape != x.shape[-1:] or (w.requires_grad and torch.is_grad_enabled())):
+        return type(module).forward(module, x)
+    return F.rms_norm(x, w.shape, w, module.variance_epsilon)
+
 
 def _fused_forward(module: torch.nn.Module):
     cls = type(module)
-    return _FUSED.get((cls.__module__, cls.__name__))
+    fused = _FUSED.get((cls.__module__, cls.__name__))
+    if fused is None and _is_llama_rms_norm(cls):
+        fused = functools.partial(_rms_norm, module)
+    return fused
 
 
 @contextlib.contextmanager
 def fused_activations(model: torch.nn.Module, enabled: bool = True):
-    """Within the block, the model's known activation modules run their fused equivalent (an instance
-    `forward`, removed on exit, also on error). Yields the number of modules changed."""
+    """Within the block, the model's known activation and RMSNorm modules run their fused equivalent
+    (an instance `forward`, removed on exit, also on error). Yields the number of modules changed."""
     swapped = []
     try:
         if enabled:

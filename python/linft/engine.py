@@ -147,10 +147,13 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
     checkpoint: a directory where each finished block is saved (atomically); a call that stopped
         resumes there at the first unfinished block and returns the identical matrix. A directory of
         another computation (inputs, parameters, options, plan) is refused.
-    fuse_activations: activation modules written as chains of elementwise ops with a fused torch
-        equivalent of the same function (transformers' NewGELUActivation) run as that fused op while
-        linft runs the model (`linft.activations`): the same kernel to rounding, and their backward,
-        done once per output, is one pass instead of ~15. None (default): on for "sgd", off for the
+    fuse_activations: activation and normalization modules written as chains of elementwise ops with a
+        fused torch equivalent of the same function run as that fused op while linft runs the model
+        (`linft.activations`): transformers' NewGELUActivation as torch's tanh gelu (its backward,
+        done once per output, is one multiply instead of ~15 passes), Llama-form RMSNorms (Llama,
+        Mistral, Qwen2/3, Phi-3 and ~140 other classes with the same forward) as F.rms_norm (on CUDA
+        one kernel each way instead of ~6 forward and ~12 per backward). The same function to rounding
+        (16-bit RMSNorm: rounded once instead of twice). None (default): on for "sgd", off for the
         sign kernels (the sign of a gradient entry within rounding of zero follows the rounding, so
         they keep the model's own); False runs every module as written.
     Returns an `NTK` with matrix (N*C, M*C), row index i*C + a.
@@ -189,7 +192,7 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         plan = plan_blocks(blocks, tokens, N, M, C, kernel, strategy, budget, elem_bytes,
                            cross=batches2 is not None)
         if n_fused:
-            plan.notes.append(f"{n_fused} activation modules run as their fused torch equivalent "
+            plan.notes.append(f"{n_fused} activation and RMSNorm modules run as their fused torch equivalent "
                               "(fuse_activations; linft.activations)")
         if memory_budget is None:
             plan.notes.append(f"memory_budget not given: using half the available memory ({budget} bytes)")

@@ -73,3 +73,126 @@ def test_empirical_ntk_with_and_without_fused_activations(fuse):
     K = kernel_from_jacobian(J, J, "sgd")
     assert (ntk.matrix - K).abs().max().item() < 1e-10 * K.abs().max().item()
     assert not any("forward" in m.__dict__ for m in _new_gelu_modules(model))
+
+
+def _rms_norms(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+
+
+def test_llama_form_rms_norms_are_recognized_by_their_forward():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from linft.activations import _is_llama_rms_norm
+
+    class SubclassRMSNorm(LlamaRMSNorm):  # inherits the forward: the same function
+        pass
+
+    class ChangedRMSNorm(LlamaRMSNorm):  # same name pattern, another function
+        def forward(self, hidden_states):
+            return 2 * super().forward(hidden_states)
+
+    assert all(_is_llama_rms_norm(c) for c in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, SubclassRMSNorm))
+    assert not _is_llama_rms_norm(GemmaRMSNorm)  # (1 + weight), computed in fp32 throughout
+    assert not _is_llama_rms_norm(ChangedRMSNorm)
+    assert not _is_llama_rms_norm(torch.nn.RMSNorm)
+    model = build("gemma")
+    with fused_activations(model) as n:
+        assert n == 0 and not any("forward" in m.__dict__ for m in _rms_norms(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_fused_rms_norm_is_the_same_function(dtype, monkeypatch):
+    """fp32: the module's values and gradients to fp32 rounding. 16-bit: the exact value rounded once
+    (at least as close to it as the module, which rounds twice). fp64 (the module computes in fp32),
+    a weight that is differentiated, or of another dtype: the module's own forward."""
+    import linft.activations as acts
+    calls = []
+    real = acts.F.rms_norm
+    monkeypatch.setattr(acts.F, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = build("llama").to(dtype)
+    norms = _rms_norms(model)
+    assert len(norms) == 5  # two per layer and the final one
+    norm = norms[0]
+    d = norm.weight.shape[0]
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, dtype=torch.float64))
+    norm.weight.requires_grad_(False)
+    x = 3 * torch.randn(4, 7, d, dtype=torch.float64)
+    x[0, :3] *= 1e-4  # rows where the epsilon matters (mean square below it)
+    x = x.to(dtype).requires_grad_()
+    want = type(norm).forward(norm, x)
+    (g_want,) = torch.autograd.grad(want, x, grad_outputs=torch.ones_like(want))
+    with fused_activations(model) as n:
+        assert n == 5
+        got = norm(x)
+        (g_got,) = torch.autograd.grad(got, x, grad_outputs=torch.ones_like(got))
+    assert len(calls) == (0 if dtype == torch.float64 else 1)
+    eps = norm.variance_epsilon
+    x64, w64 = x.detach().double(), norm.weight.double()
+    exact = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(g_got, g_want, rtol=2e-5, atol=1e-5)
+    else:
+        ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+        err_fused = ((got.double() - exact).abs() / exact.abs().clamp(min=1e-3)).max().item()
+        err_module = ((want.double() - exact).abs() / exact.abs().clamp(min=1e-3)).max().item()
+        assert err_fused <= ulp * 1.01 and err_fused <= err_module
+        torch.testing.assert_close(g_got.double(), g_want.double(), rtol=4 * ulp, atol=4 * ulp)
+    if dtype != torch.float32:
+        return
+    calls.clear()
+    with fused_activations(model):
+        norm.weight.requires_grad_(True)  # a differentiated weight: the module as written
+        norm(x)
+        norm.weight.requires_grad_(False)
+        norm(x.detach().double())  # another dtype than the weight: as written
+    assert not calls
+
+
+def test_empirical_ntk_of_fp32_llama_lora_with_and_without_fused_rms_norm():
+    """An fp32 Llama with LoRA: the fused RMSNorm capture gives the unfused kernel to fp32 rounding,
+    and both are the float64 torch.func kernel of the model to fp32 accuracy."""
+    from tiny_models import with_lora
+    model = with_lora(build("llama"), "llama").float()
+    inputs = batch(3, 6)
+    out = linft.outputs.label_word_logits([5, 9])
+    fused = linft.empirical_ntk(model, inputs, output=out)
+    plain = linft.empirical_ntk(model, inputs, output=out, fuse_activations=False)
+    assert any("5 activation" in n for n in fused.plan["notes"])
+    assert not any("fused" in n for n in plain.plan["notes"])
+    scale = plain.matrix.abs().max().item()
+    assert (fused.matrix - plain.matrix).abs().max().item() < 1e-5 * scale
+    m64 = with_lora(build("llama"), "llama")
+    m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    J = reference_jacobian(m64, inputs, out, list(fused.meta["params"]))
+    K = kernel_from_jacobian(J, J, "sgd")
+    assert (fused.matrix - K).abs().max().item() < 1e-4 * K.abs().max().item()
+    assert not any("forward" in m.__dict__ for m in _rms_norms(model))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_on_cuda_is_one_kernel_each_way(dtype):
+    """On CUDA the fused RMSNorm is torch's fused op (one autograd node, not a chain), with the
+    module's values to rounding and gradients to a few ulps of the dtype."""
+    model = build("llama").to(device="cuda", dtype=dtype)
+    norm = _rms_norms(model)[0]
+    d = norm.weight.shape[0]
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, device="cuda"))
+    norm.weight.requires_grad_(False)
+    x = (3 * torch.randn(5, 9, d, device="cuda")).to(dtype).requires_grad_()
+    want = type(norm).forward(norm, x)
+    (g_want,) = torch.autograd.grad(want, x, grad_outputs=torch.ones_like(want))
+    with fused_activations(model):
+        got = norm(x)
+        assert "RmsNorm" in got.grad_fn.name(), got.grad_fn.name()
+        (g_got,) = torch.autograd.grad(got, x, grad_outputs=torch.ones_like(got))
+    tol = 2e-6 if dtype == torch.float32 else 2.0 ** -7
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=4 * tol, atol=4 * tol)
