@@ -23,7 +23,8 @@
 # STAGES (default "diag tests ops llama"); TEST_TIMEOUT (150 s), OPS_TIMEOUT (150), FFMA_TIMEOUT (OPS_TIMEOUT),
 # LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
 # OPS_ONLY, OPS_DTYPES (harness --only, --dtypes: comma lists); PROFILE_TILES, PROFILE_N, PROFILE_TILE;
-# LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
+# LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage), LLAMA_UNFUSED=1 (the llama
+# stage also times linft with fuse_activations=False: RMSNorms as written); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
 # Exit status: nonzero if any stage failed; later stages still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -97,7 +98,7 @@ for s in $STAGES; do
       stage "$s: LoRA NTK of a 1.1B Llama-shaped model, N=${LLAMA_N:-1024} T=${LLAMA_T:-256}"
       LINFT_BATCHED_OUTPUT_GRADS=$batched \
       timeout "${LLAMA_TIMEOUT:-200}" "$PY" bench/harness.py --suite ntk --ntk-preset llama-1b --device cuda \
-        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} --out "$DEST/cuda-llama$b.json" \
+        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} ${LLAMA_UNFUSED:+--unfused} --out "$DEST/cuda-llama$b.json" \
         >"$DEST/cuda-llama$b.log" 2>&1 || rc=1
       grep -vE "Warning|warn\(" "$DEST/cuda-llama$b.log" | tail -n 25 | tee -a "$LOG" ;;
     profile)
