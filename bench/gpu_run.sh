@@ -6,7 +6,8 @@
 #   3. bench/harness.py --suite ops   the op sweep (cuda/triton vs torch matmul / einsum; GEMM peak)
 #   4. bench/harness.py --ntk-preset llama-1b   LoRA NTK of a 1.1B Llama-shaped model vs fwd+bwd
 #   5. (stage "ntk") the GPT-2 NTK suite (full + LoRA vs vmap(jacrev) and NTK-vector products)
-#   6. (stage "profile") bench/profile_ntk_gpu.py: where the LoRA NTK's time goes
+#   6. (stage "profile") bench/profile_ntk_gpu.py: where the LoRA NTK's time goes (torch.profiler tables
+#      and a per-tile host/GPU phase breakdown: host-bound or not, allocator retries, synchronizations)
 #   7. (stage "ffma") the gram rows again with LINFT_CUDA_GRAM_MMA=0: the native CUDA gram on CUDA cores,
 #      the A/B for its tensor-core (mma.sync) path that stage "ops" measures
 #   8. (stage "llamab") stage 4 with LINFT_BATCHED_OUTPUT_GRADS=1: one batched backward pass per tile
@@ -106,7 +107,7 @@ for s in $STAGES; do
       timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_ntk_gpu.py --n "${LLAMA_N:-1024}" --t "${LLAMA_T:-256}" \
         --tiles "${PROFILE_TILES:-16,64}" --profile-n "${PROFILE_N:-32}" --profile-tile "${PROFILE_TILE:-16}" --out "$DEST/gpu-profile.txt" >/dev/null 2>"$DEST/gpu-profile.err" || {
         rc=1; tail -n 20 "$DEST/gpu-profile.err" | tee -a "$LOG"; }
-      grep -E "^(fwd|empirical|GPU|NVIDIA)" "$DEST/gpu-profile.txt" 2>/dev/null | tee -a "$LOG" ;;
+      grep -E "^(fwd|empirical|GPU|NVIDIA|  tile)" "$DEST/gpu-profile.txt" 2>/dev/null | tee -a "$LOG" ;;
     ffma)
       stage "ffma: harness --suite ops --only gram with LINFT_CUDA_GRAM_MMA=0"
       LINFT_CUDA_GRAM_MMA=0 timeout "${FFMA_TIMEOUT:-${OPS_TIMEOUT:-150}}" "$PY" bench/harness.py --suite ops --device cuda \
