@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from .blocks import Block
 
@@ -121,25 +122,34 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     if store is None:
         store, start = Store(B), 0
     names = [n for n in rec.modules if rec.outputs[n]]
+    calls = {n: len(rec.outputs[n]) for n in names}
+    slots = [(n, call) for n in names for call in range(calls[n])]
     ys = [y for n in names for y in rec.outputs[n]]
-    # grads[module][call][c]: output gradient of output c, shaped like the module output
-    grads = {n: [[None] * C for _ in rec.outputs[n]] for n in names}
-    if ys and any(y.requires_grad for y in ys):
-        for c, gs in _output_gradients(f, ys):
-            k = 0
-            for n in names:
-                for call in range(len(rec.outputs[n])):
-                    grads[n][call][c] = torch.zeros_like(ys[k]) if gs[k] is None else gs[k].detach()
-                    k += 1
-            del gs
-    else:
-        for n in names:
-            for call, y in enumerate(rec.outputs[n]):
-                grads[n][call] = [torch.zeros_like(y)] * C
-    # The graph and the module outputs are no longer needed: free them before the forms are written.
-    del f, ys
+    zeros = [(y.shape, y.dtype, y.device) for y in ys]  # the output gradient where y does not reach f
+    live = [k for k, y in enumerate(ys) if y.requires_grad]
+    edges = [get_gradient_edge(ys[k]) for k in live]
+    # From here on only the outputs' places in the graph are needed, not their values: they go before
+    # the backward passes, so an output that no backward op saved (a LoRA B output, a projection
+    # followed by a residual add) frees its memory for them.
+    del ys
     for n in rec.outputs:
         rec.outputs[n].clear()
+    # grads[module][call][c]: output gradient of output c, shaped like the module output
+    grads = {n: [[None] * C for _ in range(calls[n])] for n in names}
+    if edges:
+        for c, gs in _output_gradients(f, edges):
+            for k, g in zip(live, gs):
+                if g is not None:
+                    n, call = slots[k]
+                    grads[n][call][c] = g.detach()
+            del gs
+    del f
+    for k, (n, call) in enumerate(slots):
+        per_out = grads[n][call]
+        if any(g is None for g in per_out):
+            shape, dtype, device = zeros[k]
+            zero = torch.zeros(shape, dtype=dtype, device=device)
+            grads[n][call] = [zero if g is None else g for g in per_out]
     if late:
         release_free_memory()
     uses = {}
@@ -174,7 +184,8 @@ def batched_output_gradients() -> bool:
 
 def _output_gradients(f: torch.Tensor, ys: list):
     """(c, gradients of sum_i f[i, c] with respect to each of ys) for every output c, None where
-    a y does not reach f: C backward passes, or one batched pass (`batched_output_gradients`)."""
+    a y does not reach f: C backward passes, or one batched pass (`batched_output_gradients`).
+    ys: tensors or their gradient edges (`torch.autograd.graph.get_gradient_edge`)."""
     C = f.shape[1]
     if C > 1 and batched_output_gradients():
         cotangents = torch.eye(C, dtype=f.dtype, device=f.device)[:, None, :].expand(C, *f.shape)
