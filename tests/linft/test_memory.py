@@ -98,6 +98,13 @@ def test_default_budget_is_half_the_available_memory(monkeypatch):
     torch.testing.assert_close(small.matrix, ntk.matrix, rtol=1e-12, atol=0)
 
 
+def test_default_budget_on_a_gpu_is_most_of_its_free_memory(monkeypatch):
+    """A GPU's memory is the call's own: 80% of what is free (the CUDA query replaced by a fake)."""
+    import linft.engine as engine
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 16 << 30))
+    assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * (10 << 30))
+
+
 def test_tile_for_room():
     from linft.engine import tile_for_room
     assert tile_for_room(room=1.5 * 64 * 10, per_sample=10, cap=64) == 64
