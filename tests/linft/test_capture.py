@@ -1,0 +1,76 @@
+"""capture on a small custom model: an in-place op on a module's output after it returned, a module
+whose output nothing reads (with LoRA and padding), and a non-finite output, which names the first
+module that produced one."""
+import pytest
+import torch
+from tiny_models import VOCAB, batch, kernel_from_jacobian, reference_jacobian
+
+import linft
+from linft.capture import NonFiniteError
+
+
+class _InPlaceNet(torch.nn.Module):
+    """fc1's output gets an in-place add after fc1 returns; `unused` runs but nothing reads its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.fc1 = torch.nn.Linear(8, 12)
+        self.fc2 = torch.nn.Linear(12, 3)
+        self.unused = torch.nn.Linear(8, 5)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        self.unused(h)
+        y = self.fc1(h)
+        y.add_(3.0)
+        y = torch.tanh(y)
+        if attention_mask is not None:
+            y = y * attention_mask[..., None]
+        return self.fc2(y).sum(1)  # (B, 3)
+
+
+def _net():
+    torch.manual_seed(0)
+    return _InPlaceNet().double().eval()
+
+
+def _out(model, b):
+    return model(**linft.outputs.model_inputs(b))
+
+
+def _check(model, inputs, params="trainable"):
+    ntk = linft.empirical_ntk(model, inputs, output=_out, params=params, per_layer=True)
+    J = reference_jacobian(model, inputs, _out, list(ntk.meta["params"]))
+    K = kernel_from_jacobian(J, J, "sgd")
+    assert (ntk.matrix - K).abs().max().item() < 1e-10 * K.abs().max().item()
+    return ntk
+
+
+def test_in_place_add_after_a_module_and_an_unread_module():
+    """fc1's output (a view, as F.linear returns for 3-d inputs) gets an in-place add after fc1
+    returned; `unused` gets zero blocks."""
+    model = _net()
+    ntk = _check(model, batch(4, 6), params=["fc1.weight", "fc1.bias", "fc2.weight", "unused.weight"])
+    assert ntk.blocks["unused.weight"].abs().max().item() == 0.0
+    assert ntk.blocks["fc1.weight"].abs().max().item() > 0.0
+
+
+def test_lora_with_padding_and_an_unread_module():
+    """LoRA on every Linear (each B module's input is its A module's output); the adapters of the
+    module whose output nothing reads get zero blocks; padded tokens add nothing; exact."""
+    import peft
+    model = peft.get_peft_model(_net(), peft.LoraConfig(r=2, target_modules=["fc1", "fc2", "unused"],
+                                                         init_lora_weights=False)).eval()
+    ntk = _check(model, batch(5, 7, seed=2))
+    unused = [k for k in ntk.blocks if "unused" in k]
+    assert unused and all(ntk.blocks[k].abs().max().item() == 0.0 for k in unused)
+    assert all(ntk.blocks[k].abs().max().item() > 0.0 for k in ntk.blocks if "unused" not in k)
+
+
+def test_non_finite_output_names_the_first_module_that_produced_one():
+    model = _net()
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="'fc2'"):
+        linft.empirical_ntk(model, batch(3, 5), output=_out, params=["fc1.weight", "fc2.weight"])
