@@ -1,6 +1,9 @@
 """Capture of per-sample layer factors, one sample tile at a time: forward hooks record each tracked
 module's input and output; one `autograd.grad` per model output gives the output gradients of every
-tracked module at once (frozen parameters never get gradients). From those, each block's stored form,
+tracked module at once (frozen parameters never get gradients). A module whose input is another
+tracked module's output (a LoRA B module) is handled during those backward passes instead: a hook
+turns its output gradient into its per-sample features as it is produced, so neither its output nor
+its gradients are kept (`_Recorder`, `_InPassForms`). From the gradients, each block's stored form,
 written into a `Store` that holds the block for all samples:
 
   linear     x (N, T', d_in), g (N, C, T', d_out), mask (N, T')      [method ghost / psg]
@@ -14,6 +17,8 @@ T' counts only tokens whose output gradient is nonzero for some output (see `_co
 from __future__ import annotations
 
 import os
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch.autograd.graph import get_gradient_edge
@@ -25,14 +30,37 @@ class NonFiniteError(FloatingPointError):
     """Non-finite values in the model output or in a captured layer quantity."""
 
 
+class _Output(NamedTuple):
+    """What capture keeps of a recorded module output once the forward is done: its place in the
+    autograd graph (None where it does not require gradient) and its shape, dtype and device (for a
+    zero gradient), not its values."""
+    edge: object
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
 class _Recorder:
-    def __init__(self, blocks: list[Block]):
+    """Forward hooks on the modules of `blocks`: per call, the module's input (detached) and its output.
+
+    A call of a module in `in_pass` whose input is the output of a recorded call of a module that is
+    not (a LoRA B module after its A module) is an in-pass call: its output is kept as an `_Output`
+    taken when the module returns, not as the tensor, so it is freed as soon as the forward has used
+    it; `_InPassForms` gets its gradient during the backward passes, on the way to the feeding
+    output's. Every other output is kept as the tensor until `finish` (its gradient edge is taken
+    after the forward, so in-place ops on it, such as a residual add into a view, are followed).
+    keep_values: every output kept as the tensor (nothing in-pass)."""
+
+    def __init__(self, blocks: list[Block], in_pass: set = frozenset(), keep_values: bool = False):
         self.modules: dict[str, torch.nn.Module] = {}
         for b in blocks:
             if b.kind in ("linear", "bias", "embedding", "local"):
                 self.modules[b.module_name] = b.module
+        self.in_pass = set() if keep_values else set(in_pass)
         self.inputs: dict[str, list] = {n: [] for n in self.modules}
-        self.outputs: dict[str, list] = {n: [] for n in self.modules}
+        self.outputs: dict[str, list] = {n: [] for n in self.modules}  # tensors, or _Output if in-pass
+        self.in_pass_calls: dict[str, list] = {n: [] for n in self.modules}  # per call: in-pass or not
+        self._made: dict[int, tuple] = {}  # id -> (weak reference to a recorded output, in-pass)
         self.handles = []
 
     def __enter__(self):
@@ -46,14 +74,29 @@ class _Recorder:
                 raise _NotSingleInput(name)
             if args[0].shape[0] != out.shape[0]:
                 raise _NotSingleInput(name)
-            self.inputs[name].append(args[0].detach())
-            self.outputs[name].append(out)
+            x = args[0]
+            made = self._made.get(id(x))
+            fed = made is not None and made[0]() is x and not made[1] and x.requires_grad
+            in_pass = fed and name in self.in_pass and out.requires_grad
+            self._made[id(out)] = (weakref.ref(out), in_pass)
+            self.inputs[name].append(x.detach())
+            self.in_pass_calls[name].append(in_pass)
+            self.outputs[name].append(_Output(get_gradient_edge(out), out.shape, out.dtype, out.device)
+                                      if in_pass else out)
         return hook
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self._made.clear()
+
+    def finish(self) -> None:
+        """Every kept output tensor becomes its `_Output` (the tensors are no longer held)."""
+        for name, outs in self.outputs.items():
+            self.outputs[name] = [y if isinstance(y, _Output) else
+                                  _Output(get_gradient_edge(y) if y.requires_grad else None, y.shape, y.dtype,
+                                          y.device) for y in outs]
 
 
 class _NotSingleInput(RuntimeError):
@@ -62,9 +105,15 @@ class _NotSingleInput(RuntimeError):
         self.module_name = module_name
 
 
-def _check_finite(f: torch.Tensor, rec: _Recorder) -> None:
+def _check_finite(f: torch.Tensor, model, batch, output, blocks: list[Block]) -> None:
+    """Raise NonFiniteError if f has a non-finite value, naming the first recorded module whose output
+    has one (found by running the tile's forward again, keeping the outputs: the model is in eval mode,
+    so it gives the same values)."""
     if torch.isfinite(f).all():
         return
+    rec = _Recorder(blocks, keep_values=True)
+    with rec, torch.no_grad():
+        run_output(model, batch, output)
     for name, outs in rec.outputs.items():
         for y in outs:
             if not torch.isfinite(y).all():
@@ -111,44 +160,60 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
         release_free_memory()
     if mask is not None and bool(mask.all()):
         mask = None  # nothing padded: the forms below skip their masking (one check per tile)
-    rec = _Recorder(blocks)
+    eligible = set() if batched_output_gradients() else (
+        _per_output_modules(blocks) - (store.not_in_pass if store is not None else set()))
+    rec = _Recorder(blocks, eligible)
     with rec:
         with torch.enable_grad():
             f = run_output(model, batch, output)
-    _check_finite(f, rec)
+    _check_finite(f, model, batch, output, blocks)
     B, C = f.shape
     if C_expected is not None and C != C_expected:
         raise ValueError(f"output returned {C} values per sample on one tile and {C_expected} on another")
     if store is None:
         store, start = Store(B), 0
     names = [n for n in rec.modules if rec.outputs[n]]
+    # Modules whose every call is in-pass: their forms are computed during the backward passes.
+    in_pass = {n for n in names if all(rec.in_pass_calls[n])}
+    taken_early = {o.edge.node: n for n in names for o, early in zip(rec.outputs[n], rec.in_pass_calls[n])
+                   if early}
+    if taken_early and not store.in_pass_checked:
+        # On a store's first tile: every output edge taken when its module returned must lie on the
+        # graph (an in-place op on a view output after the module returned re-routes the graph around
+        # it). The modules of any that does not are captured from their output tensors from then on,
+        # this tile again.
+        store.in_pass_checked = True
+        off = _off_graph(f, taken_early)
+        if off:
+            store.not_in_pass |= off
+            del f, rec
+            return capture_tile(model, batch, output, blocks, mask, C_expected, store, start)
+    rec.finish()
     calls = {n: len(rec.outputs[n]) for n in names}
     slots = [(n, call) for n in names for call in range(calls[n])]
-    ys = [y for n in names for y in rec.outputs[n]]
-    zeros = [(y.shape, y.dtype, y.device) for y in ys]  # the output gradient where y does not reach f
-    live = [k for k, y in enumerate(ys) if y.requires_grad]
-    edges = [get_gradient_edge(ys[k]) for k in live]
-    # From here on only the outputs' places in the graph are needed, not their values: they go before
-    # the backward passes, so an output that no backward op saved (a LoRA B output, a projection
-    # followed by a residual add) frees its memory for them.
-    del ys
-    for n in rec.outputs:
-        rec.outputs[n].clear()
+    outs = [o for n in names for o in rec.outputs[n]]
+    live = [k for k, o in enumerate(outs) if o.edge is not None and slots[k][0] not in in_pass]
+    edges = [outs[k].edge for k in live]
+    hooks = _InPassForms(blocks, in_pass, rec, mask, B, C, store, start)
     # grads[module][call][c]: output gradient of output c, shaped like the module output
-    grads = {n: [[None] * C for _ in range(calls[n])] for n in names}
-    if edges:
-        for c, gs in _output_gradients(f, edges):
+    grads = {n: [[None] * C for _ in range(calls[n])] for n in names if n not in in_pass}
+    try:
+        for c, gs in (_output_gradients(f, edges, hooks.set_output) if edges else ()):
             for k, g in zip(live, gs):
                 if g is not None:
                     n, call = slots[k]
                     grads[n][call][c] = g.detach()
             del gs
+    finally:
+        hooks.remove()
     del f
+    hooks.finish()
     for k, (n, call) in enumerate(slots):
+        if n in in_pass:
+            continue
         per_out = grads[n][call]
         if any(g is None for g in per_out):
-            shape, dtype, device = zeros[k]
-            zero = torch.zeros(shape, dtype=dtype, device=device)
+            zero = torch.zeros(outs[k].shape, dtype=outs[k].dtype, device=outs[k].device)
             grads[n][call] = [zero if g is None else g for g in per_out]
     if late:
         release_free_memory()
@@ -157,7 +222,7 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
         if b.kind != "generic":
             uses[b.module_name] = uses.get(b.module_name, 0) + 1
     for b in blocks:
-        if b.kind == "generic":
+        if b.kind == "generic" or b.module_name in in_pass:
             continue
         calls_x = rec.inputs.get(b.module_name, [])
         calls_g = grads.get(b.module_name, [])
@@ -174,6 +239,79 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     return store, C
 
 
+def _per_output_modules(blocks: list[Block]) -> set:
+    """Modules all of whose blocks are per-sample features (`_per_output`)."""
+    kinds: dict[str, bool] = {}
+    for b in blocks:
+        if b.kind != "generic":
+            kinds[b.module_name] = kinds.get(b.module_name, True) and _per_output(b)
+    return {n for n, ok in kinds.items() if ok}
+
+
+def _off_graph(f: torch.Tensor, wanted: dict) -> set:
+    """The values of `wanted` (autograd node -> module name) whose node the graph of f does not reach."""
+    left = dict(wanted)
+    stack = [f.grad_fn] if f.grad_fn is not None else []
+    seen = set()
+    while stack and left:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        left.pop(node, None)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return set(left.values())
+
+
+class _InPassForms:
+    """The per-output forms of in-pass modules (see `_Recorder`), computed by pre-hooks on their
+    outputs' autograd nodes while each backward pass runs, from the output gradient as it is produced:
+    autograd frees that gradient as it goes on, instead of it being kept until all C passes are done
+    (the B outputs' gradients of a 1.1B Llama with LoRA on every projection are ~200 MB per sample and
+    output). A module called several times adds its calls' features up."""
+
+    def __init__(self, blocks, in_pass: set, rec: _Recorder, mask, B, C, store, start):
+        self.blocks = {n: [b for b in blocks if b.module_name == n] for n in in_pass}
+        self.rec, self.mask, self.B, self.C, self.store, self.start = rec, mask, B, C, store, start
+        self.done = {n: set() for n in in_pass}  # outputs c whose forms a call has stored
+        self.c = None
+        self.handles = []
+        for n in in_pass:
+            for call, o in enumerate(rec.outputs[n]):
+                self.handles.append(o.edge.node.register_prehook(self._hook(n, call, o.edge.output_nr)))
+
+    def set_output(self, c: int) -> None:
+        """The backward pass about to run is output c's."""
+        self.c = c
+
+    def _hook(self, name: str, call: int, output_nr: int):
+        def hook(grad_outputs):
+            g = grad_outputs[output_nr]
+            if g is not None and self.c is not None:
+                self._store(name, call, self.c, g.detach())
+        return hook
+
+    def _store(self, name: str, call: int, c: int, g: torch.Tensor) -> None:
+        x = self.rec.inputs[name][call]
+        for b in self.blocks[name]:
+            form = _output_form(b, [x], [g], self.mask, self.B)
+            self.store.put_output(b.name, self.start, self.B, c, self.C, form, add=c in self.done[name])
+        self.done[name].add(c)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def finish(self) -> None:
+        """Outputs that a module's output does not reach (no call's hook ran): zero features."""
+        for name, done in self.done.items():
+            o = self.rec.outputs[name][0]
+            for c in range(self.C):
+                if c not in done:
+                    self._store(name, 0, c, torch.zeros(o.shape, dtype=o.dtype, device=o.device))
+
+
 def batched_output_gradients() -> bool:
     """LINFT_BATCHED_OUTPUT_GRADS=1: the C backward passes of a tile run as one batched pass
     (autograd's is_grads_batched, vmapped over the outputs' cotangents): the same gradients with about
@@ -182,10 +320,11 @@ def batched_output_gradients() -> bool:
     return os.environ.get("LINFT_BATCHED_OUTPUT_GRADS", "0") not in ("", "0")
 
 
-def _output_gradients(f: torch.Tensor, ys: list):
+def _output_gradients(f: torch.Tensor, ys: list, starting=None):
     """(c, gradients of sum_i f[i, c] with respect to each of ys) for every output c, None where
     a y does not reach f: C backward passes, or one batched pass (`batched_output_gradients`).
-    ys: tensors or their gradient edges (`torch.autograd.graph.get_gradient_edge`)."""
+    ys: tensors or their gradient edges (`torch.autograd.graph.get_gradient_edge`). starting(c), when
+    given, is called before the pass of output c (not used with a batched pass)."""
     C = f.shape[1]
     if C > 1 and batched_output_gradients():
         cotangents = torch.eye(C, dtype=f.dtype, device=f.device)[:, None, :].expand(C, *f.shape)
@@ -194,6 +333,8 @@ def _output_gradients(f: torch.Tensor, ys: list):
             yield c, [None if g is None else g[c] for g in gs]
         return
     for c in range(C):
+        if starting is not None:
+            starting(c)
         yield c, torch.autograd.grad(f[:, c].sum(), ys, retain_graph=c < C - 1, allow_unused=True)
 
 
@@ -289,29 +430,19 @@ def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) ->
     """One block's stored form for one tile. calls_g[call][c] is the output gradient of output c at that
     call. Entries given as a list hold one tensor per output (stored at dim 1 of the store). compact:
     drop the tokens without gradient (`_compact`)."""
-    if b.kind in ("linear", "bias"):
+    if _per_output(b):
+        return {"features": [_output_form(b, calls_x, [g_call[c] for g_call in calls_g], mask, B)
+                             for c in range(C)]}
+    if b.kind == "linear":
         xs, ms, gs = [], [], [[] for _ in range(C)]
         for x, g_call in zip(calls_x, calls_g):
             x3 = _flat3(x)
             xs.append(x3), ms.append(_mask_for(x.shape, mask, B))
             for c in range(C):
                 gs[c].append(g_call[c].reshape(B, x3.shape[1], g_call[c].shape[-1]))
-        masked = any(mm is not None for mm in ms)  # some token of this block is padding
-        per_sample = b.kind == "bias" or b.method == "features"
-        x, g, m = _cat_tokens(xs, 1), [_cat_tokens(gc, 1) for gc in gs], None
-        if masked or not per_sample:  # the per-sample forms need no mask where nothing is padded
-            m = _cat_tokens([torch.ones(B, xx.shape[1], dtype=torch.bool, device=xx.device) if mm is None
-                             else mm for xx, mm in zip(xs, ms)], 1)
-        if per_sample:
-            if masked:  # padding adds nothing: zeroed in the narrower factor (x is shared by the outputs)
-                if b.kind == "bias" or x.shape[-1] > C * g[0].shape[-1]:
-                    g = [gc * m[:, :, None] for gc in g]
-                else:
-                    x = x * m[:, :, None]
-            if b.kind == "bias":
-                return {"features": [gc.sum(dim=1) for gc in g]}  # C x (B, d_out)
-            return {"features": [_sample_gradients(gc, x).reshape(B, -1) for gc in g]}
-        x, g, m = _compact(x, g, m, compact)
+        m = _cat_tokens([torch.ones(B, xx.shape[1], dtype=torch.bool, device=xx.device) if mm is None
+                         else mm for xx, mm in zip(xs, ms)], 1)
+        x, g, m = _compact(_cat_tokens(xs, 1), [_cat_tokens(gc, 1) for gc in gs], m, compact)
         return {"x": x, "g": g, "mask": m}
     if b.kind == "embedding":
         ids, ms, gs = [], [], [[] for _ in range(C)]
@@ -328,14 +459,42 @@ def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) ->
         tok, g, m = _compact(_cat_tokens(ids, 1), [_cat_tokens(gc, 1) for gc in gs], _cat_tokens(ms, 1),
                              compact)
         return {"ids": tok, "g": g, "mask": m}
-    if b.kind == "local":
-        return {"features": _local_features(b, calls_x, calls_g, B, C)}
     raise AssertionError(b.kind)
 
 
-def _local_features(b: Block, calls_x, calls_g, B, C) -> list:
-    """Per-sample gradients of one leaf module's parameter by torch.func: for each call and output c,
-    vjp of module(x_i) with cotangent g_i,c, vmapped over samples. C x (B, P)."""
+def _per_output(b: Block) -> bool:
+    """Whether the block is stored as per-sample features, which each output gives on its own
+    (`_output_form`)."""
+    return b.kind in ("bias", "local") or (b.kind == "linear" and b.method == "features")
+
+
+def _output_form(b: Block, calls_x, calls_g, mask, B) -> torch.Tensor:
+    """One output's per-sample features (B, P) of a bias, local or features-method linear block, from
+    the module's inputs and that output's gradients, one per call (a module called several times adds
+    up over its calls)."""
+    if b.kind == "local":
+        return _local_features(b, calls_x, calls_g, B)
+    xs, gs, ms = [], [], []
+    for x, g in zip(calls_x, calls_g):
+        x3 = _flat3(x)
+        xs.append(x3), ms.append(_mask_for(x.shape, mask, B))
+        gs.append(g.reshape(B, x3.shape[1], g.shape[-1]))
+    x, g = _cat_tokens(xs, 1), _cat_tokens(gs, 1)
+    if any(mm is not None for mm in ms):  # padding adds nothing: zeroed in the narrower factor
+        m = _cat_tokens([torch.ones(B, xx.shape[1], dtype=torch.bool, device=xx.device) if mm is None
+                         else mm for xx, mm in zip(xs, ms)], 1)[:, :, None]
+        if b.kind == "bias" or x.shape[-1] > g.shape[-1]:
+            g = g * m
+        else:
+            x = x * m
+    if b.kind == "bias":
+        return g.sum(dim=1)  # (B, d_out)
+    return _sample_gradients(g, x).reshape(B, -1)
+
+
+def _local_features(b: Block, calls_x, calls_g, B) -> torch.Tensor:
+    """Per-sample gradients (B, P) of one leaf module's parameter by torch.func for one output: for each
+    call, vjp of module(x_i) with that call's output gradient g_i, vmapped over samples."""
     leaf = b.name.rsplit(".", 1)[-1]
     module = b.module
     params = {leaf: b.param.detach()}
@@ -348,11 +507,10 @@ def _local_features(b: Block, calls_x, calls_g, B, C) -> list:
         return vjp_fn(g_i)[0][leaf]
 
     vm = torch.func.vmap(per_sample, in_dims=(0, 0))
-    total = [None] * C
-    for x, g_call in zip(calls_x, calls_g):  # a module called several times: gradients add up
-        for c in range(C):
-            f = vm(x, g_call[c]).reshape(B, -1)
-            total[c] = f if total[c] is None else total[c] + f
+    total = None
+    for x, g in zip(calls_x, calls_g):  # a module called several times: gradients add up
+        f = vm(x, g).reshape(B, -1)
+        total = f if total is None else total + f
     return total
 
 
@@ -376,6 +534,9 @@ class Store:
         self.n = n
         self.forms: dict[str, dict] = {}
         self._compacts: dict[str, bool] = {}
+        # in-pass capture (`_Recorder`): checked on the first tile; modules captured without it
+        self.in_pass_checked = False
+        self.not_in_pass: set[str] = set()
 
     def compacts(self, name: str) -> bool:
         """Whether to look for tokens without gradient in this block's next tile: yes until its first
@@ -399,14 +560,10 @@ class Store:
                     t[start:start + B].zero_()
             return
         if cur is None:
-            cur = {}
+            cur = self.forms[name] = {}
             for k, v in form.items():
                 per_out = isinstance(v, list)
-                ref = v[0] if per_out else v
-                shape = (self.n,) + ((len(v),) if per_out else ()) + tuple(ref.shape[1:])
-                cur[k] = torch.empty(shape, dtype=ref.dtype, device=ref.device)
-                cur[k][:start].zero_()  # earlier tiles where the module did not run
-            self.forms[name] = cur
+                self._allocate(name, k, start, v[0] if per_out else v, len(v) if per_out else None)
         for k, v in form.items():
             axis = _TOKEN_AXIS.get(k)
             per_out = isinstance(v, list)
@@ -425,6 +582,24 @@ class Store:
                 dst.narrow(axis, 0, T_src).copy_(src)
                 if dst.shape[axis] > T_src:
                     dst.narrow(axis, T_src, dst.shape[axis] - T_src).zero_()
+
+    def put_output(self, name: str, start: int, B: int, c: int, C: int, features: torch.Tensor,
+                   add: bool = False) -> None:
+        """Output c's per-sample features (B, P) of a block for the tile at rows start..start+B-1 (its
+        entry "features" is (n, C, P)); add: added to what is there (another call of the module)."""
+        cur = self.forms.setdefault(name, {})
+        if "features" not in cur:
+            self._allocate(name, "features", start, features, C)
+        rows = cur["features"][start:start + B, c]
+        rows.add_(features) if add else rows.copy_(features)
+
+    def _allocate(self, name: str, key: str, start: int, ref: torch.Tensor, per_out: int | None) -> None:
+        """The entry `key` of a block for all n samples, shaped like `ref` past its first dimension (with
+        a dimension of per_out outputs after the samples' when given); rows of earlier tiles, where the
+        module did not run, are zero."""
+        shape = (self.n,) + ((per_out,) if per_out is not None else ()) + tuple(ref.shape[1:])
+        t = self.forms[name][key] = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+        t[:start].zero_()
 
     @staticmethod
     def _grow(t: torch.Tensor, axis: int, T_new: int, filled: int) -> torch.Tensor:

@@ -74,3 +74,45 @@ def test_non_finite_output_names_the_first_module_that_produced_one():
         model.fc2.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="'fc2'"):
         linft.empirical_ntk(model, batch(3, 5), output=_out, params=["fc1.weight", "fc2.weight"])
+
+
+class _Chain(torch.nn.Module):
+    """b's input is a's output (as a LoRA B module's is its A module's); b's output (a view: a Linear
+    with bias on 3-d input) gets an in-place add after b returned when `in_place`."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.a = torch.nn.Linear(8, 4, bias=False)
+        self.b = torch.nn.Linear(4, 6)
+
+    def forward(self, input_ids, attention_mask=None):
+        y = self.b(self.a(self.emb(input_ids)))
+        if self.in_place:
+            y.add_(0.5)
+        return torch.tanh(y).sum(1)[:, :3]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fed_module_forms_in_the_backward_passes(in_place, monkeypatch):
+    """b (fed by a) is captured during the backward passes (its output gradient consumed by a hook, its
+    output tensor not kept); when an in-place op re-routes the graph around its output, the first tile
+    finds that and b is captured from its output tensor instead. Exact either way, tile after tile."""
+    import linft.capture as capture
+    monkeypatch.delenv("LINFT_BATCHED_OUTPUT_GRADS", raising=False)  # batched passes capture b after them
+    torch.manual_seed(1)
+    model = _Chain(in_place).double().eval()
+    stored, off = [], []
+    real_store, real_off = capture._InPassForms._store, capture._off_graph
+    monkeypatch.setattr(capture._InPassForms, "_store",
+                        lambda self, name, call, c, g: stored.append(name) or real_store(self, name, call, c, g))
+    monkeypatch.setattr(capture, "_off_graph", lambda f, wanted: off.append(r := real_off(f, wanted)) or r)
+    ntk = linft.empirical_ntk(model, batch(5, 6, seed=4, padded=False), output=_out, params=["a.weight", "b.weight", "b.bias"],
+                              sample_tile=2, strategy="materialize", per_layer=True)
+    J = reference_jacobian(model, batch(5, 6, seed=4, padded=False), _out, list(ntk.meta["params"]))
+    K = kernel_from_jacobian(J, J, "sgd")
+    assert (ntk.matrix - K).abs().max().item() < 1e-10 * K.abs().max().item()
+    assert off and all(o == ({"b"} if in_place else set()) for o in off)
+    captures = 1 + 3  # the probe's capture of its samples, then three tiles
+    assert stored == [] if in_place else len(stored) == captures * 3 and set(stored) == {"b"}
