@@ -595,7 +595,11 @@ def worker(spec: dict) -> dict:
     n = spec["n_measure"]
     batch = make_batch(n, spec["T"], spec["vocab"], device=device)
     # Warm-up on two samples: thread pools, allocator, lazy imports; not timed, below the RSS mark.
-    run_method(spec["method"], model, make_batch(2, spec["T"], spec["vocab"], seed=7, device=device),
+    # On a GPU the warm-up has 16 samples: Triton compiles a kernel variant per divisibility of its
+    # integer arguments by 16 (rows N*C among them), so a warm-up of 2 samples would leave the timed
+    # call compiling the variants it uses (seconds per kernel, once per process and machine).
+    n_warm = 16 if device.type == "cuda" else 2
+    run_method(spec["method"], model, make_batch(n_warm, spec["T"], spec["vocab"], seed=7, device=device),
                output, names, params, {**spec, "chunk": 2})
     gc.collect()
     if device.type == "cuda":
@@ -617,7 +621,7 @@ def worker(spec: dict) -> dict:
            "git_commit": commit, "kernel_build": build,
            "peak_mem_bytes": peak - base_rss, "peak_reset": reset_ok,
            "peak_not_above_start": (not reset_ok) and peak <= max_before,
-           "load_avg_before": load0, "load_avg_after": machine.load_average(), "info": info,
+           "load_avg_before": load0, "load_avg_after": machine.load_average(), "info": info, "warmup_n": n_warm,
            "n_params": sum(p.numel() for n_, p in model.named_parameters() if n_ in set(names))}
     if device.type == "cuda":
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - base

@@ -252,14 +252,14 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                             bar.update(_data.n_samples([tile]))
                 elif bar is not None:
                     bar.update(_data.n_samples(batches))
-                timings["capture"] += time.perf_counter() - t0
+                timings["capture"] += _elapsed(t0, device)
                 if generic:
                     t0 = time.perf_counter()
                     feats = generic_features(model, _data.tiles(batches, sample_tile), output, generic, C,
                                              dtype, device, _data.to_device)
                     store.forms.update({name: {"features": f} for name, f in feats.items()})
                     feats = None
-                    timings["generic"] += time.perf_counter() - t0
+                    timings["generic"] += _elapsed(t0, device)
                 stores.append(store)
             peak = max(peak, sum(s.nbytes() for s in stores))
             t0 = time.perf_counter()
@@ -279,7 +279,7 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                     _note_method(plans[b.name], used)
                 if ckpt is not None:
                     ckpt.block_done(b.name, total, kept.get(b.name), plans[b.name].method, plans[b.name].reason)
-            timings["contract"] += time.perf_counter() - t0
+            timings["contract"] += _elapsed(t0, device)
             # Drop every reference to this pass's factors before the next pass captures its own,
             # or two passes' worth would be alive at once (loop variables outlive the loop body).
             stores = store = None
@@ -298,6 +298,14 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         "sample_tile": sample_tile,
     }
     return NTK(matrix=total, blocks=kept, meta=meta, plan=plan.as_dict(), timings=timings)
+
+
+def _elapsed(t0: float, device: torch.device) -> float:
+    """Seconds since t0 with the device's queued work done (on a GPU the phases' timings would
+    otherwise count work a phase queued in the next one's)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 AUTO_TILE_CPU = 16  # CPU: tiles of 8 and 32 measured no faster per sample (bench/README.md)
