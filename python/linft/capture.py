@@ -240,11 +240,13 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
 
 
 def _per_output_modules(blocks: list[Block]) -> set:
-    """Modules all of whose blocks are per-sample features (`_per_output`)."""
+    """Modules all of whose blocks are per-sample features of a linear map (weight or bias): the
+    candidates for in-pass capture. (Local blocks, computed by torch.func, are not run inside a
+    backward pass.)"""
     kinds: dict[str, bool] = {}
     for b in blocks:
         if b.kind != "generic":
-            kinds[b.module_name] = kinds.get(b.module_name, True) and _per_output(b)
+            kinds[b.module_name] = kinds.get(b.module_name, True) and _per_output(b) and b.kind != "local"
     return {n for n, ok in kinds.items() if ok}
 
 

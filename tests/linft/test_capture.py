@@ -80,29 +80,32 @@ class _Chain(torch.nn.Module):
     """b's input is a's output (as a LoRA B module's is its A module's); b's output (a view: a Linear
     with bias on 3-d input) gets an in-place add after b returned when `in_place`."""
 
-    def __init__(self, in_place: bool):
+    def __init__(self, in_place: bool, twice: bool = False):
         super().__init__()
-        self.in_place = in_place
+        self.in_place, self.twice = in_place, twice
         self.emb = torch.nn.Embedding(VOCAB, 8)
         self.a = torch.nn.Linear(8, 4, bias=False)
         self.b = torch.nn.Linear(4, 6)
 
     def forward(self, input_ids, attention_mask=None):
-        y = self.b(self.a(self.emb(input_ids)))
+        h = self.emb(input_ids)
+        y = self.b(self.a(h))
+        if self.twice:  # a and b called again: b's features add up over its two calls
+            y = y + self.b(self.a(h.flip(1)))
         if self.in_place:
             y.add_(0.5)
         return torch.tanh(y).sum(1)[:, :3]
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_fed_module_forms_in_the_backward_passes(in_place, monkeypatch):
+@pytest.mark.parametrize("in_place,twice", [(False, False), (True, False), (False, True)])
+def test_fed_module_forms_in_the_backward_passes(in_place, twice, monkeypatch):
     """b (fed by a) is captured during the backward passes (its output gradient consumed by a hook, its
     output tensor not kept); when an in-place op re-routes the graph around its output, the first tile
     finds that and b is captured from its output tensor instead. Exact either way, tile after tile."""
     import linft.capture as capture
     monkeypatch.delenv("LINFT_BATCHED_OUTPUT_GRADS", raising=False)  # batched passes capture b after them
     torch.manual_seed(1)
-    model = _Chain(in_place).double().eval()
+    model = _Chain(in_place, twice).double().eval()
     stored, off = [], []
     real_store, real_off = capture._InPassForms._store, capture._off_graph
     monkeypatch.setattr(capture._InPassForms, "_store",
@@ -115,4 +118,4 @@ def test_fed_module_forms_in_the_backward_passes(in_place, monkeypatch):
     assert (ntk.matrix - K).abs().max().item() < 1e-10 * K.abs().max().item()
     assert off and all(o == ({"b"} if in_place else set()) for o in off)
     captures = 1 + 3  # the probe's capture of its samples, then three tiles
-    assert stored == [] if in_place else len(stored) == captures * 3 and set(stored) == {"b"}
+    assert stored == [] if in_place else len(stored) == captures * 3 * (2 if twice else 1) and set(stored) == {"b"}
