@@ -289,6 +289,11 @@ def build_op_case(case: dict, device: torch.device):
                 cands.append((f"cublas chunks [{native} tiles]", lambda: _blas.psg_gram(
                     x1, g1, None, x2, g2, None, torch.zeros(N, M_, device=device), kernel,
                     gram=_blas.cuda_gram_fp32, buffer=1 << 26, rows_out=256)))
+                # the same with chunks of 2^23 entries (16 MB in 16 bits): F written and read back in
+                # the H200's 50 MB L2 instead of HBM, for more GEMM launches of smaller size
+                cands.append((f"cublas L2 chunks [{native} tiles]", lambda: _blas.psg_gram(
+                    x1, g1, None, x2, g2, None, torch.zeros(N, M_, device=device), kernel,
+                    gram=_blas.cuda_gram_fp32, buffer=1 << 23, rows_out=256)))
             bases.append((f"einsum materialize [{native}]", lambda: _materialize(x1, g1, x2, g2, kernel)))
             if lowp:
                 bases.append(("einsum materialize [fp32 upcast]",
