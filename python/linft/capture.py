@@ -105,7 +105,7 @@ class _NotSingleInput(RuntimeError):
         self.module_name = module_name
 
 
-def _check_finite(f: torch.Tensor, model, batch, output, blocks: list[Block]) -> None:
+def check_finite(f: torch.Tensor, model, batch, output, blocks: list[Block]) -> None:
     """Raise NonFiniteError if f has a non-finite value, naming the first recorded module whose output
     has one (found by running the tile's forward again, keeping the outputs: the model is in eval mode,
     so it gives the same values)."""
@@ -146,9 +146,11 @@ def _mask_for(x_shape, mask: torch.Tensor | None, B: int):
 
 
 def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor | None, C_expected=None,
-                 store: "Store | None" = None, start: int = 0):
+                 store: "Store | None" = None, start: int = 0, finite: list | None = None):
     """Stored forms of `blocks` for one tile, written into `store` at rows start, start+1, ...
-    (a new Store of this tile alone when None). Returns (store, C)."""
+    (a new Store of this tile alone when None). Returns (store, C). mask: the tile's token mask, None
+    where no token of the tile is padding (the forms then skip masking). finite: None checks the
+    model output here (NonFiniteError); a list gets the check's device flag appended instead."""
     # Resident memory peaks in the last tiles: the store is nearly full and a tile's autograd graph is
     # alive beside it. What earlier tiles freed is handed back to the system before the last tile, and
     # each graph in the second half of the store after its backward (each release costs the next tile
@@ -158,15 +160,16 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     late = on_cpu and store is not None and 2 * end > store.n
     if on_cpu and store is not None and end >= store.n:
         release_free_memory()
-    if mask is not None and bool(mask.all()):
-        mask = None  # nothing padded: the forms below skip their masking (one check per tile)
     eligible = set() if batched_output_gradients() else (
         _per_output_modules(blocks) - (store.not_in_pass if store is not None else set()))
     rec = _Recorder(blocks, eligible)
     with rec:
         with torch.enable_grad():
             f = run_output(model, batch, output)
-    _check_finite(f, model, batch, output, blocks)
+    if finite is None:
+        check_finite(f, model, batch, output, blocks)
+    else:  # the caller checks once for all tiles (a check here would wait for the GPU every tile)
+        finite.append(torch.isfinite(f).all())
     B, C = f.shape
     if C_expected is not None and C != C_expected:
         raise ValueError(f"output returned {C} values per sample on one tile and {C_expected} on another")
@@ -187,7 +190,7 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
         if off:
             store.not_in_pass |= off
             del f, rec
-            return capture_tile(model, batch, output, blocks, mask, C_expected, store, start)
+            return capture_tile(model, batch, output, blocks, mask, C_expected, store, start, finite)
     rec.finish()
     calls = {n: len(rec.outputs[n]) for n in names}
     slots = [(n, call) for n in names for call in range(calls[n])]

@@ -56,3 +56,14 @@ def to_device(batch: dict, device) -> dict:
 def token_mask(batch: dict) -> torch.Tensor | None:
     m = batch.get("attention_mask")
     return None if m is None else (m != 0)
+
+
+def unpadded_samples(batches: list[dict]) -> torch.Tensor | None:
+    """Host bool (n,): whether each sample has no padding token (all True without attention masks).
+    One device-to-host copy per batch, so tiles can be told apart without a GPU synchronization each."""
+    flags = []
+    for b in batches:
+        m = token_mask(b)
+        n = _batch_size(b, "inputs")
+        flags.append(torch.ones(n, dtype=torch.bool) if m is None else m.reshape(n, -1).all(dim=1).cpu())
+    return torch.cat(flags)

@@ -18,7 +18,7 @@ import torch
 from . import data as _data
 from .activations import fused_activations
 from .blocks import Block, classify, select_parameters
-from .capture import Store, capture_tile, run_output
+from .capture import NonFiniteError, Store, capture_tile, check_finite, run_output
 from .contract import contract_block
 from .generic import generic_features
 from .ntk import NTK, Checkpoint, fingerprint_tensors
@@ -245,11 +245,18 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                 t0 = time.perf_counter()
                 store = Store(_data.n_samples(batches))
                 if factored:
+                    unpadded = _data.unpadded_samples(batches)
+                    finite = [] if _defer_checks(device) else None
                     for start, tile in _capture_tiles(batches, sample_tile, store.n, device):
                         tile = _data.to_device(tile, device)
-                        capture_tile(model, tile, output, factored, _data.token_mask(tile), C, store, start)
+                        B = _data.n_samples([tile])
+                        mask = None if bool(unpadded[start:start + B].all()) else _data.token_mask(tile)
+                        capture_tile(model, tile, output, factored, mask, C, store, start, finite=finite)
                         if bar is not None:
-                            bar.update(_data.n_samples([tile]))
+                            bar.update(B)
+                    if finite and not bool(torch.stack(finite).all()):
+                        _raise_non_finite(model, batches, output, factored, sample_tile, store.n, device,
+                                          torch.stack(finite).tolist())
                 elif bar is not None:
                     bar.update(_data.n_samples(batches))
                 timings["capture"] += _elapsed(t0, device)
@@ -300,6 +307,28 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
     return NTK(matrix=total, blocks=kept, meta=meta, plan=plan.as_dict(), timings=timings)
 
 
+def _defer_checks(device: torch.device) -> bool:
+    """Whether the model outputs' finiteness is checked once after all tiles of a pass instead of in
+    each tile: on a GPU, where a check waits for the tile's queued work, so the host could not issue
+    the next work while the GPU runs (on CPU a check costs nothing and fails early)."""
+    return device.type == "cuda"
+
+
+def _raise_non_finite(model, batches, output, blocks, sample_tile, n, device, finite: list) -> None:
+    """The first tile whose output was non-finite, run again to name the module (NonFiniteError)."""
+    first = finite.index(False)
+    start, tile = list(_capture_tiles(batches, sample_tile, n, device))[first]
+    tile = _data.to_device(tile, device)
+    where = f"samples {start}..{start + _data.n_samples([tile]) - 1}"
+    with torch.no_grad():
+        f = run_output(model, tile, output)
+    try:
+        check_finite(f, model, tile, output, blocks)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e} ({where})") from None
+    raise NonFiniteError(f"non-finite model output in {where}, finite when they were run again")
+
+
 def _elapsed(t0: float, device: torch.device) -> float:
     """Seconds since t0 with the device's queued work done (on a GPU the phases' timings would
     otherwise count work a phase queued in the next one's)."""
@@ -329,7 +358,8 @@ def _auto_sample_tile(model, probe, output, blocks, plan, C: int, N: int, budget
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     if factored:
-        capture_tile(model, probe, output, factored, _data.token_mask(probe), C)
+        mask = None if bool(_data.unpadded_samples([probe]).all()) else _data.token_mask(probe)
+        capture_tile(model, probe, output, factored, mask, C)
     torch.cuda.synchronize(device)
     per_sample = max(1, torch.cuda.max_memory_allocated(device) - base) / B
     kept_bytes = {bp.name: bp.bytes for bp in plan.blocks}

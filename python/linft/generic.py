@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .blocks import Block
-from .capture import _check_finite, run_output
+from .capture import check_finite, run_output
 
 
 def generic_features(model, sample_tiles, output, blocks: list[Block], C: int, acc: torch.dtype,
@@ -22,7 +22,7 @@ def generic_features(model, sample_tiles, output, blocks: list[Block], C: int, a
             one = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
             with torch.enable_grad():
                 f = run_output(model, one, output)
-            _check_finite(f, model, one, output, [])
+            check_finite(f, model, one, output, [])
             per_c = []
             for c in range(C):
                 gs = torch.autograd.grad(f[0, c], params, retain_graph=c < C - 1, allow_unused=True)

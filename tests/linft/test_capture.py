@@ -119,3 +119,25 @@ def test_fed_module_forms_in_the_backward_passes(in_place, twice, monkeypatch):
     assert off and all(o == ({"b"} if in_place else set()) for o in off)
     captures = 1 + 3  # the probe's capture of its samples, then three tiles
     assert stored == [] if in_place else len(stored) == captures * 3 * (2 if twice else 1) and set(stored) == {"b"}
+
+
+def test_non_finite_output_found_after_the_tiles(monkeypatch):
+    """With the check deferred to the end of the pass (as on a GPU), the error still names the module,
+    and the samples of the first tile whose output was non-finite."""
+    from linft import engine
+    monkeypatch.setattr(engine, "_defer_checks", lambda device: True)
+    model = _net()
+    inputs = batch(6, 5, padded=False)
+    inputs["input_ids"][2:4, 1] = 7
+    with torch.no_grad():  # only token 7 makes fc2's output non-finite
+        model.emb.weight[7] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"module 'fc1' \(samples 2\.\."):
+        linft.empirical_ntk(model, inputs, output=_out, params=["fc1.weight", "fc2.weight"], sample_tile=2)
+
+
+def test_unpadded_samples():
+    from linft.data import unpadded_samples
+    b = batch(5, 6)
+    want = b["attention_mask"].bool().all(dim=1)
+    assert torch.equal(unpadded_samples([b, {"input_ids": b["input_ids"][:2]}]),
+                       torch.cat([want, torch.ones(2, dtype=torch.bool)]))

@@ -85,8 +85,8 @@ def test_resume_skips_finished_passes(tmp_path, monkeypatch):
         linft.empirical_ntk(model, inputs, checkpoint=tmp_path, **kw)
     captured = []
     real_capture = _CAPTURE
-    monkeypatch.setattr(engine, "capture_tile", lambda m, t, o, blocks, *a: captured.append(
-        [b.name for b in blocks]) or real_capture(m, t, o, blocks, *a))
+    monkeypatch.setattr(engine, "capture_tile", lambda m, t, o, blocks, *a, **k: captured.append(
+        [b.name for b in blocks]) or real_capture(m, t, o, blocks, *a, **k))
     _counting_contract(monkeypatch)
     resumed = linft.empirical_ntk(model, inputs, checkpoint=tmp_path, **kw)
     assert torch.equal(resumed.matrix, ref.matrix)
