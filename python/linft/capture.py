@@ -168,8 +168,6 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
             f = run_output(model, batch, output)
     if finite is None:
         check_finite(f, model, batch, output, blocks)
-    else:  # the caller checks once for all tiles (a check here would wait for the GPU every tile)
-        finite.append(torch.isfinite(f).all())
     B, C = f.shape
     if C_expected is not None and C != C_expected:
         raise ValueError(f"output returned {C} values per sample on one tile and {C_expected} on another")
@@ -191,6 +189,8 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
             store.not_in_pass |= off
             del f, rec
             return capture_tile(model, batch, output, blocks, mask, C_expected, store, start, finite)
+    if finite is not None:  # the caller checks once for all tiles (a check here waits for the GPU)
+        finite.append(torch.isfinite(f).all())
     rec.finish()
     calls = {n: len(rec.outputs[n]) for n in names}
     slots = [(n, call) for n in names for call in range(calls[n])]

@@ -141,3 +141,21 @@ def test_unpadded_samples():
     want = b["attention_mask"].bool().all(dim=1)
     assert torch.equal(unpadded_samples([b, {"input_ids": b["input_ids"][:2]}]),
                        torch.cat([want, torch.ones(2, dtype=torch.bool)]))
+
+
+def test_deferred_check_names_the_right_samples_after_a_first_tile_run_twice(monkeypatch):
+    """A first tile captured again (an in-place op moved an early output edge off the graph) adds one
+    finiteness flag, not two: the samples reported are still those of the non-finite output."""
+    from linft import engine
+    monkeypatch.setattr(engine, "_defer_checks", lambda device: True)
+    monkeypatch.delenv("LINFT_BATCHED_OUTPUT_GRADS", raising=False)
+    torch.manual_seed(1)
+    model = _Chain(in_place=True).double().eval()
+    inputs = batch(6, 5, padded=False)
+    inputs["input_ids"][:, 1] = 3
+    inputs["input_ids"][4, 1] = 7
+    with torch.no_grad():
+        model.emb.weight[7] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"module 'a' \(samples 4\.\.4\)"):
+        linft.empirical_ntk(model, inputs, output=_out, params=["a.weight", "b.weight", "b.bias"],
+                            sample_tile=2, strategy="materialize")
