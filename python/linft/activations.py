@@ -13,7 +13,8 @@ Llama's RMSNorm (and the ~140 transformers classes that copy its forward stateme
 upcasts to fp32, squares, averages, adds, takes rsqrt, multiplies, rounds back and multiplies by the
 weight: about six kernels forward and twelve per backward, most over fp32 copies of the activation.
 `torch.nn.functional.rms_norm` is the same function; on CUDA it is one fused kernel each way
-(elsewhere torch runs its decomposition, the same ops as the module). See `_rms_norm`.
+(elsewhere torch runs its decomposition: about as many ops as the module, rounding 16-bit results
+once). See `_rms_norm`.
 """
 from __future__ import annotations
 

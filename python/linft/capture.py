@@ -43,24 +43,29 @@ class _Output(NamedTuple):
 class _Recorder:
     """Forward hooks on the modules of `blocks`: per call, the module's input (detached) and its output.
 
-    A call of a module in `in_pass` whose input is the output of a recorded call of a module that is
-    not (a LoRA B module after its A module) is an in-pass call: its output is kept as an `_Output`
-    taken when the module returns, not as the tensor, so it is freed as soon as the forward has used
+    In-pass calls: a call of a module in `eligible` whose input is the output of a recorded call that
+    is not in-pass (a LoRA B module's input is its A module's output). Its output is kept only as an
+    `_Output` taken when the module returns, so the tensor is freed as soon as the forward has used
     it; `_InPassForms` gets its gradient during the backward passes, on the way to the feeding
-    output's. Every other output is kept as the tensor until `finish` (its gradient edge is taken
-    after the forward, so in-place ops on it, such as a residual add into a view, are followed).
-    keep_values: every output kept as the tensor (nothing in-pass)."""
+    output's gradient, which the passes ask for. `feeders[name][call]` is (feeding module, its call,
+    the version of that output when this call read it) for in-pass calls.
+    Every other output is kept as a `_Held` until `finish` chooses its gradient edge (after the
+    forward, knowing whether an in-place op changed it). keep_values: the outputs themselves are kept
+    (no call is in-pass)."""
 
-    def __init__(self, blocks: list[Block], in_pass: set = frozenset(), keep_values: bool = False):
+    def __init__(self, blocks: list[Block], eligible: set = frozenset(), keep_values: bool = False):
         self.modules: dict[str, torch.nn.Module] = {}
         for b in blocks:
             if b.kind in ("linear", "bias", "embedding", "local"):
                 self.modules[b.module_name] = b.module
-        self.in_pass = set() if keep_values else set(in_pass)
+        self.keep_values = keep_values
+        self.eligible = set() if keep_values else set(eligible)
         self.inputs: dict[str, list] = {n: [] for n in self.modules}
-        self.outputs: dict[str, list] = {n: [] for n in self.modules}  # tensors, or _Output if in-pass
+        self.outputs: dict[str, list] = {n: [] for n in self.modules}  # tensors; _Output for in-pass calls
         self.in_pass_calls: dict[str, list] = {n: [] for n in self.modules}  # per call: in-pass or not
-        self._made: dict[int, tuple] = {}  # id -> (weak reference to a recorded output, in-pass)
+        self.feeders: dict[str, list] = {n: [] for n in self.modules}
+        # id -> (weak reference to a recorded output, its module, its call, whether in-pass)
+        self._made: dict[int, tuple] = {}
         self.handles = []
 
     def __enter__(self):
@@ -76,13 +81,19 @@ class _Recorder:
                 raise _NotSingleInput(name)
             x = args[0]
             made = self._made.get(id(x))
-            fed = made is not None and made[0]() is x and not made[1] and x.requires_grad
-            in_pass = fed and name in self.in_pass and out.requires_grad
-            self._made[id(out)] = (weakref.ref(out), in_pass)
+            fed = made is not None and made[0]() is x and not made[3] and x.requires_grad
+            in_pass = fed and name in self.eligible and out.requires_grad
+            call = len(self.outputs[name])
+            self._made[id(out)] = (weakref.ref(out), name, call, in_pass)
             self.inputs[name].append(x.detach())
             self.in_pass_calls[name].append(in_pass)
-            self.outputs[name].append(_Output(get_gradient_edge(out), out.shape, out.dtype, out.device)
-                                      if in_pass else out)
+            self.feeders[name].append((made[1], made[2], x._version) if in_pass else None)
+            if in_pass:
+                self.outputs[name].append(_Output(get_gradient_edge(out), out.shape, out.dtype, out.device))
+            elif self.keep_values:
+                self.outputs[name].append(out)
+            else:
+                self.outputs[name].append(_Held.of(out))
         return hook
 
     def __exit__(self, *exc):
@@ -91,12 +102,55 @@ class _Recorder:
         self.handles.clear()
         self._made.clear()
 
+    def feeder_changed(self, name: str) -> bool:
+        """Whether an output that fed a call of `name` was changed in place after that call read it
+        (the gradient asked for at it then no longer passes through this module's output)."""
+        for fed in self.feeders[name]:
+            if fed is not None:
+                src, call, version = fed
+                if self.outputs[src][call].tensor._version != version:
+                    return True
+        return False
+
     def finish(self) -> None:
-        """Every kept output tensor becomes its `_Output` (the tensors are no longer held)."""
+        """Every kept output becomes its `_Output` (the tensors are no longer held)."""
         for name, outs in self.outputs.items():
-            self.outputs[name] = [y if isinstance(y, _Output) else
-                                  _Output(get_gradient_edge(y) if y.requires_grad else None, y.shape, y.dtype,
-                                          y.device) for y in outs]
+            self.outputs[name] = [y.output() if isinstance(y, _Held) else y for y in outs]
+
+
+class _Held(NamedTuple):
+    """A recorded output kept through the forward: the tensor, its version when the module returned,
+    and the gradient edges then of the output and, for an output that is its base reshaped (a Linear's
+    3-d output is a view of a 2-d product), of the base."""
+    tensor: torch.Tensor
+    version: int
+    edge: object
+    base_edge: object
+
+    @staticmethod
+    def of(out: torch.Tensor) -> "_Held":
+        if not out.requires_grad:
+            return _Held(out, out._version, None, None)
+        base = out._base
+        reshaped = (base is not None and base.requires_grad and base.numel() == out.numel()
+                    and base.is_contiguous() and out.is_contiguous() and base.data_ptr() == out.data_ptr())
+        return _Held(out, out._version, get_gradient_edge(out), get_gradient_edge(base) if reshaped else None)
+
+    def output(self) -> _Output:
+        """The edge whose gradient is the one at the value the module returned: the output's own when
+        no in-place op changed it since, or when it is not a view (an in-place op then takes the
+        original node as its input); the base's for a reshaped view (an in-place op on a view routes
+        the later uses through the base, bypassing the view's node; the gradient comes shaped like
+        the base, with the same elements in the same order); else the changed output's own, which
+        is the same gradient for an in-place add."""
+        t = self.tensor
+        if self.edge is None or t._version == self.version or not t._is_view():
+            edge = self.edge
+        elif self.base_edge is not None:
+            edge = self.base_edge
+        else:
+            edge = get_gradient_edge(t)
+        return _Output(edge, t.shape, t.dtype, t.device)
 
 
 class _NotSingleInput(RuntimeError):
@@ -176,19 +230,20 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     names = [n for n in rec.modules if rec.outputs[n]]
     # Modules whose every call is in-pass: their forms are computed during the backward passes.
     in_pass = {n for n in names if all(rec.in_pass_calls[n])}
-    taken_early = {o.edge.node: n for n in names for o, early in zip(rec.outputs[n], rec.in_pass_calls[n])
-                   if early}
-    if taken_early and not store.in_pass_checked:
-        # On a store's first tile: every output edge taken when its module returned must lie on the
-        # graph (an in-place op on a view output after the module returned re-routes the graph around
-        # it). The modules of any that does not are captured from their output tensors from then on,
-        # this tile again.
-        store.in_pass_checked = True
-        off = _off_graph(f, taken_early)
-        if off:
-            store.not_in_pass |= off
-            del f, rec
-            return capture_tile(model, batch, output, blocks, mask, C_expected, store, start, finite)
+    # A module's in-pass calls are trusted once their output edges were seen on the graph (an in-place
+    # op on a view output after the module returned re-routes the graph around it), and in every tile
+    # only if what fed them was not changed in place after they read it. Modules failing either are
+    # captured from their output tensors from then on, this tile again.
+    bad = {n for n in names if any(rec.in_pass_calls[n]) and rec.feeder_changed(n)}
+    unseen = {o.edge.node: n for n in names if n not in store.verified
+              for o, early in zip(rec.outputs[n], rec.in_pass_calls[n]) if early}
+    if unseen:
+        bad |= _off_graph(f, unseen)
+        store.verified |= set(unseen.values()) - bad
+    if bad:
+        store.not_in_pass |= bad
+        del f, rec
+        return capture_tile(model, batch, output, blocks, mask, C_expected, store, start, finite)
     if finite is not None:  # the caller checks once for all tiles (a check here waits for the GPU)
         finite.append(torch.isfinite(f).all())
     rec.finish()
@@ -218,6 +273,9 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
         if any(g is None for g in per_out):
             zero = torch.zeros(outs[k].shape, dtype=outs[k].dtype, device=outs[k].device)
             grads[n][call] = [zero if g is None else g for g in per_out]
+    # the edges keep graph nodes that no pass ran alive (with what they saved): dropped before the forms
+    del outs, edges
+    rec.outputs.clear()
     if late:
         release_free_memory()
     uses = {}
@@ -276,6 +334,7 @@ class _InPassForms:
     output). A module called several times adds its calls' features up."""
 
     def __init__(self, blocks, in_pass: set, rec: _Recorder, mask, B, C, store, start):
+        assert not (in_pass and batched_output_gradients()), "in-pass forms need one pass per output"
         self.blocks = {n: [b for b in blocks if b.module_name == n] for n in in_pass}
         self.rec, self.mask, self.B, self.C, self.store, self.start = rec, mask, B, C, store, start
         self.done = {n: set() for n in in_pass}  # outputs c whose forms a call has stored
@@ -539,8 +598,9 @@ class Store:
         self.n = n
         self.forms: dict[str, dict] = {}
         self._compacts: dict[str, bool] = {}
-        # in-pass capture (`_Recorder`): checked on the first tile; modules captured without it
-        self.in_pass_checked = False
+        # in-pass capture (`_Recorder`): modules whose in-pass calls were seen on the graph, and
+        # modules captured from their output tensors instead
+        self.verified: set[str] = set()
         self.not_in_pass: set[str] = set()
 
     def compacts(self, name: str) -> bool:

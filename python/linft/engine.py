@@ -197,7 +197,11 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
             _, tokens2 = _probe(model, _data.to_device(next(_data.tiles(batches2, 2))[1], device), output, blocks)
         # Tokens per sample at each module, as the probe saw them (batches are padded to one length).
         tokens = {b.name: (max(1, tokens1.get(b.name, 1)), max(1, tokens2.get(b.name, 1))) for b in blocks}
-        budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+        if memory_budget is None:  # what the result matrices take is not the captured factors'
+            result = N * C * M * C * torch.finfo(dtype).bits // 8 * (1 + (len(blocks) if per_layer else 0))
+            budget = max(0, default_memory_budget(device) - result)
+        else:
+            budget = int(memory_budget)
         plan = plan_blocks(blocks, tokens, N, M, C, kernel, strategy, budget, elem_bytes,
                            cross=batches2 is not None)
         if n_fused:
@@ -246,17 +250,19 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                 store = Store(_data.n_samples(batches))
                 if factored:
                     unpadded = _data.unpadded_samples(batches)
-                    finite = [] if _defer_checks(device) else None
+                    finite = _FiniteFlags() if _defer_checks(device) else None
                     for start, tile in _capture_tiles(batches, sample_tile, store.n, device):
                         tile = _data.to_device(tile, device)
                         B = _data.n_samples([tile])
                         mask = None if bool(unpadded[start:start + B].all()) else _data.token_mask(tile)
                         capture_tile(model, tile, output, factored, mask, C, store, start, finite=finite)
+                        if finite is not None and finite.first_bad(wait=False) is not None:
+                            break
                         if bar is not None:
                             bar.update(B)
-                    if finite and not bool(torch.stack(finite).all()):
-                        _raise_non_finite(model, batches, output, factored, sample_tile, store.n, device,
-                                          torch.stack(finite).tolist())
+                    bad = None if finite is None else finite.first_bad(wait=True)
+                    if bad is not None:
+                        _raise_non_finite(model, batches, output, factored, sample_tile, store.n, device, bad)
                 elif bar is not None:
                     bar.update(_data.n_samples(batches))
                 timings["capture"] += _elapsed(t0, device)
@@ -314,9 +320,42 @@ def _defer_checks(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _raise_non_finite(model, batches, output, blocks, sample_tile, n, device, finite: list) -> None:
-    """The first tile whose output was non-finite, run again to name the module (NonFiniteError)."""
-    first = finite.index(False)
+class _FiniteFlags(list):
+    """Finiteness flags of a pass's tiles, appended by capture_tile as device tensors. Each is copied to
+    host memory without waiting (CUDA: pinned memory, an event recorded after the copy), so the tiles
+    already done on the GPU can be checked while later ones run, and the check of them all at the end
+    waits only once."""
+
+    def __init__(self):
+        super().__init__()
+        self._host: list = []  # (host copy, event or None) per flag
+
+    def append(self, flag: torch.Tensor) -> None:
+        if flag.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._host.append((host, event))
+        else:
+            self._host.append((flag, None))
+        super().append(flag)
+
+    def first_bad(self, wait: bool) -> int | None:
+        """Index of the first tile whose output was non-finite among those whose flag is on the host
+        (all of them with wait=True), else None."""
+        for i, (host, event) in enumerate(self._host):
+            if event is not None and not event.query():
+                if not wait:
+                    return None
+                event.synchronize()
+            if not bool(host):
+                return i
+        return None
+
+
+def _raise_non_finite(model, batches, output, blocks, sample_tile, n, device, first: int) -> None:
+    """Tile `first` of the pass (its output was non-finite) run again to name the module (NonFiniteError)."""
     start, tile = list(_capture_tiles(batches, sample_tile, n, device))[first]
     tile = _data.to_device(tile, device)
     where = f"samples {start}..{start + _data.n_samples([tile]) - 1}"

@@ -10,10 +10,12 @@ from linft.capture import NonFiniteError
 
 
 class _InPlaceNet(torch.nn.Module):
-    """fc1's output gets an in-place add after fc1 returns; `unused` runs but nothing reads its output."""
+    """fc1's output (a view of a 2-d product, as F.linear returns for 3-d inputs) is changed in place
+    after fc1 returns (`op`); `unused` runs but nothing reads its output."""
 
-    def __init__(self):
+    def __init__(self, op: str = "add_"):
         super().__init__()
+        self.op = op
         self.emb = torch.nn.Embedding(VOCAB, 8)
         self.fc1 = torch.nn.Linear(8, 12)
         self.fc2 = torch.nn.Linear(12, 3)
@@ -23,16 +25,16 @@ class _InPlaceNet(torch.nn.Module):
         h = self.emb(input_ids)
         self.unused(h)
         y = self.fc1(h)
-        y.add_(3.0)
+        getattr(y, self.op)(3.0)
         y = torch.tanh(y)
         if attention_mask is not None:
             y = y * attention_mask[..., None]
         return self.fc2(y).sum(1)  # (B, 3)
 
 
-def _net():
+def _net(op: str = "add_"):
     torch.manual_seed(0)
-    return _InPlaceNet().double().eval()
+    return _InPlaceNet(op).double().eval()
 
 
 def _out(model, b):
@@ -47,10 +49,11 @@ def _check(model, inputs, params="trainable"):
     return ntk
 
 
-def test_in_place_add_after_a_module_and_an_unread_module():
-    """fc1's output (a view, as F.linear returns for 3-d inputs) gets an in-place add after fc1
-    returned; `unused` gets zero blocks."""
-    model = _net()
+@pytest.mark.parametrize("op", ["add_", "mul_"])
+def test_in_place_op_after_a_module_and_an_unread_module(op):
+    """The gradient at fc1 is the one at the value fc1 returned, whatever in-place op changed it after
+    (for mul_ the gradient at the changed value would be 3x off); `unused` gets zero blocks."""
+    model = _net(op)
     ntk = _check(model, batch(4, 6), params=["fc1.weight", "fc1.bias", "fc2.weight", "unused.weight"])
     assert ntk.blocks["unused.weight"].abs().max().item() == 0.0
     assert ntk.blocks["fc1.weight"].abs().max().item() > 0.0
@@ -131,8 +134,13 @@ def test_non_finite_output_found_after_the_tiles(monkeypatch):
     inputs["input_ids"][2:4, 1] = 7
     with torch.no_grad():  # only token 7 makes fc2's output non-finite
         model.emb.weight[7] = float("inf")
+    tiles = []
+    real = engine.capture_tile
+    monkeypatch.setattr(engine, "capture_tile", lambda m, t, *a, **k: tiles.append(t) or real(m, t, *a, **k))
     with pytest.raises(NonFiniteError, match=r"module 'fc1' \(samples 2\.\."):
         linft.empirical_ntk(model, inputs, output=_out, params=["fc1.weight", "fc2.weight"], sample_tile=2)
+    # flags already on the host are checked after each tile: the pass stops at the bad one
+    assert len(tiles) == 2  # of the 5 (the second half's tiles are halved on CPU)
 
 
 def test_unpadded_samples():
@@ -159,3 +167,55 @@ def test_deferred_check_names_the_right_samples_after_a_first_tile_run_twice(mon
     with pytest.raises(NonFiniteError, match=r"module 'a' \(samples 4\.\.4\)"):
         linft.empirical_ntk(model, inputs, output=_out, params=["a.weight", "b.weight", "b.bias"],
                             sample_tile=2, strategy="materialize")
+
+
+class _Branches(torch.nn.Module):
+    """Where an in-place op lands relative to the fed module b (input: a's output):
+    "feeder": a's output is changed after b read it (b's output is then not on the way to a's);
+    "chain": b and c each fed by the previous output, each output changed in place after it fed on;
+    "later": d (fed by a) runs, with an in-place op on its view output, only for samples whose first
+    token is 7, so only in later tiles."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.emb = torch.nn.Embedding(VOCAB, 4)
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, input_ids, attention_mask=None):
+        x1 = self.a(self.emb(input_ids))
+        if self.case == "feeder":
+            y = self.b(x1)
+            x1.add_(1.0)
+            y = y + x1
+        elif self.case == "chain":
+            x2 = self.b(x1)
+            x2.add_(x1)
+            y = self.c(x2)
+            y.mul_(1.5)
+        else:
+            y = self.b(x1)
+            if bool((input_ids[:, 0] == 7).any()):
+                u = self.d(x1)
+                u.mul_(2.0)
+                y = y + u
+        return torch.tanh(y).sum(1)[:, :2]
+
+
+@pytest.mark.parametrize("case", ["feeder", "chain", "later"])
+def test_in_place_ops_around_fed_modules(case, monkeypatch):
+    """Every such case falls back (or stays) exact, tile after tile, whichever blocks are tracked."""
+    monkeypatch.delenv("LINFT_BATCHED_OUTPUT_GRADS", raising=False)
+    torch.manual_seed(0)
+    model = _Branches(case).double().eval()
+    inputs = batch(4, 5, padded=False)
+    inputs["input_ids"][:, 0] = 3
+    inputs["input_ids"][[1, 3], 0] = 7
+    params = {"feeder": ["a.weight", "b.bias"], "chain": ["a.weight", "b.weight", "c.weight"],
+              "later": ["a.weight", "b.weight", "d.weight", "d.bias"]}[case]
+    ntk = linft.empirical_ntk(model, inputs, output=_out, params=params, sample_tile=1, per_layer=True,
+                              strategy="materialize")
+    J = reference_jacobian(model, inputs, _out, list(ntk.meta["params"]))
+    K = kernel_from_jacobian(J, J, "sgd")
+    assert (ntk.matrix - K).abs().max().item() < 1e-10 * K.abs().max().item()
+    assert all(ntk.blocks[p].abs().max().item() > 0 for p in params)

@@ -98,6 +98,23 @@ def test_default_budget_is_half_the_available_memory(monkeypatch):
     torch.testing.assert_close(small.matrix, ntk.matrix, rtol=1e-12, atol=0)
 
 
+def test_default_budget_leaves_room_for_the_result_matrices(monkeypatch):
+    """The default budget is what the captured factors may take once the result matrices (the total,
+    and one per block with per_layer=True) are set aside; a given budget is the factors' alone."""
+    import linft.engine as engine
+    model = _gpt2(n_embd=32)
+    inputs = batch(8, 12)
+    out = linft.outputs.label_word_logits([5, 9])
+    monkeypatch.setattr(engine, "default_memory_budget", lambda device: 1 << 24)
+    result = (8 * 2) ** 2 * 8  # N*C x N*C in float64
+    for per_layer in (False, True):
+        ntk = linft.empirical_ntk(model, inputs, output=out, params=PARAMS, per_layer=per_layer)
+        n_mats = 1 + (len(ntk.plan["blocks"]) if per_layer else 0)
+        assert ntk.plan["memory_budget"] == (1 << 24) - n_mats * result
+    ntk = linft.empirical_ntk(model, inputs, output=out, params=PARAMS, memory_budget=1 << 24)
+    assert ntk.plan["memory_budget"] == 1 << 24
+
+
 def test_default_budget_on_a_gpu_is_most_of_its_free_memory(monkeypatch):
     """A GPU's memory is the call's own: 80% of what is free (the CUDA query replaced by a fake)."""
     import linft.engine as engine
