@@ -144,7 +144,7 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         `dtype`.
     memory_budget: bytes that captured factors may occupy; blocks are split into passes over the data
         to fit. None: on a GPU 80% of its free memory, on CPU half the available memory, when the call
-        starts (`default_memory_budget`).
+        starts (`default_memory_budget`), less what the result matrices take.
     strategy: "auto" (cost model), or force "ghost", "materialize" or "generic" for every block.
     sample_tile: samples per forward/backward. None (default): 16 on CPU (larger tiles measured no
         faster per sample there); on a GPU, where a larger tile amortizes the many small launches of
