@@ -31,27 +31,51 @@ class NonFiniteError(FloatingPointError):
 
 
 class _Output(NamedTuple):
-    """What capture keeps of a recorded module output once the forward is done: its place in the
-    autograd graph (None where it does not require gradient) and its shape, dtype and device (for a
-    zero gradient), not its values."""
+    """What capture keeps of a recorded module output once the forward is done, not its values: the
+    autograd edge whose gradient is the one at the value the module returned (None where it does not
+    require gradient), `view` = (size, stride, offset) when that edge is the output's base's (the
+    output's gradient is then `take`n out of it), and its shape, dtype and device at return."""
     edge: object
+    view: tuple | None
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
 
+    def take(self, g: torch.Tensor) -> torch.Tensor:
+        """The output's gradient from the gradient at `edge`."""
+        if self.view is None:
+            return g
+        size, stride, offset = self.view
+        g = g.contiguous()  # laid out as the base (contiguous); g may itself start inside a storage
+        return g.as_strided(size, stride, g.storage_offset() + offset)
+
+    @staticmethod
+    def at_return(out: torch.Tensor, x: torch.Tensor) -> "_Output":
+        """The edge of the value `out` (the output of a module called on x) holds now, when the module
+        returns, such that later in-place ops do not change it. A view's is its base's (a contiguous
+        base made by the module, as a Linear's 3-d output is a view of its 2-d product): an in-place op
+        on a view re-routes the later uses of it through the base's node and around the view's own,
+        while the base's original node gets every use, before and after. Otherwise the output's own:
+        an in-place op on a non-view takes that node as its input, so it too gets every use."""
+        if not out.requires_grad:
+            return _Output(None, None, out.shape, out.dtype, out.device)
+        base = out._base
+        if (base is not None and base.requires_grad and base.is_contiguous() and base is not x
+                and base is not x._base):
+            view = (tuple(out.size()), tuple(out.stride()), out.storage_offset() - base.storage_offset())
+            return _Output(get_gradient_edge(base), view, out.shape, out.dtype, out.device)
+        return _Output(get_gradient_edge(out), None, out.shape, out.dtype, out.device)
+
 
 class _Recorder:
-    """Forward hooks on the modules of `blocks`: per call, the module's input (detached) and its output.
+    """Forward hooks on the modules of `blocks`: per call, the module's input (detached) and its output
+    as an `_Output` (taken when the module returns; the tensor itself is not kept, so an output that no
+    backward op saves is freed as soon as the forward has used it). keep_values: the outputs
+    themselves are kept instead (and no call is in-pass).
 
     In-pass calls: a call of a module in `eligible` whose input is the output of a recorded call that
-    is not in-pass (a LoRA B module's input is its A module's output). Its output is kept only as an
-    `_Output` taken when the module returns, so the tensor is freed as soon as the forward has used
-    it; `_InPassForms` gets its gradient during the backward passes, on the way to the feeding
-    output's gradient, which the passes ask for. `feeders[name][call]` is (feeding module, its call,
-    the version of that output when this call read it) for in-pass calls.
-    Every other output is kept as a `_Held` until `finish` chooses its gradient edge (after the
-    forward, knowing whether an in-place op changed it). keep_values: the outputs themselves are kept
-    (no call is in-pass)."""
+    is not in-pass (a LoRA B module's input is its A module's output). `_InPassForms` gets its output
+    gradient during the backward passes, on the way to the feeding output's, which the passes ask for."""
 
     def __init__(self, blocks: list[Block], eligible: set = frozenset(), keep_values: bool = False):
         self.modules: dict[str, torch.nn.Module] = {}
@@ -61,11 +85,9 @@ class _Recorder:
         self.keep_values = keep_values
         self.eligible = set() if keep_values else set(eligible)
         self.inputs: dict[str, list] = {n: [] for n in self.modules}
-        self.outputs: dict[str, list] = {n: [] for n in self.modules}  # tensors; _Output for in-pass calls
+        self.outputs: dict[str, list] = {n: [] for n in self.modules}
         self.in_pass_calls: dict[str, list] = {n: [] for n in self.modules}  # per call: in-pass or not
-        self.feeders: dict[str, list] = {n: [] for n in self.modules}
-        # id -> (weak reference to a recorded output, its module, its call, whether in-pass)
-        self._made: dict[int, tuple] = {}
+        self._made: dict[int, tuple] = {}  # id -> (weak reference to a recorded output, in-pass)
         self.handles = []
 
     def __enter__(self):
@@ -81,19 +103,12 @@ class _Recorder:
                 raise _NotSingleInput(name)
             x = args[0]
             made = self._made.get(id(x))
-            fed = made is not None and made[0]() is x and not made[3] and x.requires_grad
+            fed = made is not None and made[0]() is x and not made[1] and x.requires_grad
             in_pass = fed and name in self.eligible and out.requires_grad
-            call = len(self.outputs[name])
-            self._made[id(out)] = (weakref.ref(out), name, call, in_pass)
+            self._made[id(out)] = (weakref.ref(out), in_pass)
             self.inputs[name].append(x.detach())
             self.in_pass_calls[name].append(in_pass)
-            self.feeders[name].append((made[1], made[2], x._version) if in_pass else None)
-            if in_pass:
-                self.outputs[name].append(_Output(get_gradient_edge(out), out.shape, out.dtype, out.device))
-            elif self.keep_values:
-                self.outputs[name].append(out)
-            else:
-                self.outputs[name].append(_Held.of(out))
+            self.outputs[name].append(out if self.keep_values else _Output.at_return(out, x))
         return hook
 
     def __exit__(self, *exc):
@@ -101,56 +116,6 @@ class _Recorder:
             h.remove()
         self.handles.clear()
         self._made.clear()
-
-    def feeder_changed(self, name: str) -> bool:
-        """Whether an output that fed a call of `name` was changed in place after that call read it
-        (the gradient asked for at it then no longer passes through this module's output)."""
-        for fed in self.feeders[name]:
-            if fed is not None:
-                src, call, version = fed
-                if self.outputs[src][call].tensor._version != version:
-                    return True
-        return False
-
-    def finish(self) -> None:
-        """Every kept output becomes its `_Output` (the tensors are no longer held)."""
-        for name, outs in self.outputs.items():
-            self.outputs[name] = [y.output() if isinstance(y, _Held) else y for y in outs]
-
-
-class _Held(NamedTuple):
-    """A recorded output kept through the forward: the tensor, its version when the module returned,
-    and the gradient edges then of the output and, for an output that is its base reshaped (a Linear's
-    3-d output is a view of a 2-d product), of the base."""
-    tensor: torch.Tensor
-    version: int
-    edge: object
-    base_edge: object
-
-    @staticmethod
-    def of(out: torch.Tensor) -> "_Held":
-        if not out.requires_grad:
-            return _Held(out, out._version, None, None)
-        base = out._base
-        reshaped = (base is not None and base.requires_grad and base.numel() == out.numel()
-                    and base.is_contiguous() and out.is_contiguous() and base.data_ptr() == out.data_ptr())
-        return _Held(out, out._version, get_gradient_edge(out), get_gradient_edge(base) if reshaped else None)
-
-    def output(self) -> _Output:
-        """The edge whose gradient is the one at the value the module returned: the output's own when
-        no in-place op changed it since, or when it is not a view (an in-place op then takes the
-        original node as its input); the base's for a reshaped view (an in-place op on a view routes
-        the later uses through the base, bypassing the view's node; the gradient comes shaped like
-        the base, with the same elements in the same order); else the changed output's own, which
-        is the same gradient for an in-place add."""
-        t = self.tensor
-        if self.edge is None or t._version == self.version or not t._is_view():
-            edge = self.edge
-        elif self.base_edge is not None:
-            edge = self.base_edge
-        else:
-            edge = get_gradient_edge(t)
-        return _Output(edge, t.shape, t.dtype, t.device)
 
 
 class _NotSingleInput(RuntimeError):
@@ -230,23 +195,19 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     names = [n for n in rec.modules if rec.outputs[n]]
     # Modules whose every call is in-pass: their forms are computed during the backward passes.
     in_pass = {n for n in names if all(rec.in_pass_calls[n])}
-    # A module's in-pass calls are trusted once their output edges were seen on the graph (an in-place
-    # op on a view output after the module returned re-routes the graph around it), and in every tile
-    # only if what fed them was not changed in place after they read it. Modules failing either are
-    # captured from their output tensors from then on, this tile again.
-    bad = {n for n in names if any(rec.in_pass_calls[n]) and rec.feeder_changed(n)}
+    # A module's in-pass calls are trusted once their edges were seen on f's graph (a module whose
+    # output nothing reads is not); one that is not has its output gradients asked for directly from
+    # then on (this tile again).
     unseen = {o.edge.node: n for n in names if n not in store.verified
               for o, early in zip(rec.outputs[n], rec.in_pass_calls[n]) if early}
-    if unseen:
-        bad |= _off_graph(f, unseen)
-        store.verified |= set(unseen.values()) - bad
+    bad = _off_graph(f, unseen) if unseen else set()
+    store.verified |= set(unseen.values()) - bad
     if bad:
         store.not_in_pass |= bad
         del f, rec
         return capture_tile(model, batch, output, blocks, mask, C_expected, store, start, finite)
     if finite is not None:  # the caller checks once for all tiles (a check here waits for the GPU)
         finite.append(torch.isfinite(f).all())
-    rec.finish()
     calls = {n: len(rec.outputs[n]) for n in names}
     slots = [(n, call) for n in names for call in range(calls[n])]
     outs = [o for n in names for o in rec.outputs[n]]
@@ -260,7 +221,7 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
             for k, g in zip(live, gs):
                 if g is not None:
                     n, call = slots[k]
-                    grads[n][call][c] = g.detach()
+                    grads[n][call][c] = outs[k].take(g.detach())
             del gs
     finally:
         hooks.remove()
@@ -342,17 +303,17 @@ class _InPassForms:
         self.handles = []
         for n in in_pass:
             for call, o in enumerate(rec.outputs[n]):
-                self.handles.append(o.edge.node.register_prehook(self._hook(n, call, o.edge.output_nr)))
+                self.handles.append(o.edge.node.register_prehook(self._hook(n, call, o)))
 
     def set_output(self, c: int) -> None:
         """The backward pass about to run is output c's."""
         self.c = c
 
-    def _hook(self, name: str, call: int, output_nr: int):
+    def _hook(self, name: str, call: int, o: _Output):
         def hook(grad_outputs):
-            g = grad_outputs[output_nr]
+            g = grad_outputs[o.edge.output_nr]
             if g is not None and self.c is not None:
-                self._store(name, call, self.c, g.detach())
+                self._store(name, call, self.c, o.take(g.detach()))
         return hook
 
     def _store(self, name: str, call: int, c: int, g: torch.Tensor) -> None:
@@ -599,7 +560,7 @@ class Store:
         self.forms: dict[str, dict] = {}
         self._compacts: dict[str, bool] = {}
         # in-pass capture (`_Recorder`): modules whose in-pass calls were seen on the graph, and
-        # modules captured from their output tensors instead
+        # modules whose output gradients are asked for directly instead
         self.verified: set[str] = set()
         self.not_in_pass: set[str] = set()
 

@@ -22,7 +22,7 @@ from .capture import NonFiniteError, Store, capture_tile, check_finite, run_outp
 from .contract import contract_block
 from .generic import generic_features
 from .ntk import NTK, Checkpoint, fingerprint_tensors
-from .planner import plan_blocks
+from .planner import BudgetTooSmall, plan_blocks
 
 KERNELS = ("sgd", "signgd", "asymmetric-signgd")
 
@@ -199,7 +199,14 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         tokens = {b.name: (max(1, tokens1.get(b.name, 1)), max(1, tokens2.get(b.name, 1))) for b in blocks}
         if memory_budget is None:  # what the result matrices take is not the captured factors'
             result = N * C * M * C * torch.finfo(dtype).bits // 8 * (1 + (len(blocks) if per_layer else 0))
-            budget = max(0, default_memory_budget(device) - result)
+            available = default_memory_budget(device)
+            if result >= available:
+                raise BudgetTooSmall(
+                    f"the result matrices ({1 + (len(blocks) if per_layer else 0)} of {N * C} x {M * C} in "
+                    f"{dtype}: {result} bytes) take all of the default memory budget ({available} bytes); "
+                    "use per_layer=False, dtype=torch.float32 or fewer samples, or pass memory_budget= "
+                    "(the bytes the captured factors may take)")
+            budget = available - result
         else:
             budget = int(memory_budget)
         plan = plan_blocks(blocks, tokens, N, M, C, kernel, strategy, budget, elem_bytes,
@@ -329,6 +336,7 @@ class _FiniteFlags(list):
     def __init__(self):
         super().__init__()
         self._host: list = []  # (host copy, event or None) per flag
+        self._read = 0  # flags before this one were read and finite
 
     def append(self, flag: torch.Tensor) -> None:
         if flag.is_cuda:
@@ -343,14 +351,16 @@ class _FiniteFlags(list):
 
     def first_bad(self, wait: bool) -> int | None:
         """Index of the first tile whose output was non-finite among those whose flag is on the host
-        (all of them with wait=True), else None."""
-        for i, (host, event) in enumerate(self._host):
+        (all of them with wait=True), else None. Flags read once are not read again."""
+        while self._read < len(self._host):
+            host, event = self._host[self._read]
             if event is not None and not event.query():
                 if not wait:
                     return None
                 event.synchronize()
             if not bool(host):
-                return i
+                return self._read
+            self._read += 1
         return None
 
 

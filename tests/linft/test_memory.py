@@ -113,6 +113,9 @@ def test_default_budget_leaves_room_for_the_result_matrices(monkeypatch):
         assert ntk.plan["memory_budget"] == (1 << 24) - n_mats * result
     ntk = linft.empirical_ntk(model, inputs, output=out, params=PARAMS, memory_budget=1 << 24)
     assert ntk.plan["memory_budget"] == 1 << 24
+    monkeypatch.setattr(engine, "default_memory_budget", lambda device: 2 * result)
+    with pytest.raises(linft.planner.BudgetTooSmall, match="result matrices .* per_layer=False"):
+        linft.empirical_ntk(model, inputs, output=out, params=PARAMS, per_layer=True)
 
 
 def test_default_budget_on_a_gpu_is_most_of_its_free_memory(monkeypatch):
