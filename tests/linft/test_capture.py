@@ -25,8 +25,16 @@ class _InPlaceNet(torch.nn.Module):
         h = self.emb(input_ids)
         self.unused(h)
         y = self.fc1(h)
-        getattr(y, self.op)(3.0)
-        y = torch.tanh(y)
+        if self.op == "read_both":  # read before and after an in-place op
+            z = 2.0 * y  # (saves nothing that the add changes)
+            y.add_(3.0)
+            y = torch.tanh(y) + z
+        elif self.op == "slice_mul_":  # an in-place op on part of it (a view that is not a reshape)
+            y[..., :5].mul_(3.0)
+            y = torch.tanh(y)
+        else:
+            getattr(y, self.op)(3.0)
+            y = torch.tanh(y)
         if attention_mask is not None:
             y = y * attention_mask[..., None]
         return self.fc2(y).sum(1)  # (B, 3)
@@ -49,7 +57,7 @@ def _check(model, inputs, params="trainable"):
     return ntk
 
 
-@pytest.mark.parametrize("op", ["add_", "mul_"])
+@pytest.mark.parametrize("op", ["add_", "mul_", "read_both", "slice_mul_"])
 def test_in_place_op_after_a_module_and_an_unread_module(op):
     """The gradient at fc1 is the one at the value fc1 returned, whatever in-place op changed it after
     (for mul_ the gradient at the changed value would be 3x off); `unused` gets zero blocks."""
@@ -81,7 +89,7 @@ def test_non_finite_output_names_the_first_module_that_produced_one():
 
 class _Chain(torch.nn.Module):
     """b's input is a's output (as a LoRA B module's is its A module's); b's output (a view: a Linear
-    with bias on 3-d input) gets an in-place add after b returned when `in_place`."""
+    with bias on 3-d input) is read, then gets an in-place add after b returned, when `in_place`."""
 
     def __init__(self, in_place: bool, twice: bool = False):
         super().__init__()
@@ -95,9 +103,11 @@ class _Chain(torch.nn.Module):
         y = self.b(self.a(h))
         if self.twice:  # a and b called again: b's features add up over its two calls
             y = y + self.b(self.a(h.flip(1)))
+        z = 0
         if self.in_place:
+            z = 2.0 * y
             y.add_(0.5)
-        return torch.tanh(y).sum(1)[:, :3]
+        return (torch.tanh(y) + z).sum(1)[:, :3]
 
 
 @pytest.mark.parametrize("in_place,twice", [(False, False), (True, False), (False, True)])
