@@ -105,3 +105,17 @@ def test_auto_sample_tile_on_gpu():
     assert tile in (1, 2, 4, 8) and any(f"sample_tile={tile} (auto" in n for n in auto.plan["notes"])
     small = linft.empirical_ntk(model, inputs, output=out, sample_tile=2)
     assert _rel(auto.matrix, small.matrix) < 1e-10
+
+
+def test_non_finite_output_on_gpu_names_the_module_and_samples():
+    """On a GPU the tiles' finiteness flags are read from pinned host memory as the GPU finishes them
+    (no synchronization per tile): a non-finite tile still stops the pass with the module and samples."""
+    model = copy.deepcopy(with_lora(build("llama"), "llama")).cuda()
+    inputs = _to_cuda(batch(6, 5, seed=2))
+    inputs["input_ids"][3, 1] = 7
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight[7] = float("nan")
+    out = linft.outputs.label_word_logits([4, 11])
+    with pytest.raises(linft.capture.NonFiniteError, match=r"samples 2\.\.3"):
+        linft.empirical_ntk(model, inputs, output=out, sample_tile=2)
