@@ -41,6 +41,10 @@ class _Output(NamedTuple):
     dtype: torch.dtype
     device: torch.device
 
+    def zeros(self) -> torch.Tensor:
+        """The output's gradient where the output does not reach the model output."""
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
     def take(self, g: torch.Tensor) -> torch.Tensor:
         """The output's gradient from the gradient at `edge`."""
         if self.view is None:
@@ -232,7 +236,7 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
             continue
         per_out = grads[n][call]
         if any(g is None for g in per_out):
-            zero = torch.zeros(outs[k].shape, dtype=outs[k].dtype, device=outs[k].device)
+            zero = outs[k].zeros()
             grads[n][call] = [zero if g is None else g for g in per_out]
     # the edges keep graph nodes that no pass ran alive (with what they saved): dropped before the forms
     del outs, edges
@@ -331,10 +335,9 @@ class _InPassForms:
     def finish(self) -> None:
         """Outputs that a module's output does not reach (no call's hook ran): zero features."""
         for name, done in self.done.items():
-            o = self.rec.outputs[name][0]
             for c in range(self.C):
                 if c not in done:
-                    self._store(name, 0, c, torch.zeros(o.shape, dtype=o.dtype, device=o.device))
+                    self._store(name, 0, c, self.rec.outputs[name][0].zeros())
 
 
 def batched_output_gradients() -> bool:
@@ -465,9 +468,7 @@ def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) ->
             xs.append(x3), ms.append(_mask_for(x.shape, mask, B))
             for c in range(C):
                 gs[c].append(g_call[c].reshape(B, x3.shape[1], g_call[c].shape[-1]))
-        m = _cat_tokens([torch.ones(B, xx.shape[1], dtype=torch.bool, device=xx.device) if mm is None
-                         else mm for xx, mm in zip(xs, ms)], 1)
-        x, g, m = _compact(_cat_tokens(xs, 1), [_cat_tokens(gc, 1) for gc in gs], m, compact)
+        x, g, m = _compact(_cat_tokens(xs, 1), [_cat_tokens(gc, 1) for gc in gs], _calls_mask(xs, ms), compact)
         return {"x": x, "g": g, "mask": m}
     if b.kind == "embedding":
         ids, ms, gs = [], [], [[] for _ in range(C)]
@@ -485,6 +486,13 @@ def _block_form(b: Block, calls_x, calls_g, mask, B, C, compact: bool = True) ->
                              compact)
         return {"ids": tok, "g": g, "mask": m}
     raise AssertionError(b.kind)
+
+
+def _calls_mask(xs: list, ms: list) -> torch.Tensor:
+    """The token mask (B, T') of a module's calls joined along tokens: each call's mask, all True for
+    a call without one (xs: the calls' inputs as (B, T, d))."""
+    return _cat_tokens([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if m is None else m
+                        for x, m in zip(xs, ms)], 1)
 
 
 def _per_output(b: Block) -> bool:
@@ -506,8 +514,7 @@ def _output_form(b: Block, calls_x, calls_g, mask, B) -> torch.Tensor:
         gs.append(g.reshape(B, x3.shape[1], g.shape[-1]))
     x, g = _cat_tokens(xs, 1), _cat_tokens(gs, 1)
     if any(mm is not None for mm in ms):  # padding adds nothing: zeroed in the narrower factor
-        m = _cat_tokens([torch.ones(B, xx.shape[1], dtype=torch.bool, device=xx.device) if mm is None
-                         else mm for xx, mm in zip(xs, ms)], 1)[:, :, None]
+        m = _calls_mask(xs, ms)[:, :, None]
         if b.kind == "bias" or x.shape[-1] > g.shape[-1]:
             g = g * m
         else:
