@@ -169,11 +169,11 @@ def _mask_for(x_shape, mask: torch.Tensor | None, B: int):
 
 
 def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor | None, C_expected=None,
-                 store: "Store | None" = None, start: int = 0, finite: list | None = None):
+                 store: "Store | None" = None, start: int = 0, finite=None):
     """Stored forms of `blocks` for one tile, written into `store` at rows start, start+1, ...
     (a new Store of this tile alone when None). Returns (store, C). mask: the tile's token mask, None
     where no token of the tile is padding (the forms then skip masking). finite: None checks the
-    model output here (NonFiniteError); a list gets the check's device flag appended instead."""
+    model output here (NonFiniteError); else the check's device flag goes to finite.append."""
     # Resident memory peaks in the last tiles: the store is nearly full and a tile's autograd graph is
     # alive beside it. What earlier tiles freed is handed back to the system before the last tile, and
     # each graph in the second half of the store after its backward (each release costs the next tile

@@ -58,7 +58,7 @@ def token_mask(batch: dict) -> torch.Tensor | None:
     return None if m is None else (m != 0)
 
 
-def unpadded_samples(batches: list[dict]) -> torch.Tensor | None:
+def unpadded_samples(batches: list[dict]) -> torch.Tensor:
     """Host bool (n,): whether each sample has no padding token (all True without attention masks).
     One device-to-host copy per batch, so tiles can be told apart without a GPU synchronization each."""
     flags = []

@@ -198,11 +198,12 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         # Tokens per sample at each module, as the probe saw them (batches are padded to one length).
         tokens = {b.name: (max(1, tokens1.get(b.name, 1)), max(1, tokens2.get(b.name, 1))) for b in blocks}
         if memory_budget is None:  # what the result matrices take is not the captured factors'
-            result = N * C * M * C * torch.finfo(dtype).bits // 8 * (1 + (len(blocks) if per_layer else 0))
+            n_results = 1 + (len(blocks) if per_layer else 0)
+            result = N * C * M * C * torch.finfo(dtype).bits // 8 * n_results
             available = default_memory_budget(device)
             if result >= available:
                 raise BudgetTooSmall(
-                    f"the result matrices ({1 + (len(blocks) if per_layer else 0)} of {N * C} x {M * C} in "
+                    f"the result matrices ({n_results} of {N * C} x {M * C} in "
                     f"{dtype}: {result} bytes) take all of the default memory budget ({available} bytes); "
                     "use per_layer=False, dtype=torch.float32 or fewer samples, or pass memory_budget= "
                     "(the bytes the captured factors may take)")
@@ -216,7 +217,8 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                               "(fuse_activations; linft.activations)")
         if memory_budget is None:
             share = "80% of the free GPU memory" if device.type == "cuda" else "half the available memory"
-            plan.notes.append(f"memory_budget not given: using {share} ({budget} bytes)")
+            plan.notes.append(f"memory_budget not given: using {share} less the result matrices "
+                              f"({budget} bytes)")
         requested_tile = sample_tile
         if sample_tile is None:
             sample_tile = _auto_sample_tile(model, _data.to_device(first, device), output, blocks, plan,
@@ -327,14 +329,13 @@ def _defer_checks(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-class _FiniteFlags(list):
+class _FiniteFlags:
     """Finiteness flags of a pass's tiles, appended by capture_tile as device tensors. Each is copied to
     host memory without waiting (CUDA: pinned memory, an event recorded after the copy), so the tiles
     already done on the GPU can be checked while later ones run, and the check of them all at the end
     waits only once."""
 
     def __init__(self):
-        super().__init__()
         self._host: list = []  # (host copy, event or None) per flag
         self._read = 0  # flags before this one were read and finite
 
@@ -347,7 +348,6 @@ class _FiniteFlags(list):
             self._host.append((host, event))
         else:
             self._host.append((flag, None))
-        super().append(flag)
 
     def first_bad(self, wait: bool) -> int | None:
         """Index of the first tile whose output was non-finite among those whose flag is on the host
