@@ -25,7 +25,9 @@
 # LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
 # OPS_ONLY, OPS_DTYPES (harness --only, --dtypes: comma lists); PROFILE_TILES, PROFILE_N, PROFILE_TILE;
 # LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage), LLAMA_UNFUSED=1 (the llama
-# stage also times linft with fuse_activations=False: RMSNorms as written); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
+# stage also times linft with fuse_activations=False: RMSNorms as written), LLAMA_METHODS / LLAMAB_METHODS (the
+# methods each of those stages times: harness --llama-methods; llamab defaults to "linft" alone, against the
+# llama stage's baseline); LINFT_CUDA_ARCHS for the build (default "90;90a" here).
 # Exit status: nonzero if any stage failed; later stages still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,19 @@ pick_python() {
   return 1
 }
 
-DEST="${OUT:-bench/results}"
+# The device runner returns at most 8 files from $OUT, so under $OUT the results are written to a scratch
+# folder and packed into $OUT/gpu-results.tgz every 15 s and at the end (a run killed at its limit still
+# returns what it had); gpu-run.log is copied beside it.
+if [ -n "${OUT:-}" ]; then
+  DEST="$(mktemp -d /tmp/linft-gpu.XXXX)"
+  pack() { tar czf "$OUT/.pack.tgz" -C "$DEST" . 2>/dev/null && mv -f "$OUT/.pack.tgz" "$OUT/gpu-results.tgz"
+           cp -f "$DEST/gpu-run.log" "$OUT/" 2>/dev/null; }
+  ( while sleep 15; do pack; done ) &
+  PACKER=$!
+  trap 'kill $PACKER 2>/dev/null; pack' EXIT
+else
+  DEST=bench/results
+fi
 mkdir -p "$DEST"
 STAMP="$(date -u +%Y-%m-%dT%H%M)"
 LOG="$DEST/gpu-run.log"
@@ -97,15 +111,18 @@ for s in $STAGES; do
       batched=0; b=""
       if [ "$s" = llamab ]; then batched=1; b="-batched"; fi
       stage "$s: LoRA NTK of a 1.1B Llama-shaped model, N=${LLAMA_N:-1024} T=${LLAMA_T:-256}"
+      only="${LLAMA_METHODS:-}"; unf="${LLAMA_UNFUSED:-}"
+      if [ "$s" = llamab ]; then only="${LLAMAB_METHODS:-linft}"; unf=""; fi
       LINFT_BATCHED_OUTPUT_GRADS=$batched \
       timeout "${LLAMA_TIMEOUT:-200}" "$PY" bench/harness.py --suite ntk --ntk-preset llama-1b --device cuda \
-        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} ${LLAMA_UNFUSED:+--unfused} --out "$DEST/cuda-llama$b.json" \
+        --ntk-n "${LLAMA_N:-1024}" --ntk-t "${LLAMA_T:-256}" --worker-timeout "${LLAMA_WORKER_TIMEOUT:-150}" \
+        ${SAMPLE_TILE:+--sample-tile "$SAMPLE_TILE"} ${unf:+--unfused} ${only:+--llama-methods "$only"} --out "$DEST/cuda-llama$b.json" \
         >"$DEST/cuda-llama$b.log" 2>&1 || rc=1
       grep -vE "Warning|warn\(" "$DEST/cuda-llama$b.log" | tail -n 25 | tee -a "$LOG" ;;
     profile)
       stage "profile: bench/profile_ntk_gpu.py N=${LLAMA_N:-1024}"
       timeout "${PROFILE_TIMEOUT:-150}" "$PY" bench/profile_ntk_gpu.py --n "${LLAMA_N:-1024}" --t "${LLAMA_T:-256}" \
-        --tiles "${PROFILE_TILES:-16,64}" --profile-n "${PROFILE_N:-32}" --profile-tile "${PROFILE_TILE:-16}" --out "$DEST/gpu-profile.txt" >/dev/null 2>"$DEST/gpu-profile.err" || {
+        --tiles "${PROFILE_TILES:-16,64}" --profile-n "${PROFILE_N:-32}" --profile-tile "${PROFILE_TILE:-16}" --out "$DEST/gpu-profile.txt" >"$DEST/gpu-profile.log" 2>"$DEST/gpu-profile.err" || {
         rc=1; tail -n 20 "$DEST/gpu-profile.err" | tee -a "$LOG"; }
       grep -E "^(fwd|empirical|GPU|NVIDIA|  tile)" "$DEST/gpu-profile.txt" 2>/dev/null | tee -a "$LOG" ;;
     ffma)

@@ -770,10 +770,12 @@ LLAMA_1B = dict(arch="llama", n_embd=2048, d_ff=5632, n_layer=22, n_head=32, n_k
 
 def run_ntk_llama(device: torch.device, meta: dict, N: int, T: int, rounds: int, quick: bool,
                   worker_timeout: float = 1800, on_rows=None, linft_opts: dict | None = None,
-                  unfused: bool = False) -> list[dict]:
+                  unfused: bool = False, only: tuple[str, ...] | None = None) -> list[dict]:
     """End-to-end LoRA NTK (r=8 on every attention and MLP projection) of a ~1B Llama-shaped bf16 model
     against one plain forward+backward over the same samples (micro-batched; the NTK cost ratio).
     unfused: also linft with fuse_activations=False (its RMSNorms as written), after the bracketing pair.
+    only: run just these methods (e.g. ("linft",) to time a linft setting against a baseline measured
+    by an earlier call on the same machine).
 
     No vmap(jacrev) baseline here: at N=1024 its Jacobian alone is N*C*P*4 bytes (50 GiB) and it runs
     C backward passes per sample, one sample at a time.
@@ -792,6 +794,11 @@ def run_ntk_llama(device: torch.device, meta: dict, N: int, T: int, rounds: int,
     # fwdbwd_mb64: the baseline in micro-batches of 64 (linft's GPU sample tile) as well as 32, so the
     # cost ratio is also reported against the same batch size (larger micro-batches ran faster on an H200)
     methods = ["fwdbwd", "linft", "fwdbwd", "fwdbwd_mb64"] + (["linft_unfused"] if unfused else [])
+    if only:
+        unknown = set(only) - set(methods)
+        if unknown:
+            raise ValueError(f"--llama-methods: unknown method(s) {sorted(unknown)}; choose from {sorted(set(methods))}")
+        methods = [m for m in methods if m in only]
     results: dict[str, list] = {m: [] for m in methods}
     for r in range(rounds):
         for method in methods:
@@ -809,7 +816,7 @@ def run_ntk_llama(device: torch.device, meta: dict, N: int, T: int, rounds: int,
 
 
 def _llama_rows(results, cfg, N, T, C, P, n_total, meta, device) -> list[dict]:
-    fb, lm = _med(results["fwdbwd"]), _med(results["linft"])
+    fb, lm = _med(results.get("fwdbwd", [])), _med(results.get("linft", []))
     if lm and fb:
         log(f"[ntk-llama] linft {lm:.2f} s / fwd+bwd {fb:.2f} s = NTK cost ratio {lm / fb:.2f}")
     shape = {"N": N, "T": T, "C": C, "P": P, **{k: cfg[k] for k in ("n_embd", "d_ff", "n_layer", "vocab")}}
@@ -1119,6 +1126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ntk-t", type=int, default=256, help="llama-1b preset: tokens per sample T")
     ap.add_argument("--worker-timeout", type=float, default=1800, help="llama-1b preset: seconds per measurement")
     ap.add_argument("--sample-tile", type=int, default=None, help="llama-1b preset: empirical_ntk sample_tile")
+    ap.add_argument("--llama-methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
+                    default=None, help="llama-1b preset: only these methods (comma list of fwdbwd, linft, "
+                                       "fwdbwd_mb64, linft_unfused)")
     ap.add_argument("--compare", metavar="OLD.json", help="print ratios against an earlier result file")
     ap.add_argument("--new", metavar="NEW.json", help="with --compare and no --suite: compare two files")
     ap.add_argument("--fail-if-regression", type=float, metavar="PCT", default=None)
@@ -1193,7 +1203,7 @@ def main(argv=None) -> int:
             opts = {} if args.sample_tile is None else {"sample_tile": args.sample_tile}
             run_ntk_llama(device, meta, args.ntk_n, args.ntk_t, args.rounds or 1, args.quick,
                           worker_timeout=args.worker_timeout, on_rows=partial, linft_opts=opts,
-                          unfused=args.unfused)
+                          unfused=args.unfused, only=args.llama_methods)
         else:
             run_ntk(device, args.quick, meta, mem_limit, args.large_n, args.rounds, kernels,
                     fp64=args.fp64, on_rows=partial,
