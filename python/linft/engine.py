@@ -387,7 +387,9 @@ def _elapsed(t0: float, device: torch.device) -> float:
 
 
 AUTO_TILE_CPU = 16  # CPU: tiles of 8 and 32 measured no faster per sample (bench/README.md)
-AUTO_TILE_MAX = 64  # GPU: the largest tile measured (H200, 1.1B Llama + LoRA: 64 is 2.2x tile 16)
+# GPU: the largest tile measured (H200, 1.1B Llama + LoRA, N=1024: 64 is 2.2x faster than 16, and 128
+# 8% faster than 64 at 76 GiB peak); the memory budget picks a smaller one where 128 does not fit
+AUTO_TILE_MAX = 128
 
 
 def _auto_sample_tile(model, probe, output, blocks, plan, C: int, N: int, budget: int,

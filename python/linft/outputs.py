@@ -58,16 +58,32 @@ def last_token_index(batch: Mapping) -> torch.Tensor:
     return torch.where(mask.bool(), positions, -1).max(dim=1).values.clamp(min=0)
 
 
+class _Columns:
+    """Fixed column indices, copied to each device once: indexing a GPU tensor with a host list or
+    tensor copies it from pageable memory, which waits for the GPU's queued work (once per call:
+    the host then could not queue a tile's backward passes while its forward runs)."""
+
+    def __init__(self, ids):
+        self.ids = torch.as_tensor(list(ids), dtype=torch.long)
+        self._on: dict = {}
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        ids = self._on.get(rows.device)
+        if ids is None:
+            ids = self._on[rows.device] = self.ids.to(rows.device)
+        return rows[:, ids]
+
+
 def logits(classes: Sequence[int] | None = None) -> Callable:
     """Classification-head logits ``model(**batch).logits`` (B, C), optionally only `classes`."""
-    idx = None if classes is None else list(classes)
+    cols = None if classes is None else _Columns(classes)
 
     def output(model, batch):
         z = _logits(model, batch)
         if z.dim() != 2:
             raise ValueError(f"logits(): expected classification logits (B, C), got shape {tuple(z.shape)}; "
                              "for a language model use label_word_logits()")
-        return z if idx is None else z[:, idx]
+        return z if cols is None else cols.take(z)
 
     output.__name__ = "logits"
     return output
@@ -80,8 +96,8 @@ def label_word_logits(label_token_ids: Sequence[int], *, position: str = "last",
     position="last": the last real token (the prompt-based fine-tuning view of Malladi et al.);
     position="mask": the (single) mask token of each sample, for masked language models.
     """
-    ids = torch.as_tensor(list(label_token_ids), dtype=torch.long)
-    if ids.numel() == 0:
+    cols = _Columns(label_token_ids)
+    if cols.ids.numel() == 0:
         raise ValueError("label_word_logits: label_token_ids is empty")
     if position not in ("last", "mask"):
         raise ValueError(f"label_word_logits: position must be 'last' or 'mask', got {position!r}")
@@ -98,7 +114,7 @@ def label_word_logits(label_token_ids: Sequence[int], *, position: str = "last",
                                  f"(mask_token_id={mask_token_id})")
             pos = is_mask.int().argmax(dim=1)
         rows = _logits_at(model, batch, pos)  # (B, V)
-        return rows[:, ids.to(rows.device)]
+        return cols.take(rows)
 
     output.__name__ = f"label_word_logits[{position}]"
     return output

@@ -163,7 +163,7 @@ def test_auto_sample_tile_cpu_default_and_gpu_rule(monkeypatch):
     with torch.no_grad():
         _, tokens = engine._probe(model, probe, out, blocks := engine.classify(
             model, engine.select_parameters(model, PARAMS)))
-    for room_tiles, want in ((40, 32), (20, 16), (200, 64), (1, 1)):
+    for room_tiles, want in ((40, 32), (20, 16), (200, 128), (1000, 128), (1, 1)):  # 128 = AUTO_TILE_MAX
         plan = engine.plan_blocks(blocks, {b.name: (tokens[b.name], tokens[b.name]) for b in blocks},
                                   1000, 1000, 2, "sgd", "auto", None, 4, cross=False)
         kept = max(sum(bp.bytes for bp in plan.blocks if bp.name in names) for names in plan.passes)

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import batch, build, kernel_from_jacobian, reference_jacobian, with_lora
+from tiny_models import VOCAB, batch, build, kernel_from_jacobian, reference_jacobian, with_lora
 
 import linft
 
@@ -112,10 +112,40 @@ def test_non_finite_output_on_gpu_names_the_module_and_samples():
     (no synchronization per tile): a non-finite tile still stops the pass with the module and samples."""
     model = copy.deepcopy(with_lora(build("llama"), "llama")).cuda()
     inputs = _to_cuda(batch(6, 5, seed=2))
-    inputs["input_ids"][3, 1] = 7
+    bad = next(t for t in range(3, VOCAB) if not (inputs["input_ids"] == t).any())  # a token no sample has
+    inputs["input_ids"][3, 1] = bad
     emb = model.get_input_embeddings()
     with torch.no_grad():
-        emb.weight[7] = float("nan")
+        emb.weight[bad] = float("nan")
     out = linft.outputs.label_word_logits([4, 11])
     with pytest.raises(linft.capture.NonFiniteError, match=r"samples 2\.\.3"):
         linft.empirical_ntk(model, inputs, output=out, sample_tile=2)
+
+
+def test_label_outputs_do_not_wait_for_the_gpu():
+    """The output presets' fixed column indices go to the GPU once: after the first call, computing the
+    outputs issues no synchronizing operation (an index list copied from pageable host memory on
+    every call made the host wait for the tile's forward before it could queue the backward passes)."""
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 12)
+
+        def forward(self, input_ids):
+            return self.emb(input_ids)  # (B, T, V=12): "logits"
+
+    model = LM().cuda()
+    ids = torch.randint(0, VOCAB, (3, 5), device="cuda")
+    outs = [linft.outputs.label_word_logits([4, 11, 2]), linft.outputs.logits([1, 7])]
+    cls_batch = {"input_ids": ids[:, 0]}  # (B,) -> (B, 12) classification "logits"
+    firsts = [outs[0](model, {"input_ids": ids}), outs[1](model, cls_batch)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = [outs[0](model, {"input_ids": ids}), outs[1](model, cls_batch)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(firsts, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(again[0], model(ids)[:, -1][:, [4, 11, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(again[1], model(ids[:, 0])[:, [1, 7]], rtol=0, atol=0)
