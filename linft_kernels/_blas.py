@@ -21,9 +21,9 @@ are few); with fp32 tiles and an fp64 out the chunk's Gram is the native mixed-p
 Mixed precision in gram (16-bit inputs, fp64 accumulation of fp32 inputs) stays with the native
 kernels.
 
-`psg_gram` is torch code and also runs on CUDA tensors: with 16-bit factors and `cuda_gram_fp32` as
-its `gram` it is the cuBLAS route for 16-bit tiles, which bench/harness.py times beside the Triton
-psg_gram on a GPU (not yet measured; dispatch does not use it).
+`psg_gram` is torch code and also runs on CUDA tensors: with 16-bit tiles the Triton backend's
+psg_gram uses it to build F by cuBLAS, with the Triton gram as its `gram` (ops._psg_gemm_then_triton_gram);
+with `cuda_gram_fp32` as its `gram` it is an all-cuBLAS candidate that bench/harness.py times beside it.
 """
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ MIN_STRIP_ROWS = 256  # thinner strips make memory-bound GEMMs (measured: N=128 
 PSG_BUFFER = 1 << 23  # elements of one chunk of all per-sample gradients (32 MiB in fp32)
 PSG_ROWS_OUT = 64     # d_out rows per chunk: the batched GEMM's M (measured 16 -> 64: 1.5-1.9x faster)
 PSG_MIN_STRIP_ROWS = 64  # the chunk Grams have K >= ~16k: strips of 64 rows still run at GEMM speed
+# On a GPU (16-bit tiles, the Triton backend's psg_gram): chunks of up to 2^28 entries (512 MiB in 16
+# bits). On an H200 at N=256, T=256, d=1024 bf16, all of F in one chunk took 0.56 ms, in chunks of 2^26
+# entries 0.72 ms (more, smaller GEMMs and Grams; bench/profile_psg_gpu.py).
+PSG_BUFFER_GPU = 1 << 28
 # Symmetric Grams of FEW_ROWS_MIN to FEW_ROWS rows and at least FEW_ROWS_MIN_K columns go to the native
 # kernel (`few_rows`): it packs the rows once per k chunk and computes ~62% of the product at 128 rows,
 # where torch's GEMM gets no faster in strips (three 64-row products of a 128-row Gram take 0.96x the

@@ -1,4 +1,6 @@
 """psg_gram: every backend and kernel variant against explicit per-sample gradients in float64."""
+import os
+
 import pytest
 import torch
 from factor_cases import cases, make
@@ -435,3 +437,42 @@ def test_blas_psg_turns_off_16bit_reductions_on_cuda_and_restores_them(dtype):
             assert state() == before  # CPU tensors: nothing to change
     finally:
         setattr(flags, name, original if has_split else original[0])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
+def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, monkeypatch):
+    """The Triton backend's psg_gram with 16-bit tiles on a GPU builds F by torch's batched GEMM and
+    takes each chunk's Gram from the Triton gram (ops._psg_gemm_then_triton_gram); run here on CPU
+    tensors through the interpreter, F whole and in chunks: every kernel against the rounded-F
+    oracle, masked tokens (NaN in g) adding nothing, the symmetric form exactly symmetric."""
+    from linft_kernels import _blas, ops
+    assert ops._psg_by_gemm(torch.device("cuda"), dtype)
+    assert not ops._psg_by_gemm(torch.device("cuda"), None) and not ops._psg_by_gemm(torch.device("cpu"), dtype)
+    if chunked:
+        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 2 * 12 * 8 * 37)  # 8 x 37 entries per sample
+    grams = []
+    real = ops._run_gram
+    monkeypatch.setattr(ops, "_run_gram", lambda o, a, b, be: grams.append(be) or real(o, a, b, be))
+    x1, g1, m1, x2, g2, m2 = make((7, 5, 30, 25, 37, 45), dtype, "cpu", symmetric, True)
+    cpu = [None if t is None else t.clone() for t in (x1, g1, m1, x2, g2, m2)]
+    g1.masked_fill_((m1 == 0).unsqueeze(-1), float("nan"))
+    N, M = 7, (7 if symmetric else 5)
+    f1 = per_sample_grads64(*cpu[:3]).flatten(1)
+    f2 = f1 if x2 is None else per_sample_grads64(*cpu[3:]).flatten(1)
+    r1, r2 = (f.to(dtype).double() for f in (f1, f2))
+    one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()
+    oracles = {"sgd": r1 @ r2.T, "signgd": r1.sign() @ r2.sign().T, "asymmetric-signgd": r1 @ r2.sign().T}
+    for kernel, oracle in oracles.items():
+        grams.clear()
+        got = torch.full((N, M), 0.5)
+        ops._psg_gemm_then_triton_gram(got, x1, g1, m1, x2, g2, m2, kernel)
+        got -= 0.5
+        atol = one_ulp if kernel == "sgd" else sign_flip_atol(*cpu, kernel, torch.float32)
+        assert_close_to_oracle(got, oracle, torch.float32, extra_atol=atol, what=f"gemm route {kernel} {dtype}")
+        assert grams and set(grams) == {"triton"}
+        assert len(grams) > 1 if chunked else len(grams) == 1
+        if symmetric and kernel != "asymmetric-signgd":
+            assert torch.equal(got, got.T)
