@@ -301,6 +301,32 @@ def build_op_case(case: dict, device: torch.device):
     return inputs, cands, bases, fl
 
 
+def _pipelined(fns, device: torch.device) -> dict:
+    """CUDA only: each function's median time by triton.testing.do_bench (back-to-back calls between
+    CUDA events, the L2 flushed before each): the GPU's time for the op with the host's per-call work
+    overlapped, beside `alternate`'s synchronous per-call wall time (which adds the host's launch work
+    and one synchronization to every call: 0.2-0.5 ms on sub-millisecond ops on an H200)."""
+    if device.type != "cuda":
+        return {}
+    import triton
+    out = {}
+    for name, fn in fns:
+        try:
+            out[name] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
+        except Exception as e:  # noqa: BLE001 - the synchronous timing stands; note and go on
+            log(f"    pipelined timing of {name} failed: {type(e).__name__}: {e}")
+    return out
+
+
+def _pipelined_fields(piped: dict, cand: str, base: str, flops: float, peak_gflops) -> dict:
+    c, b = piped.get(cand), piped.get(base)
+    if c is None:
+        return {}
+    return {"pipelined_median_s": c, "baseline_pipelined_median_s": b,
+            "pipelined_ratio": (b / c) if b else None,
+            "pipelined_pct_of_peak": (100 * flops / c / 1e9 / peak_gflops) if peak_gflops else None}
+
+
 def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: str | None = None,
             on_rows=None, dtypes: str | None = None) -> list[dict]:
     """The ops sweep; `on_rows(rows)` is called with the rows so far after each case (partial saves).
@@ -328,6 +354,7 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
             inter += cs[i:i + 1] + bs[i:i + 1]
         res = alternate(inter, device, reps=case["reps"], warmup=0 if case["heavy"] else 1,
                         budget_s=300 if case["heavy"] else 120)
+        piped = _pipelined(inter, device) if not case["heavy"] else {}
         load1 = machine.load_average()
         ref_name = f"base:{bases[0][0]}"
         ref = res[ref_name]["result"]
@@ -364,12 +391,16 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
                     "max_rel_err": err,
                     "baseline_max_rel_err": rel_err(b["result"], ref) if ref is not None else None,
                     "reps": len(c["times"]), "load_avg_before": load0, "load_avg_after": load1,
+                    **_pipelined_fields(piped, f"cand:{cname}", f"base:{bname}", fl["flops"], pk),
                     **meta,
                 })
                 rate = fl["flops"] / c_med / 1e9
                 pct = f" ({100 * rate / pk:.0f}% of peak)" if pk else ""
+                p_c = piped.get(f"cand:{cname}")
+                pip = f"  | pipelined {p_c * 1e3:.3f} ms" + (f" ({100 * fl['flops'] / p_c / 1e9 / pk:.0f}%)" if pk else "") \
+                    if p_c else ""
                 log(f"    {cname:<9} {c_med * 1e3:10.1f} ms  vs {bname:<32} {b_med * 1e3:10.1f} ms  "
-                    f"ratio {b_med / c_med:6.2f}  {rate:8.1f} GFLOP/s{pct}  err {err:.1e}")
+                    f"ratio {b_med / c_med:6.2f}  {rate:8.1f} GFLOP/s{pct}  err {err:.1e}{pip}")
         del inputs, res, cands, bases
         log(f"    ({time.perf_counter() - t_case:.0f}s, load {load0} -> {load1})")
         if on_rows is not None:
