@@ -387,8 +387,9 @@ def _elapsed(t0: float, device: torch.device) -> float:
 
 
 AUTO_TILE_CPU = 16  # CPU: tiles of 8 and 32 measured no faster per sample (bench/README.md)
-# GPU: the largest tile measured (H200, 1.1B Llama + LoRA, N=1024: 64 is 2.2x faster than 16, and 128
-# 8% faster than 64 at 76 GiB peak); the memory budget picks a smaller one where 128 does not fit
+# GPU: the largest tile measured (H200, 1.1B Llama + LoRA, N=1024: 64 is 2.2x faster than 16; 128's
+# capture 3.5% faster than 64's, 5.58 vs 5.78 s, at 76 vs 51 GiB peak); the memory budget picks a
+# smaller tile where 128 does not fit (on that H200 it still picked 64: bench/README.md)
 AUTO_TILE_MAX = 128
 
 
