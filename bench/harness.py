@@ -508,9 +508,18 @@ def _fwdbwd(model, batch, output, names, chunk=None):
     return None, {"fwd_chunk": chunk}
 
 
+def _tuned_keys() -> int | None:
+    try:
+        from linft_kernels.triton._autotune import tuned_keys
+    except Exception:  # noqa: BLE001 - no Triton: nothing is tuned
+        return None
+    return tuned_keys()
+
+
 def _linft(model, batch, output, params, spec):
     import linft
     from linft.capture import batched_output_gradients
+    keys0 = _tuned_keys()
     ntk = linft.empirical_ntk(model, batch, output=output, params=params,
                               dtype=getattr(torch, spec.get("ntk_dtype", "float32")),
                               memory_budget=spec.get("memory_budget"), sample_tile=spec.get("sample_tile"),
@@ -519,7 +528,10 @@ def _linft(model, batch, output, params, spec):
             "n_params": ntk.meta.get("n_params"), "passes": len(ntk.plan.get("passes", [])),
             "methods": sorted({b["method"] for b in ntk.plan.get("blocks", [])}),
             "sample_tile": ntk.meta.get("sample_tile"),
-            "batched_output_grads": batched_output_gradients()}
+            "batched_output_grads": batched_output_gradients(),
+            # Triton autotune keys first met in this call (each benchmarked once per process unless
+            # its tuning is on disk from an earlier process): one-time work inside the timed call
+            "new_autotune_keys": None if keys0 is None else _tuned_keys() - keys0}
     return ntk.matrix, info
 
 

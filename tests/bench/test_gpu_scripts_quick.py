@@ -46,3 +46,5 @@ def test_harness_llama_preset_quick(tmp_path):
     rows = [r for r in json.loads(out.read_text()) if r.get("suite") == "ntk"]
     assert sorted(r["method"] for r in rows) == ["fwdbwd", "linft"]
     assert all(r["median_s"] and not r["errors"] for r in rows)
+    (lin,) = [r for r in rows if r["method"] == "linft"]
+    assert "new_autotune_keys" in lin["info"]  # one-time tuning inside the timed call is visible

@@ -125,9 +125,35 @@ def test_autotuned_gram(autotune, symmetric, split_k):
     _mod("gram").gram(a2, b, torch.zeros(N - 3, N - 3 if symmetric else M, dtype=torch.float64))
     _check_tuned(autotune["gram"])
     if not symmetric and split_k is None:
+        keys = _mod("_autotune").tuned_keys()
         a3 = randn(N + 30, P, device=DEVICE)  # next bucket: tuned again
         _mod("gram").gram(a3, b, torch.zeros(N + 30, M, dtype=torch.float64))
         _check_tuned(autotune["gram"], keys=2)
+        assert _mod("_autotune").tuned_keys() == keys + 1
+
+
+def test_gpu_tunings_are_kept_on_disk_unless_turned_off(monkeypatch):
+    """On a GPU each autotuner is built with triton.autotune's cache_results (tunings on disk, so a new
+    process skips benchmarking a key it had before); not with LINFT_TRITON_AUTOTUNE_CACHE=0, nor in
+    the interpreter (whose timings say nothing about a GPU). triton.autotune is replaced by a recorder."""
+    ab = _mod("_autotune")
+    seen = []
+
+    def fake_autotune(configs, cache_results=False, **kw):  # a Triton whose autotune has the option
+        seen.append({**kw, "cache_results": cache_results})
+        return lambda kernel: kernel
+
+    monkeypatch.setattr(ab.triton, "autotune", fake_autotune)
+    for gpu, env, want in ((True, None, True), (True, "0", False), (False, None, False)):
+        monkeypatch.setattr(ab, "is_interpreted", lambda kernel, gpu=gpu: not gpu)
+        if env is None:
+            monkeypatch.delenv(ab.ENV_AUTOTUNE_CACHE, raising=False)
+        else:
+            monkeypatch.setenv(ab.ENV_AUTOTUNE_CACHE, env)
+        tune = ab.TunedKernel(object(), {"16bit": [object(), object()]}, [object(), object()], {},
+                              dot_dims=(), key=["SIZE_KEY"])
+        tune.tuner("16bit")
+        assert seen[-1].get("cache_results", False) is want, (gpu, env)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
