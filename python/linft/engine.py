@@ -109,11 +109,14 @@ GPU_BUDGET_FRACTION = 0.8
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """GPU: GPU_BUDGET_FRACTION of the device memory free now. CPU: half of MemAvailable (the host's
-    memory is shared with everything else on it)."""
+    """GPU: GPU_BUDGET_FRACTION of the device memory free now, counting what torch's caching allocator
+    holds unused as free (the driver reports it taken, but this process's tensors reuse it: after a
+    training step or a warm-up that can be tens of GB). CPU: half of MemAvailable (the host's memory
+    is shared with everything else on it)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_BUDGET_FRACTION)
+        cached = max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        return int((free + cached) * GPU_BUDGET_FRACTION)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -143,8 +146,9 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         sums over parameters, tokens of the ghost form and samples' products are accumulated in
         `dtype`.
     memory_budget: bytes that captured factors may occupy; blocks are split into passes over the data
-        to fit. None: on a GPU 80% of its free memory, on CPU half the available memory, when the call
-        starts (`default_memory_budget`), less what the result matrices take.
+        to fit. None: on a GPU 80% of its free memory (with what torch's allocator caches unused), on CPU
+        half the available memory, when the call starts (`default_memory_budget`), less what the
+        result matrices take.
     strategy: "auto" (cost model), or force "ghost", "materialize" or "generic" for every block.
     sample_tile: samples per forward/backward. None (default): 16 on CPU (larger tiles measured no
         faster per sample there); on a GPU, where a larger tile amortizes the many small launches of

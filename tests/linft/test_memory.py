@@ -119,10 +119,17 @@ def test_default_budget_leaves_room_for_the_result_matrices(monkeypatch):
 
 
 def test_default_budget_on_a_gpu_is_most_of_its_free_memory(monkeypatch):
-    """A GPU's memory is the call's own: 80% of what is free (the CUDA query replaced by a fake)."""
+    """A GPU's memory is the call's own: 80% of what is free, where what torch's allocator holds unused
+    counts as free (the CUDA queries replaced by fakes)."""
     import linft.engine as engine
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 16 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * (10 << 30))
+    # 3 GiB reserved by the allocator, 1 GiB of it in tensors: 2 GiB reusable beside the free 10
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
+    assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * (12 << 30))
 
 
 def test_tile_for_room():
