@@ -48,3 +48,4 @@ def test_harness_llama_preset_quick(tmp_path):
     assert all(r["median_s"] and not r["errors"] for r in rows)
     (lin,) = [r for r in rows if r["method"] == "linft"]
     assert "new_autotune_keys" in lin["info"]  # one-time tuning inside the timed call is visible
+    assert len(lin["again_s"]) == 1 and lin["ntk_cost_ratio_again"] > 0  # and a second call's time
