@@ -79,9 +79,11 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 #   reference's chunked cuBLAS 26.7 / 26.3; cross shapes alike) and all three were within 0.2 ms at
 #   N=64, T=128, d=512. ghost_gram with T=16 and N=1024: Triton 21 ms, reference 28, CUDA C++ 176.
 #   fp32 inputs were not timed with these kernels; the order is the bf16 one. psg_gram with 16-bit
-#   tiles on the Triton backend builds F by cuBLAS and takes its Gram from the Triton gram (third
-#   session: 0.56 ms against 0.91 ms for the Triton features kernel; ops._psg_gemm_then_triton_gram). fp64 outputs (untimed)
-#   keep the reference first: its products run as cuBLAS fp64 GEMMs, the kernels' on CUDA-core loops.
+#   tiles on the Triton backend builds F by cuBLAS and takes its Gram from the Triton gram
+#   (ops._psg_gemm_then_triton_gram; third session, N=256, T=256, d=1024: F by cuBLAS 0.30 ms, by the
+#   Triton features kernel about twice that; the Triton gram of all of F 0.28 ms, cuBLAS's 0.27 ms;
+#   the whole op with cuBLAS's Gram 0.56 ms against 0.91 ms for the Triton kernels). fp64 outputs
+#   (untimed) keep the reference first: its products run as cuBLAS fp64 GEMMs, the kernels' on CUDA-core loops.
 _CUDA_ORDER = {
     ("gram", torch.float32): ("triton", "cuda", "reference"),
     ("ghost_gram", torch.float32): ("triton", "reference", "cuda"),
