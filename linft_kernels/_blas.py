@@ -39,8 +39,9 @@ PSG_BUFFER = 1 << 23  # elements of one chunk of all per-sample gradients (32 Mi
 PSG_ROWS_OUT = 64     # d_out rows per chunk: the batched GEMM's M (measured 16 -> 64: 1.5-1.9x faster)
 PSG_MIN_STRIP_ROWS = 64  # the chunk Grams have K >= ~16k: strips of 64 rows still run at GEMM speed
 # On a GPU (16-bit tiles, the Triton backend's psg_gram): chunks of up to 2^28 entries (512 MiB in 16
-# bits). On an H200 at N=256, T=256, d=1024 bf16, all of F in one chunk took 0.56 ms, in chunks of 2^26
-# entries 0.72 ms (more, smaller GEMMs and Grams; bench/profile_psg_gpu.py).
+# bits). On an H200 at N=256, T=256, d=1024 bf16 (with cuBLAS's Gram, rows_out=256), all of F in one
+# chunk took 0.56 ms, in chunks of 2^26 entries 0.72 ms (more, smaller GEMMs and Grams;
+# bench/profile_psg_gpu.py).
 PSG_BUFFER_GPU = 1 << 28
 # Symmetric Grams of FEW_ROWS_MIN to FEW_ROWS rows and at least FEW_ROWS_MIN_K columns go to the native
 # kernel (`few_rows`): it packs the rows once per k chunk and computes ~62% of the product at 128 rows,
@@ -89,6 +90,12 @@ def _upper_strips(a: torch.Tensor, upper: torch.Tensor, lo: int, hi: int, blocks
 def _symmetric(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose upper triangle is upper's (its lower part is ignored)."""
     return torch.triu(upper) + torch.triu(upper, 1).t()
+
+
+def _mirror_upper_(k: torch.Tensor) -> torch.Tensor:
+    """k made symmetric in place from its upper triangle (one temporary of k's size)."""
+    low = torch.triu(k, 1).t()
+    return k.triu_().add_(low)
 
 
 def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, blocks: int = SYM_BLOCKS,
@@ -190,7 +197,7 @@ def _interleave(k: torch.Tensor, C1: int, C2: int) -> torch.Tensor:
 
 def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer: int = PSG_BUFFER,
              rows_out: int = PSG_ROWS_OUT, min_rows: int = PSG_MIN_STRIP_ROWS,
-             few_rows_gram=None) -> torch.Tensor:
+             few_rows_gram=None, gram_upper: bool = False) -> torch.Tensor:
     """out[i, j] += <s1(F1_i), s2(F2_j)>, F_i = g_i^T diag(m_i) x_i, in chunks of (ob, db) entries.
 
     For each chunk, F[:, o0:o1, d0:d1] of every sample is one batched GEMM per output (g's chunk
@@ -203,9 +210,12 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
     and rounded once). With factors in out's dtype the Gram is torch's GEMM in that dtype; otherwise
     (fp32 tiles into an fp64 out, 16-bit tiles into fp32/fp64) each chunk's Gram goes to
     `gram(a, b, k)` (adds a @ b^T, b None: a @ a^T, exactly symmetric, into the scratch k in out's
-    dtype: the native mixed-precision gram). `few_rows_gram`, called the same way, takes the
-    symmetric chunk Grams of few rows (`few_rows`) in place of torch's GEMM (None: torch's).
-    Memory: the buffer, a (N*C, M*C) scratch, and a copy of x when some token is masked.
+    dtype: the native mixed-precision gram); gram_upper=True: its symmetric results need only be
+    right on and above the diagonal (k is mirrored once at the end). `few_rows_gram`, called the
+    same way, takes the symmetric chunk Grams of few rows (`few_rows`) in place of torch's GEMM
+    (None: torch's).
+    Memory: the buffer, a (N*C, M*C) scratch (and one more at the end for the symmetric forms and
+    the interleave of C > 1 outputs), and a copy of x when some token is masked.
     """
     one_dataset = x2 is None
     sym = one_dataset and kernel != "asymmetric-signgd"
@@ -218,7 +228,7 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
     C2, M = (C1, N) if one_dataset else g2.shape[:2]
     R1, R2 = C1 * N, C2 * M  # rows of each side
     d_in, d_out = x1.shape[2], g1.shape[3]
-    ob, db = _psg_chunks(R1 if one_dataset else R1 + R2, d_in, d_out, buffer, rows_out)
+    ob, db = _psg_chunks(R1 if sym else R1 + R2, d_in, d_out, buffer, rows_out)
     if gram is None and x1.dtype != out.dtype:
         raise ValueError(f"factors in {x1.dtype} with an out in {out.dtype} need a mixed-precision gram")
     k = torch.zeros(R1, R2, dtype=out.dtype, device=out.device)  # (output, sample) order
@@ -226,7 +236,7 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
     # only valid upper triangles
     few = sym and gram is None and few_rows_gram is not None and few_rows(R1, ob * db)
     buf1 = torch.empty(R1 * ob * db, dtype=x1.dtype, device=x1.device)
-    buf2 = None if one_dataset else torch.empty(R2 * ob * db, dtype=x1.dtype, device=x1.device)
+    buf2 = None if sym else torch.empty(R2 * ob * db, dtype=x1.dtype, device=x1.device)
     for o0 in range(0, d_out, ob):
         o1 = min(d_out, o0 + ob)
         for d0 in range(0, d_in, db):
@@ -253,7 +263,7 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
                     _upper_strips(f1, k, 0, R1, SYM_BLOCKS, min_rows, 0)
                 continue
             if one_dataset:  # asymmetric-signgd of one dataset: <F_i, sign F_j>
-                f2 = torch.sign(f1)
+                f2 = torch.sign(f1, out=buf2[:f1.numel()].view_as(f1))
             else:
                 f2 = chunk(x2, g2, buf2)
                 if kernel != "sgd":
@@ -262,7 +272,7 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
                 k.addmm_(f1, f2.t())
             else:
                 gram(f1, f2, k)
-    if sym and gram is None and not few:
-        k = _symmetric(k)
+    if sym and (gram_upper if gram is not None else not few):
+        _mirror_upper_(k)
     out += k if C1 == C2 == 1 else _interleave(k, C1, C2)
     return out

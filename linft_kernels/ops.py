@@ -152,21 +152,16 @@ def _psg_by_gemm(device: torch.device, tile_dtype: Optional[torch.dtype]) -> boo
 def _psg_gemm_then_triton_gram(out, x1, g1, m1, x2, g2, m2, kernel):
     """psg_gram with 16-bit tiles as cuBLAS + Triton: `_blas.psg_gram` builds F by batched GEMMs (each
     entry summed over tokens in fp32, rounded once) in chunks of up to _blas.PSG_BUFFER_GPU entries
-    (all of F at the ops sweep's shape), each chunk's Gram by the Triton gram (tensor cores, split-K;
-    the symmetric form's upper tiles, mirrored). On an H200 at N=256, T=256, d_in=d_out=1024 bf16
+    (all of F at the ops sweep's shape), each chunk's Gram by the Triton gram (16-bit operands on
+    tensor cores into an fp32 out, split-K; into an fp64 out on CUDA cores), adding into one scratch
+    that the symmetric form mirrors once from its upper triangle at the end (exactly symmetric: a
+    diagonal tile's two halves could round apart). On an H200 at N=256, T=256, d_in=d_out=1024 bf16
     (bench/profile_psg_gpu.py): cuBLAS builds F in 0.30 ms where the Triton features kernel took about
     twice that; the Triton gram of all of F took 0.28 ms, cuBLAS's 0.27 ms; this route with cuBLAS's
     Gram took 0.56 ms against 0.91 ms for the Triton two-stage kernel (this exact route: not yet
     timed)."""
-    def gram(a, b, k):
-        if b is not None:
-            _run_gram(k, a, b, "triton")
-            return
-        upper = torch.zeros_like(k)
-        _run_gram(upper, a, None, "triton")
-        k += _blas._symmetric(upper)  # exactly symmetric (a diagonal tile's two halves may round apart)
-
-    _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, gram=gram, buffer=_blas.PSG_BUFFER_GPU)
+    _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, gram=lambda a, b, k: _run_gram(k, a, b, "triton"),
+                   buffer=_blas.PSG_BUFFER_GPU, gram_upper=True)
 
 
 def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):

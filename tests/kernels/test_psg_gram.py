@@ -5,7 +5,7 @@ import pytest
 import torch
 from factor_cases import cases, make
 from linft_testing import (assert_close_to_oracle, backend_params, per_sample_grads64, psg_oracle, randn,
-                           sign_flip_atol)
+                           random_mask, sign_flip_atol)
 
 import linft_kernels as lk
 
@@ -439,40 +439,79 @@ def test_blas_psg_turns_off_16bit_reductions_on_cuda_and_restores_them(dtype):
         setattr(flags, name, original if has_split else original[0])
 
 
+def _route_case(dtype, device, symmetric):
+    """Factors for the cuBLAS + Triton psg route: per-output g (C=2; C2=3 in the cross form), masks
+    with NaN in every masked token of g, and the rounded-F oracle's rows (i*C + a)."""
+    N, M, T, S, d_in, d_out, C, C2 = 7, 5, 30, 25, 37, 45, 2, 3
+    x1, g1 = randn(N, T, d_in, dtype=dtype), randn(N, C, T, d_out, dtype=dtype)
+    m1 = random_mask(N, T)
+    x2 = g2 = m2 = None
+    if not symmetric:
+        x2, g2, m2 = randn(M, S, d_in, dtype=dtype), randn(M, C2, S, d_out, dtype=dtype), random_mask(M, S)
+    f1 = per_sample_grads64(*_repeat_per_output(x1, g1, m1)).flatten(1)
+    f2 = f1 if x2 is None else per_sample_grads64(*_repeat_per_output(x2, g2, m2)).flatten(1)
+    atol = {k: sign_flip_atol(*_repeat_per_output(x1, g1, m1), *_repeat_per_output(x2, g2, m2), k, torch.float32)
+            for k in KERNELS}
+    for g, m in ((g1, m1), (g2, m2)):
+        if g is not None:
+            g.masked_fill_((m == 0)[:, None, :, None], float("nan"))
+    dev = [None if t is None else t.to(device) for t in (x1, g1, m1, x2, g2, m2)]
+    return dev, f1, f2, atol
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
-def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, monkeypatch):
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, out_dtype, monkeypatch):
     """The Triton backend's psg_gram with 16-bit tiles on a GPU builds F by torch's batched GEMM and
-    takes each chunk's Gram from the Triton gram (ops._psg_gemm_then_triton_gram); run here on CPU
-    tensors through the interpreter, F whole and in chunks: every kernel against the rounded-F
-    oracle, masked tokens (NaN in g) adding nothing, the symmetric form exactly symmetric."""
+    takes each chunk's Gram from the Triton gram (ops._psg_gemm_then_triton_gram). Forced here for CPU
+    tensors (the interpreter), through lk.psg_gram: every kernel, F whole and in chunks, per-output g,
+    masked tokens holding NaN, fp32 and fp64 outs added into, against the rounded-F oracle; the
+    symmetric form exactly symmetric."""
     from linft_kernels import _blas, ops
     assert ops._psg_by_gemm(torch.device("cuda"), dtype)
     assert not ops._psg_by_gemm(torch.device("cuda"), None) and not ops._psg_by_gemm(torch.device("cpu"), dtype)
+    monkeypatch.setattr(ops, "_psg_by_gemm", lambda device, tile: tile in (torch.bfloat16, torch.float16))
     if chunked:
-        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 2 * 12 * 8 * 37)  # 8 x 37 entries per sample
-    grams = []
-    real = ops._run_gram
-    monkeypatch.setattr(ops, "_run_gram", lambda o, a, b, be: grams.append(be) or real(o, a, b, be))
-    x1, g1, m1, x2, g2, m2 = make((7, 5, 30, 25, 37, 45), dtype, "cpu", symmetric, True)
-    cpu = [None if t is None else t.clone() for t in (x1, g1, m1, x2, g2, m2)]
-    g1.masked_fill_((m1 == 0).unsqueeze(-1), float("nan"))
-    N, M = 7, (7 if symmetric else 5)
-    f1 = per_sample_grads64(*cpu[:3]).flatten(1)
-    f2 = f1 if x2 is None else per_sample_grads64(*cpu[3:]).flatten(1)
+        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 2 * 2 * 12 * 8 * 37)  # 8 x 37 entries per row
+    routes, grams = [], []
+    real_route, real_gram = ops._psg_gemm_then_triton_gram, ops._run_gram
+    monkeypatch.setattr(ops, "_psg_gemm_then_triton_gram", lambda *a: routes.append(1) or real_route(*a))
+    monkeypatch.setattr(ops, "_run_gram", lambda o, a, b, be: grams.append(be) or real_gram(o, a, b, be))
+    (x1, g1, m1, x2, g2, m2), f1, f2, atol = _route_case(dtype, "cpu", symmetric)
     r1, r2 = (f.to(dtype).double() for f in (f1, f2))
     one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()
     oracles = {"sgd": r1 @ r2.T, "signgd": r1.sign() @ r2.sign().T, "asymmetric-signgd": r1 @ r2.sign().T}
     for kernel, oracle in oracles.items():
+        routes.clear()
         grams.clear()
-        got = torch.full((N, M), 0.5)
-        ops._psg_gemm_then_triton_gram(got, x1, g1, m1, x2, g2, m2, kernel)
+        got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend="triton", tile_dtype=dtype,
+                          out=torch.full(oracle.shape, 0.5, dtype=out_dtype))
         got -= 0.5
-        atol = one_ulp if kernel == "sgd" else sign_flip_atol(*cpu, kernel, torch.float32)
-        assert_close_to_oracle(got, oracle, torch.float32, extra_atol=atol, what=f"gemm route {kernel} {dtype}")
-        assert grams and set(grams) == {"triton"}
+        extra = one_ulp if kernel == "sgd" else atol[kernel]
+        assert_close_to_oracle(got, oracle, torch.float32, extra_atol=extra, what=f"gemm route {kernel} {dtype}")
+        assert routes == [1] and grams and set(grams) == {"triton"}
         assert len(grams) > 1 if chunked else len(grams) == 1
         if symmetric and kernel != "asymmetric-signgd":
             assert torch.equal(got, got.T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_triton_backend_16bit_tiles_take_the_gemm_route_on_gpu(symmetric, monkeypatch):
+    """On a GPU, lk.psg_gram(backend="triton", tile_dtype=bf16) goes through the cuBLAS + Triton route
+    (a spy sees it) and matches the rounded-F oracle, per-output g and NaN-holding masked tokens too."""
+    from linft_kernels import ops
+    routes = []
+    real_route = ops._psg_gemm_then_triton_gram
+    monkeypatch.setattr(ops, "_psg_gemm_then_triton_gram", lambda *a: routes.append(1) or real_route(*a))
+    (x1, g1, m1, x2, g2, m2), f1, f2, _ = _route_case(torch.bfloat16, "cuda", symmetric)
+    r1, r2 = (f.to(torch.bfloat16).double() for f in (f1, f2))
+    got = lk.psg_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, backend="triton", tile_dtype=torch.bfloat16)
+    assert routes == [1]
+    one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()
+    assert_close_to_oracle(got, r1 @ r2.T, torch.float32, extra_atol=one_ulp, what="gemm route on GPU")
+    if symmetric:
+        assert torch.equal(got, got.T)
