@@ -52,8 +52,10 @@ pick_python() {
 # returns what it had); gpu-run.log is copied beside it.
 if [ -n "${OUT:-}" ]; then
   DEST="$(mktemp -d /tmp/linft-gpu.XXXX)"
-  pack() { tar czf "$OUT/.pack.tgz" -C "$DEST" . 2>/dev/null && mv -f "$OUT/.pack.tgz" "$OUT/gpu-results.tgz"
-           cp -f "$DEST/gpu-run.log" "$OUT/" 2>/dev/null; }
+  # one pack at a time (the exit's waits for the loop's), each into its own temporary name
+  pack() { ( command -v flock >/dev/null && flock 9
+             tar czf "$OUT/.pack.$BASHPID.tgz" -C "$DEST" . 2>/dev/null && mv -f "$OUT/.pack.$BASHPID.tgz" "$OUT/gpu-results.tgz"
+             cp -f "$DEST/gpu-run.log" "$OUT/" 2>/dev/null ) 9>"$DEST.lock"; }
   ( while sleep 15; do pack; done ) &
   PACKER=$!
   trap 'kill $PACKER 2>/dev/null; pack' EXIT

@@ -11,7 +11,8 @@ keeps psg_gram from the GEMM rate can be named:
   * gram of the whole F (N x d_in*d_out) and of one chunk of the Triton op's scratch: Triton gram
     (symmetric, autotuned, split-K as chosen and forced), cuBLAS F @ F^T (bf16 out; fp32 out where
     torch.mm takes out_dtype),
-  * the whole op: linft_kernels.psg_gram (triton, bf16 tiles; auto) and the cuBLAS-chunks candidate.
+  * the whole op: linft_kernels.psg_gram (triton backend, bf16 tiles: on a GPU cuBLAS's F and the
+    Triton gram), the Triton two-stage kernel it replaced there, and the all-cuBLAS candidates.
 Medians of triton.testing.do_bench (CUDA events), inputs drawn at random once.
 
     python bench/profile_psg_gpu.py --out $OUT/psg-profile.txt
@@ -126,8 +127,10 @@ def main() -> int:
     del F, F2, Fc
 
     total = flops_build + flops_gram
-    bench("psg_gram sgd: triton, bf16 tiles (the op)",
+    bench("psg_gram sgd: triton, bf16 tiles (the op as dispatched)",
           lambda: lk.psg_gram(x, g, None, None, kernel="sgd", backend="triton", tile_dtype=bf16), flops=total)
+    bench("psg_gram sgd: Triton features kernel + Triton gram", lambda: tpsg.psg_gram(
+        x, g, None, None, None, None, torch.zeros(N, N, device=dev), 0, tile_dtype=bf16), flops=total)
     bench("psg_gram sgd: cuBLAS chunks of 2^26 (candidate)", lambda: _blas.psg_gram(
         x, g, None, None, None, None, torch.zeros(N, N, device=dev), "sgd",
         gram=_blas.cuda_gram_fp32, buffer=1 << 26, rows_out=256), flops=total)

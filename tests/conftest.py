@@ -12,6 +12,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sup
 # Must happen before any Triton kernel is defined (linft_kernels.triton is imported lazily).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests keep no Triton tunings on disk: on a GPU they run in parallel workers, and tunings timed under
+# that contention would be reused by later processes (benchmarks among them); an autotune test must
+# also really benchmark, not read a tuning an earlier run left.
+os.environ.setdefault("LINFT_TRITON_AUTOTUNE_CACHE", "0")
 
 from linft_testing import HAS_GPU  # noqa: E402
 

@@ -27,7 +27,8 @@ on CPU; interpreter timings say nothing about a GPU.
 On a GPU the tunings are also kept on disk (triton.autotune's cache_results, in Triton's cache
 directory, keyed by the kernel's source, the target, the configs and the key), so a new process skips
 the benchmarking a key had before: on an H200 a 1.1B-model LoRA NTK spent ~0.3 s of 6.3 s tuning the
-gram for its size buckets (bench/README.md). LINFT_TRITON_AUTOTUNE_CACHE=0 turns that off.
+gram for its size buckets (bench/README.md). LINFT_TRITON_AUTOTUNE_CACHE=0 turns that off (unless
+Triton's own TRITON_CACHE_AUTOTUNING=1 turns it on for every autotuner).
 `tuned_keys()` counts the keys tuned (or read from disk) so far in this process.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import weakref
 
 import triton
 import triton.language as tl
@@ -110,7 +112,7 @@ def gpu_do_bench(fn, quantiles=None):
 
 
 ENV_AUTOTUNE_CACHE = "LINFT_TRITON_AUTOTUNE_CACHE"
-_ALL: list = []  # every TunedKernel (tuned_keys)
+_ALL = weakref.WeakSet()  # every TunedKernel alive (tuned_keys)
 
 
 def disk_cache() -> bool:
@@ -144,7 +146,7 @@ class TunedKernel:
         self.restore_value = list(restore_value)
         self.reset_to_zero = list(reset_to_zero)
         self.tuners = {}
-        _ALL.append(self)
+        _ALL.add(self)
 
     @property
     def interpreted(self) -> bool:
@@ -189,5 +191,6 @@ class TunedKernel:
         self.kernel[g](*args, **const, **blocks, **kw)
 
     def clear(self):
-        """Forget every tuning (the next autotuned launch of each key benchmarks again)."""
+        """Forget every tuning of this process (the next autotuned launch of each key benchmarks again,
+        or on a GPU reads the key's tuning from disk when an earlier process kept it)."""
         self.tuners.clear()

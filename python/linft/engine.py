@@ -110,12 +110,14 @@ GPU_BUDGET_FRACTION = 0.8
 
 def default_memory_budget(device: torch.device) -> int:
     """GPU: GPU_BUDGET_FRACTION of the device memory free now, counting what torch's caching allocator
-    holds unused as free (the driver reports it taken, but this process's tensors reuse it: after a
-    training step or a warm-up that can be tens of GB). CPU: half of MemAvailable (the host's memory
-    is shared with everything else on it)."""
+    holds in wholly unused segments as free (the driver reports it taken, but this process's tensors
+    reuse it, and the allocator releases it when it runs short: after a training step or a warm-up
+    that can be tens of GB; free pieces of partly used segments are not counted). CPU: half of
+    MemAvailable (the host's memory is shared with everything else on it)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        cached = max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        split = torch.cuda.memory_stats(device).get("inactive_split_bytes.all.current", 0)
+        cached = max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - split)
         return int((free + cached) * GPU_BUDGET_FRACTION)
     try:
         with open("/proc/meminfo") as f:

@@ -6,6 +6,7 @@ model does not take (``labels``, ``label``, ``idx``) are dropped before the call
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -63,8 +64,14 @@ class _Columns:
     tensor copies it from pageable memory, which waits for the GPU's queued work (once per call:
     the host then could not queue a tile's backward passes while its forward runs)."""
 
-    def __init__(self, ids):
-        self.ids = torch.as_tensor(list(ids), dtype=torch.long)
+    def __init__(self, ids, what: str):
+        ids = list(ids)
+        try:  # ints, numpy integers, 0-d integer tensors; not floats or booleans (a mask is not a list)
+            if any(isinstance(i, bool) or getattr(i, "dtype", None) in (torch.bool, bool) for i in ids):
+                raise TypeError
+            self.ids = torch.as_tensor([operator.index(i) for i in ids], dtype=torch.long)
+        except TypeError:
+            raise TypeError(f"{what}: expected integer indices, got {ids!r}") from None
         self._on: dict = {}
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
@@ -76,7 +83,7 @@ class _Columns:
 
 def logits(classes: Sequence[int] | None = None) -> Callable:
     """Classification-head logits ``model(**batch).logits`` (B, C), optionally only `classes`."""
-    cols = None if classes is None else _Columns(classes)
+    cols = None if classes is None else _Columns(classes, "logits(classes)")
 
     def output(model, batch):
         z = _logits(model, batch)
@@ -96,7 +103,7 @@ def label_word_logits(label_token_ids: Sequence[int], *, position: str = "last",
     position="last": the last real token (the prompt-based fine-tuning view of Malladi et al.);
     position="mask": the (single) mask token of each sample, for masked language models.
     """
-    cols = _Columns(label_token_ids)
+    cols = _Columns(label_token_ids, "label_word_logits")
     if cols.ids.numel() == 0:
         raise ValueError("label_word_logits: label_token_ids is empty")
     if position not in ("last", "mask"):

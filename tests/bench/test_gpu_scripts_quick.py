@@ -33,7 +33,8 @@ def test_profile_psg_gpu_quick(tmp_path):
     out = tmp_path / "psg.txt"
     _run(["bench/profile_psg_gpu.py", "--quick", "--out", str(out)], tmp_path)
     text = out.read_text()
-    for row in ("build: torch.bmm", "gram of F: triton sym, auto split", "psg_gram sgd: triton, bf16 tiles"):
+    for row in ("build: torch.bmm", "gram of F: triton sym, auto split", "psg_gram sgd: triton, bf16 tiles",
+                "psg_gram sgd: Triton features kernel"):
         line = next((ln for ln in text.splitlines() if ln.startswith(row)), None)
         assert line is not None and "ERROR" not in line, (row, text)
 
@@ -49,3 +50,8 @@ def test_harness_llama_preset_quick(tmp_path):
     (lin,) = [r for r in rows if r["method"] == "linft"]
     assert "new_autotune_keys" in lin["info"]  # one-time tuning inside the timed call is visible
     assert len(lin["again_s"]) == 1 and lin["ntk_cost_ratio_again"] > 0  # and a second call's time
+    # linft alone (gpu_run.sh's llamab stage): no baseline in the file, the second call's time still is
+    _run(["bench/harness.py", "--suite", "ntk", "--ntk-preset", "llama-1b", "--quick", "--ntk-n", "8",
+          "--ntk-t", "16", "--llama-methods", "linft", "--out", str(out)], tmp_path)
+    (lin,) = [r for r in json.loads(out.read_text()) if r.get("suite") == "ntk"]
+    assert len(lin["again_s"]) == 1 and "ntk_cost_ratio_again" not in lin

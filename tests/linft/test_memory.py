@@ -125,11 +125,15 @@ def test_default_budget_on_a_gpu_is_most_of_its_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 16 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {})
     assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * (10 << 30))
-    # 3 GiB reserved by the allocator, 1 GiB of it in tensors: 2 GiB reusable beside the free 10
+    # 3 GiB reserved by the allocator, 1 GiB of it in tensors: 2 GiB reusable beside the free 10, less
+    # the free pieces of partly used segments (0.5 GiB), which it cannot release
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
     assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * (12 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"inactive_split_bytes.all.current": 1 << 29})
+    assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * ((12 << 30) - (1 << 29)))
 
 
 def test_tile_for_room():

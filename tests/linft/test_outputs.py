@@ -32,6 +32,24 @@ def test_mask_position_and_errors():
         linft.outputs.label_word_logits([5], position="mask")
 
 
+def test_label_ids_must_be_integers():
+    """Label ids and class indices are integers (numpy integers and 0-d integer tensors too); floats,
+    booleans (a mask is not a list of ids) and nested lists are refused by name, not misread."""
+    import numpy as np
+    model = build("gpt2")
+    inputs = batch(2, 5)
+    ids = [5, np.int64(9), torch.tensor(11)]
+    torch.testing.assert_close(linft.outputs.label_word_logits(ids)(model, inputs),
+                               linft.outputs.label_word_logits([5, 9, 11])(model, inputs), rtol=0, atol=0)
+    for bad in ([1.0, 2.0], [True, False], [[5, 6]], np.array([True, False])):
+        with pytest.raises(TypeError, match="label_word_logits: expected integer indices"):
+            linft.outputs.label_word_logits(bad)
+        with pytest.raises(TypeError, match=r"logits\(classes\): expected integer indices"):
+            linft.outputs.logits(bad)
+    with pytest.raises(ValueError, match="label_token_ids is empty"):
+        linft.outputs.label_word_logits([])
+
+
 def test_sequence_log_likelihood_matches_manual():
     model = build("gpt2")
     inputs = batch(3, 6)
