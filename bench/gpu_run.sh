@@ -52,9 +52,12 @@ pick_python() {
 # returns what it had); gpu-run.log is copied beside it.
 if [ -n "${OUT:-}" ]; then
   DEST="$(mktemp -d /tmp/linft-gpu.XXXX)"
-  # one pack at a time (the exit's waits for the loop's), each into its own temporary name
+  # one pack at a time (the exit's waits for the loop's); tar's status 1 is "a file changed while
+  # read" (the running stage's log grows), which still packs a usable archive
   pack() { ( command -v flock >/dev/null && flock 9
-             tar czf "$OUT/.pack.$BASHPID.tgz" -C "$DEST" . 2>/dev/null && mv -f "$OUT/.pack.$BASHPID.tgz" "$OUT/gpu-results.tgz"
+             tar czf "$OUT/.pack.tgz" --warning=no-file-changed -C "$DEST" . 2>/dev/null
+             if [ $? -le 1 ]; then mv -f "$OUT/.pack.tgz" "$OUT/gpu-results.tgz"; fi
+             rm -f "$OUT/.pack.tgz"
              cp -f "$DEST/gpu-run.log" "$OUT/" 2>/dev/null ) 9>"$DEST.lock"; }
   ( while sleep 15; do pack; done ) &
   PACKER=$!

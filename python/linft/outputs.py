@@ -65,13 +65,14 @@ class _Columns:
     the host then could not queue a tile's backward passes while its forward runs)."""
 
     def __init__(self, ids, what: str):
-        ids = list(ids)
         try:  # ints, numpy integers, 0-d integer tensors; not floats or booleans (a mask is not a list)
+            ids = list(ids)
             if any(isinstance(i, bool) or getattr(i, "dtype", None) in (torch.bool, bool) for i in ids):
                 raise TypeError
             self.ids = torch.as_tensor([operator.index(i) for i in ids], dtype=torch.long)
         except TypeError:
-            raise TypeError(f"{what}: expected integer indices, got {ids!r}") from None
+            shown = repr(ids if not isinstance(ids, list) or len(ids) <= 8 else ids[:8] + ["..."])
+            raise TypeError(f"{what}: expected a sequence of integer indices, got {shown}") from None
         self._on: dict = {}
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:

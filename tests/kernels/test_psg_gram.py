@@ -474,8 +474,8 @@ def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, o
     assert ops._psg_by_gemm(torch.device("cuda"), dtype)
     assert not ops._psg_by_gemm(torch.device("cuda"), None) and not ops._psg_by_gemm(torch.device("cpu"), dtype)
     monkeypatch.setattr(ops, "_psg_by_gemm", lambda device, tile: tile in (torch.bfloat16, torch.float16))
-    if chunked:
-        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 2 * 2 * 12 * 8 * 37)  # 8 x 37 entries per row
+    if chunked:  # chunks along d_out and d_in (14 rows in the symmetric form: 20 x 16 entries each)
+        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 14 * 20 * 16)
     routes, grams = [], []
     real_route, real_gram = ops._psg_gemm_then_triton_gram, ops._run_gram
     monkeypatch.setattr(ops, "_psg_gemm_then_triton_gram", lambda *a: routes.append(1) or real_route(*a))
@@ -500,18 +500,48 @@ def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, o
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
-def test_triton_backend_16bit_tiles_take_the_gemm_route_on_gpu(symmetric, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
+def test_triton_backend_16bit_tiles_take_the_gemm_route_on_gpu(symmetric, chunked, monkeypatch):
     """On a GPU, lk.psg_gram(backend="triton", tile_dtype=bf16) goes through the cuBLAS + Triton route
-    (a spy sees it) and matches the rounded-F oracle, per-output g and NaN-holding masked tokens too."""
-    from linft_kernels import ops
+    (a spy sees it) and matches the rounded-F oracle for sgd and signgd, per-output g and NaN-holding
+    masked tokens too, F whole and in chunks."""
+    from linft_kernels import _blas, ops
+    if chunked:
+        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 14 * 20 * 16)
     routes = []
     real_route = ops._psg_gemm_then_triton_gram
     monkeypatch.setattr(ops, "_psg_gemm_then_triton_gram", lambda *a: routes.append(1) or real_route(*a))
-    (x1, g1, m1, x2, g2, m2), f1, f2, _ = _route_case(torch.bfloat16, "cuda", symmetric)
+    (x1, g1, m1, x2, g2, m2), f1, f2, atol = _route_case(torch.bfloat16, "cuda", symmetric)
     r1, r2 = (f.to(torch.bfloat16).double() for f in (f1, f2))
-    got = lk.psg_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, backend="triton", tile_dtype=torch.bfloat16)
-    assert routes == [1]
     one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()
-    assert_close_to_oracle(got, r1 @ r2.T, torch.float32, extra_atol=one_ulp, what="gemm route on GPU")
-    if symmetric:
-        assert torch.equal(got, got.T)
+    for kernel, oracle, extra in (("sgd", r1 @ r2.T, one_ulp), ("signgd", r1.sign() @ r2.sign().T, atol["signgd"])):
+        routes.clear()
+        got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend="triton",
+                          tile_dtype=torch.bfloat16)
+        assert routes == [1]
+        assert_close_to_oracle(got, oracle, torch.float32, extra_atol=extra, what=f"gemm route on GPU {kernel}")
+        if symmetric:
+            assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("kernel", ["sgd", "signgd"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
+def test_blas_psg_mirrors_an_upper_triangle_gram(kernel, chunked):
+    """gram_upper=True: the chunk Grams need be right only on and above the diagonal; the scratch is
+    mirrored once at the end. A gram that leaves garbage below the diagonal still gives the oracle,
+    exactly symmetric (per-output g, masked tokens)."""
+    from linft_kernels import _blas
+    torch.manual_seed(3)
+    N, T, d_in, d_out, C = 6, 9, 13, 11, 2
+    x, g = randn(N, T, d_in, dtype=torch.float64), randn(N, C, T, d_out, dtype=torch.float64)
+    m = random_mask(N, T)
+
+    def upper_only(a, b, k):
+        assert b is None
+        k += torch.triu(a @ a.T) + torch.tril(torch.full_like(k, 7.5), -1)  # garbage below the diagonal
+
+    got = _blas.psg_gram(x, g, m, None, None, None, torch.zeros(N * C, N * C, dtype=torch.float64), kernel,
+                         gram=upper_only, gram_upper=True, buffer=(N * C) * 4 * 5 if chunked else 1 << 20)
+    oracle = psg_oracle(*_repeat_per_output(x, g, m), kernel=kernel)
+    assert_close_to_oracle(got, oracle, torch.float64, what=f"gram_upper {kernel}")
+    assert torch.equal(got, got.T)

@@ -41,10 +41,10 @@ def test_label_ids_must_be_integers():
     ids = [5, np.int64(9), torch.tensor(11)]
     torch.testing.assert_close(linft.outputs.label_word_logits(ids)(model, inputs),
                                linft.outputs.label_word_logits([5, 9, 11])(model, inputs), rtol=0, atol=0)
-    for bad in ([1.0, 2.0], [True, False], [[5, 6]], np.array([True, False])):
-        with pytest.raises(TypeError, match="label_word_logits: expected integer indices"):
+    for bad in ([1.0, 2.0], [True, False], [[5, 6]], np.array([True, False]), 5):
+        with pytest.raises(TypeError, match="label_word_logits: expected a sequence of integer indices"):
             linft.outputs.label_word_logits(bad)
-        with pytest.raises(TypeError, match=r"logits\(classes\): expected integer indices"):
+        with pytest.raises(TypeError, match=r"logits\(classes\): expected a sequence of integer indices"):
             linft.outputs.logits(bad)
     with pytest.raises(ValueError, match="label_token_ids is empty"):
         linft.outputs.label_word_logits([])
