@@ -155,7 +155,7 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
     sample_tile: samples per forward/backward. None (default): 16 on CPU (larger tiles measured no
         faster per sample there); on a GPU, where a larger tile amortizes the many small launches of
         a forward and C backward passes (a 1.1B model on an H200: tile 64 is 2.2x faster than 16),
-        the largest power of two up to 64 whose measured capture memory fits beside what the
+        the largest power of two up to 128 whose measured capture memory fits beside what the
         largest pass keeps within memory_budget (`_auto_sample_tile`; it resets the GPU's
         peak-memory statistics once).
     backend: kernel backend for linft_kernels ops.
