@@ -594,7 +594,8 @@ class Store:
             return
         if cur is None:
             cur = self.forms[name] = {}
-            for k, v in form.items():
+        for k, v in form.items():  # all of them on the block's first tile (some after a failed allocation)
+            if k not in cur:
                 per_out = isinstance(v, list)
                 self._allocate(name, k, start, v[0] if per_out else v, len(v) if per_out else None)
         for k, v in form.items():

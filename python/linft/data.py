@@ -44,9 +44,31 @@ def tiles(batches: list[dict], tile: int):
     for b in batches:
         n = _batch_size(b, "inputs")
         for i in range(0, n, tile):
-            yield start + i, {k: (v[i:i + tile] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                              for k, v in b.items()}
+            yield start + i, _rows(b, i, i + tile)
         start += n
+
+
+def _rows(batch: dict, i: int, j: int) -> dict:
+    return {k: (v[i:j] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+
+
+def split(batch: dict, start: int, size: int) -> list[tuple[int, dict]]:
+    """(start + i, rows i..i+size-1 of batch) for each piece of at most `size` samples, in order."""
+    n = _batch_size(batch, "inputs")
+    return [(start + i, _rows(batch, i, i + size)) for i in range(0, n, size)]
+
+
+def take(batches: list[dict], start: int, count: int) -> dict:
+    """Samples start..start+count-1 of the batches, which lie in one batch (as every tile's do)."""
+    first = 0
+    for b in batches:
+        n = _batch_size(b, "inputs")
+        if start < first + n:
+            if start + count > first + n:
+                raise ValueError(f"samples {start}..{start + count - 1} span two batches")
+            return _rows(b, start - first, start - first + count)
+        first += n
+    raise IndexError(f"sample {start} is past the {first} samples of the batches")
 
 
 def to_device(batch: dict, device) -> dict:

@@ -10,6 +10,7 @@ require grad while it runs; both are restored after.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 
@@ -157,7 +158,9 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
         a forward and C backward passes (a 1.1B model on an H200: tile 64 is 2.2x faster than 16),
         the largest power of two up to 128 whose measured capture memory fits beside what the
         largest pass keeps within memory_budget (`_auto_sample_tile`; it resets the GPU's
-        peak-memory statistics once).
+        peak-memory statistics once). If the device still runs out of memory on an automatic tile,
+        that tile's samples and the later ones are captured in tiles of half the size (the plan's
+        notes say so; meta["sample_tile"] is the last one used); an explicit tile raises instead.
     backend: kernel backend for linft_kernels ops.
     checkpoint: a directory where each finished block is saved (atomically); a call that stopped
         resumes there at the first unfinished block and returns the identical matrix. A directory of
@@ -264,20 +267,8 @@ def empirical_ntk(model: torch.nn.Module, inputs, inputs2=None, *, output, param
                 t0 = time.perf_counter()
                 store = Store(_data.n_samples(batches))
                 if factored:
-                    unpadded = _data.unpadded_samples(batches)
-                    finite = _FiniteFlags() if _defer_checks(device) else None
-                    for start, tile in _capture_tiles(batches, sample_tile, store.n, device):
-                        tile = _data.to_device(tile, device)
-                        B = _data.n_samples([tile])
-                        mask = None if bool(unpadded[start:start + B].all()) else _data.token_mask(tile)
-                        capture_tile(model, tile, output, factored, mask, C, store, start, finite=finite)
-                        if finite is not None and finite.first_bad(wait=False) is not None:
-                            break
-                        if bar is not None:
-                            bar.update(B)
-                    bad = None if finite is None else finite.first_bad(wait=True)
-                    if bad is not None:
-                        _raise_non_finite(model, batches, output, factored, sample_tile, store.n, device, bad)
+                    sample_tile = _capture_pass(model, batches, output, factored, C, store, sample_tile, device,
+                                                requested_tile is None, plan.notes, bar)
                 elif bar is not None:
                     bar.update(_data.n_samples(batches))
                 timings["capture"] += _elapsed(t0, device)
@@ -336,14 +327,16 @@ def _defer_checks(device: torch.device) -> bool:
 
 
 class _FiniteFlags:
-    """Finiteness flags of a pass's tiles, appended by capture_tile as device tensors. Each is copied to
+    """Finiteness flags of a pass's tiles, appended by capture_tile as device tensors, each with the
+    samples (start, count) of the tile being captured (`samples`, set by the caller). Each is copied to
     host memory without waiting (CUDA: pinned memory, an event recorded after the copy), so the tiles
     already done on the GPU can be checked while later ones run, and the check of them all at the end
     waits only once."""
 
     def __init__(self):
-        self._host: list = []  # (host copy, event or None) per flag
+        self._host: list = []  # (host copy, event or None, samples) per flag
         self._read = 0  # flags before this one were read and finite
+        self.samples: tuple[int, int] = (0, 0)
 
     def append(self, flag: torch.Tensor) -> None:
         if flag.is_cuda:
@@ -351,30 +344,85 @@ class _FiniteFlags:
             host.copy_(flag, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._host.append((host, event))
+            self._host.append((host, event, self.samples))
         else:
-            self._host.append((flag, None))
+            self._host.append((flag, None, self.samples))
 
-    def first_bad(self, wait: bool) -> int | None:
-        """Index of the first tile whose output was non-finite among those whose flag is on the host
-        (all of them with wait=True), else None. Flags read once are not read again."""
+    def first_bad(self, wait: bool) -> tuple[int, int] | None:
+        """The samples (start, count) of the first tile whose output was non-finite among those whose
+        flag is on the host (all of them with wait=True), else None. Flags read once are not read again."""
         while self._read < len(self._host):
-            host, event = self._host[self._read]
+            host, event, samples = self._host[self._read]
             if event is not None and not event.query():
                 if not wait:
                     return None
                 event.synchronize()
             if not bool(host):
-                return self._read
+                return samples
             self._read += 1
         return None
 
 
-def _raise_non_finite(model, batches, output, blocks, sample_tile, n, device, first: int) -> None:
-    """Tile `first` of the pass (its output was non-finite) run again to name the module (NonFiniteError)."""
-    start, tile = list(_capture_tiles(batches, sample_tile, n, device))[first]
-    tile = _data.to_device(tile, device)
-    where = f"samples {start}..{start + _data.n_samples([tile]) - 1}"
+def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: int, device, shrink: bool,
+                  notes: list, bar) -> int:
+    """Every tile of one dataset captured into `store`. Returns the sample tile in use at the end: with
+    `shrink` (an automatic tile) a tile the device runs out of memory on is captured again in halves,
+    and so are the tiles after it (noted in `notes`). On CUDA the tiles' finiteness is read without
+    waiting for the GPU (`_FiniteFlags`); a non-finite output raises NonFiniteError naming its samples."""
+    unpadded = _data.unpadded_samples(batches)
+    finite = _FiniteFlags() if _defer_checks(device) else None
+    for start, tile in _capture_tiles(batches, sample_tile, store.n, device):
+        todo = [(start, tile)]  # a tile, or its pieces once the tile was made smaller
+        while todo:
+            s0, piece = todo.pop(0)
+            B = _data.n_samples([piece])
+            if B > sample_tile:
+                todo[:0] = _data.split(piece, s0, sample_tile)
+                continue
+            piece = _data.to_device(piece, device)
+            mask = None if bool(unpadded[s0:s0 + B].all()) else _data.token_mask(piece)
+            if finite is not None:
+                finite.samples = (s0, B)
+            if not _capture_or_shrink(model, piece, output, blocks, mask, C, store, s0, finite, shrink):
+                sample_tile = max(1, B // 2)
+                notes.append(f"sample_tile={sample_tile}: the device ran out of memory on a tile of {B} "
+                             f"samples (from sample {s0}); those and the later samples were captured in "
+                             "smaller tiles")
+                todo[:0] = _data.split(_data.take(batches, s0, B), s0, sample_tile)
+                continue
+            if bar is not None:
+                bar.update(B)
+        if finite is not None and finite.first_bad(wait=False) is not None:
+            break
+    bad = None if finite is None else finite.first_bad(wait=True)
+    if bad is not None:
+        _raise_non_finite(model, batches, output, blocks, device, *bad)
+    return sample_tile
+
+
+def _capture_or_shrink(model, tile, output, blocks, mask, C, store, start, finite, shrink: bool) -> bool:
+    """capture_tile, or False instead of the device's out-of-memory error when `shrink` (the tile was
+    chosen automatically) and the tile has more than one sample: the caller then captures its samples
+    again in smaller tiles (what the failed attempt stored for them is overwritten; in-pass forms of
+    a retried tile start over, as they do for every tile)."""
+    try:
+        capture_tile(model, tile, output, blocks, mask, C, store, start, finite=finite)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        if not shrink or _data.n_samples([tile]) < 2:
+            raise
+    # here the error and its frames, which held the failed tile's autograd graph, are gone
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return False
+
+
+def _raise_non_finite(model, batches, output, blocks, device, start: int, count: int) -> None:
+    """The tile of samples start..start+count-1 (its output was non-finite) run again to name the module
+    (NonFiniteError)."""
+    tile = _data.to_device(_data.take(batches, start, count), device)
+    where = f"samples {start}..{start + count - 1}"
     with torch.no_grad():
         f = run_output(model, tile, output)
     try:

@@ -209,3 +209,39 @@ def test_lora_b_outputs_are_freed_during_the_forward(monkeypatch):
     J = reference_jacobian(model, inputs, out, list(ntk.meta["params"]))
     K = kernel_from_jacobian(J, J, "sgd")
     assert (ntk.matrix - K).abs().max().item() < 1e-10 * K.abs().max().item()
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["checked-per-tile", "deferred-checks"])
+def test_out_of_memory_on_an_auto_tile_retries_in_halves(monkeypatch, defer):
+    """A device out-of-memory error on an automatically chosen tile: its samples and the later ones are
+    captured again in tiles of half the size (what the failed attempt stored is overwritten, LoRA B's
+    in-pass features included), the kernel is the explicit small tile's, and the plan says so. With an
+    explicit sample_tile the error propagates."""
+    from linft import engine
+    from tiny_models import build, with_lora
+    if defer:
+        monkeypatch.setattr(engine, "_defer_checks", lambda device: True)
+    model = with_lora(build("llama"), "llama")
+    inputs = batch(40, 5, seed=4)
+    out = linft.outputs.label_word_logits([4, 11])
+    want = linft.empirical_ntk(model, inputs, output=out, sample_tile=4).matrix
+    real = engine.capture_tile
+    tried = []
+
+    def capture(model_, tile, *a, **k):
+        B = tile["input_ids"].shape[0]
+        tried.append(B)
+        real(model_, tile, *a, **k)  # stores everything, then "runs out of memory": the retry overwrites
+        if B > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "capture_tile", capture)
+    got = linft.empirical_ntk(model, inputs, output=out)  # auto tile on CPU: 16
+    # 16 fails; its samples go as 8 + 8, and so do the later tiles (on CPU those past the store's first
+    # half are halved anyway: 8 + 8 of 16..31, 4 + 4 of 32..39)
+    assert tried == [16, 8, 8, 8, 8, 4, 4]
+    torch.testing.assert_close(got.matrix, want, rtol=1e-12, atol=1e-12)
+    assert got.meta["sample_tile"] == 8
+    assert any("ran out of memory on a tile of 16 samples (from sample 0)" in n for n in got.plan["notes"])
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        linft.empirical_ntk(model, inputs, output=out, sample_tile=16)
