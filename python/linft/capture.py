@@ -173,7 +173,8 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
     """Stored forms of `blocks` for one tile, written into `store` at rows start, start+1, ...
     (a new Store of this tile alone when None). Returns (store, C). mask: the tile's token mask, None
     where no token of the tile is padding (the forms then skip masking). finite: None checks the
-    model output here (NonFiniteError); else the check's device flag goes to finite.append."""
+    model output here (NonFiniteError); else it is called with the check's device flag (a 0-d bool
+    tensor), which the caller reads later."""
     # Resident memory peaks in the last tiles: the store is nearly full and a tile's autograd graph is
     # alive beside it. What earlier tiles freed is handed back to the system before the last tile, and
     # each graph in the second half of the store after its backward (each release costs the next tile
@@ -211,7 +212,7 @@ def capture_tile(model, batch, output, blocks: list[Block], mask: torch.Tensor |
         del f, rec
         return capture_tile(model, batch, output, blocks, mask, C_expected, store, start, finite)
     if finite is not None:  # the caller checks once for all tiles (a check here waits for the GPU)
-        finite.append(torch.isfinite(f).all())
+        finite(torch.isfinite(f).all())
     calls = {n: len(rec.outputs[n]) for n in names}
     slots = [(n, call) for n in names for call in range(calls[n])]
     outs = [o for n in names for o in rec.outputs[n]]

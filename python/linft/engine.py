@@ -327,26 +327,24 @@ def _defer_checks(device: torch.device) -> bool:
 
 
 class _FiniteFlags:
-    """Finiteness flags of a pass's tiles, appended by capture_tile as device tensors, each with the
-    samples (start, count) of the tile being captured (`samples`, set by the caller). Each is copied to
-    host memory without waiting (CUDA: pinned memory, an event recorded after the copy), so the tiles
-    already done on the GPU can be checked while later ones run, and the check of them all at the end
-    waits only once."""
+    """Finiteness flags of a pass's tiles, given by capture_tile as device tensors, each with the
+    samples (start, count) of its tile. Each is copied to host memory without waiting (CUDA: pinned
+    memory, an event recorded after the copy), so the tiles already done on the GPU can be checked
+    while later ones run, and the check of them all at the end waits only once."""
 
     def __init__(self):
         self._host: list = []  # (host copy, event or None, samples) per flag
         self._read = 0  # flags before this one were read and finite
-        self.samples: tuple[int, int] = (0, 0)
 
-    def append(self, flag: torch.Tensor) -> None:
+    def append(self, flag: torch.Tensor, samples: tuple[int, int]) -> None:
         if flag.is_cuda:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._host.append((host, event, self.samples))
+            self._host.append((host, event, samples))
         else:
-            self._host.append((flag, None, self.samples))
+            self._host.append((flag, None, samples))
 
     def first_bad(self, wait: bool) -> tuple[int, int] | None:
         """The samples (start, count) of the first tile whose output was non-finite among those whose
@@ -370,7 +368,7 @@ def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: in
     and so are the tiles after it (noted in `notes`). On CUDA the tiles' finiteness is read without
     waiting for the GPU (`_FiniteFlags`); a non-finite output raises NonFiniteError naming its samples."""
     unpadded = _data.unpadded_samples(batches)
-    finite = _FiniteFlags() if _defer_checks(device) else None
+    flags = _FiniteFlags() if _defer_checks(device) else None
     for start, tile in _capture_tiles(batches, sample_tile, store.n, device):
         todo = [(start, tile)]  # a tile, or its pieces once the tile was made smaller
         while todo:
@@ -379,22 +377,22 @@ def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: in
             if B > sample_tile:
                 todo[:0] = _data.split(piece, s0, sample_tile)
                 continue
-            piece = _data.to_device(piece, device)
-            mask = None if bool(unpadded[s0:s0 + B].all()) else _data.token_mask(piece)
-            if finite is not None:
-                finite.samples = (s0, B)
-            if not _capture_or_shrink(model, piece, output, blocks, mask, C, store, s0, finite, shrink):
-                sample_tile = max(1, B // 2)
+            on_device = _data.to_device(piece, device)
+            mask = None if bool(unpadded[s0:s0 + B].all()) else _data.token_mask(on_device)
+            finite = None if flags is None else (lambda flag, at=(s0, B): flags.append(flag, at))
+            if not _capture_or_shrink(model, on_device, output, blocks, mask, C, store, s0, finite, shrink):
+                # half the tile from here on; this piece in halves (it may be a short last tile)
+                sample_tile = max(1, sample_tile // 2)
                 notes.append(f"sample_tile={sample_tile}: the device ran out of memory on a tile of {B} "
                              f"samples (from sample {s0}); those and the later samples were captured in "
                              "smaller tiles")
-                todo[:0] = _data.split(_data.take(batches, s0, B), s0, sample_tile)
+                todo[:0] = _data.split(piece, s0, min(sample_tile, (B + 1) // 2))
                 continue
             if bar is not None:
                 bar.update(B)
-        if finite is not None and finite.first_bad(wait=False) is not None:
+        if flags is not None and flags.first_bad(wait=False) is not None:
             break
-    bad = None if finite is None else finite.first_bad(wait=True)
+    bad = None if flags is None else flags.first_bad(wait=True)
     if bad is not None:
         _raise_non_finite(model, batches, output, blocks, device, *bad)
     return sample_tile
@@ -497,9 +495,7 @@ def _capture_tiles(batches, sample_tile: int, n: int, device: torch.device):
             yield start, tile
             continue
         h = (B + 1) // 2
-        for s0, s1 in ((0, h), (h, B)):
-            yield start + s0, {k: (v[s0:s1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                               for k, v in tile.items()}
+        yield from _data.split(tile, start, h)
 
 
 def _fingerprint(model, batches1, batches2, plan, N, M, C, kernel, dtype, per_layer, strategy, sample_tile,

@@ -245,3 +245,32 @@ def test_out_of_memory_on_an_auto_tile_retries_in_halves(monkeypatch, defer):
     assert any("ran out of memory on a tile of 16 samples (from sample 0)" in n for n in got.plan["notes"])
     with pytest.raises(torch.cuda.OutOfMemoryError):
         linft.empirical_ntk(model, inputs, output=out, sample_tile=16)
+
+
+def test_out_of_memory_inside_a_backward_pass_or_on_a_short_tile(monkeypatch):
+    """The fallback holds when the error comes from inside a backward pass (a LoRA B module's in-pass
+    features half stored: the retry starts them over) and when the tile that fails is a short last
+    tile of a batch: the tile for the rest is half the tile in use, not half the short one."""
+    from linft import capture, engine
+    from tiny_models import build, with_lora
+    model = with_lora(build("llama"), "llama")
+    parts = [batch(19, 5, seed=6), batch(21, 5, seed=7)]  # two batches: 16 + 3, then 21
+    out = linft.outputs.label_word_logits([4, 11])
+    want = linft.empirical_ntk(model, parts, output=out, sample_tile=4).matrix
+    real_form = capture._output_form
+    seen = {"calls": 0, "raised": []}
+
+    def form(b, calls_x, calls_g, mask, B):  # a LoRA B block's features, during a backward pass
+        seen["calls"] += 1
+        if B in (16, 3) and B not in seen["raised"] and seen["calls"] % 3 == 0:
+            seen["raised"].append(B)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_form(b, calls_x, calls_g, mask, B)
+
+    monkeypatch.setattr(capture, "_output_form", form)
+    got = linft.empirical_ntk(model, parts, output=out)
+    assert seen["raised"] == [16, 3]
+    torch.testing.assert_close(got.matrix, want, rtol=1e-12, atol=1e-12)
+    assert got.meta["sample_tile"] == 4  # 16 -> 8 on the first tile, 8 -> 4 on the short one
+    notes = [n for n in got.plan["notes"] if "ran out of memory" in n]
+    assert len(notes) == 2 and "tile of 3 samples (from sample 16)" in notes[1]
