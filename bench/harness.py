@@ -397,8 +397,11 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
                 rate = fl["flops"] / c_med / 1e9
                 pct = f" ({100 * rate / pk:.0f}% of peak)" if pk else ""
                 p_c = piped.get(f"cand:{cname}")
-                pip = f"  | pipelined {p_c * 1e3:.3f} ms" + (f" ({100 * fl['flops'] / p_c / 1e9 / pk:.0f}%)" if pk else "") \
-                    if p_c else ""
+                pip = ""
+                if p_c:
+                    pip = f"  | pipelined {p_c * 1e3:.3f} ms"
+                    if pk:
+                        pip += f" ({100 * fl['flops'] / p_c / 1e9 / pk:.0f}%)"
                 log(f"    {cname:<9} {c_med * 1e3:10.1f} ms  vs {bname:<32} {b_med * 1e3:10.1f} ms  "
                     f"ratio {b_med / c_med:6.2f}  {rate:8.1f} GFLOP/s{pct}  err {err:.1e}{pip}")
         del inputs, res, cands, bases
@@ -849,7 +852,8 @@ def run_ntk_llama(device: torch.device, meta: dict, N: int, T: int, rounds: int,
     if only:
         unknown = set(only) - set(methods)
         if unknown:
-            raise ValueError(f"--llama-methods: unknown method(s) {sorted(unknown)}; choose from {sorted(set(methods))}")
+            raise ValueError(f"--llama-methods: unknown method(s) {sorted(unknown)}; "
+                             f"choose from {sorted(set(methods))}")
         methods = [m for m in methods if m in only]
     results: dict[str, list] = {m: [] for m in methods}
     for r in range(rounds):
