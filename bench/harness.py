@@ -900,7 +900,7 @@ def _llama_rows(results, cfg, N, T, C, P, n_total, meta, device) -> list[dict]:
         fb64 = _med(results.get("fwdbwd_mb64", []))
         warm = [r["again"]["wall_s"] for r in rs if r.get("again")]
         if warm:  # linft called a second time in its process
-            row.update({"again_s": warm, "again_median_s": _med([{"wall_s": w} for w in warm]),
+            row.update({"again_s": warm, "again_median_s": statistics.median(warm),
                         "again_timings": rs[0]["again"]["info"].get("timings")})
             ratio = f" = {row['again_median_s'] / fb:.2f} x fwd+bwd" if fb else ""
             if fb:

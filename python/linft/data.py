@@ -89,3 +89,9 @@ def unpadded_samples(batches: list[dict]) -> torch.Tensor:
         n = _batch_size(b, "inputs")
         flags.append(torch.ones(n, dtype=torch.bool) if m is None else m.reshape(n, -1).all(dim=1).cpu())
     return torch.cat(flags)
+
+
+def padding_mask(batch: dict, unpadded: torch.Tensor) -> torch.Tensor | None:
+    """The batch's token mask for capture, or None when `unpadded` (its samples' host flags, from
+    `unpadded_samples`) says no sample is padded: the forms then skip masking, decided on the host."""
+    return None if bool(unpadded.all()) else token_mask(batch)

@@ -378,7 +378,7 @@ def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: in
                 todo[:0] = _data.split(piece, s0, sample_tile)
                 continue
             on_device = _data.to_device(piece, device)
-            mask = None if bool(unpadded[s0:s0 + B].all()) else _data.token_mask(on_device)
+            mask = _data.padding_mask(on_device, unpadded[s0:s0 + B])
             finite = None if flags is None else (lambda flag, at=(s0, B): flags.append(flag, at))
             if not _capture_or_shrink(model, on_device, output, blocks, mask, C, store, s0, finite, shrink):
                 # half the tile from here on; this piece in halves (it may be a short last tile)
@@ -462,7 +462,7 @@ def _auto_sample_tile(model, probe, output, blocks, plan, C: int, N: int, budget
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     if factored:
-        mask = None if bool(_data.unpadded_samples([probe]).all()) else _data.token_mask(probe)
+        mask = _data.padding_mask(probe, _data.unpadded_samples([probe]))
         capture_tile(model, probe, output, factored, mask, C)
     torch.cuda.synchronize(device)
     per_sample = max(1, torch.cuda.max_memory_allocated(device) - base) / B
