@@ -267,6 +267,13 @@ def build_op_case(case: dict, device: torch.device):
             fl = FL.ghost_gram(N, T, d_in, d_out, M, S)
             for be in _backends(device, heavy):
                 cands.append((be, lambda be=be: lk.ghost_gram(x1, g1, x2, g2, backend=be)))
+            if lowp and device.type == "cuda":
+                # the ghost kernels themselves where auto would materialize (long T): their own
+                # rate is the row's flops_ghost over its median
+                for be in ("cuda", "triton"):
+                    if be in _backends(device, heavy):
+                        cands.append((f"{be} [ghost route]", lambda be=be: lk.ghost_gram(
+                            x1, g1, x2, g2, backend=be, route="ghost")))
             bases.append((f"einsum materialize [{native}]", lambda: _materialize(x1, g1, x2, g2)))
             if lowp:
                 bases.append(("einsum materialize [fp32 upcast]",
@@ -382,7 +389,7 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
                     "baseline_cpu_s": statistics.median(b["cpu_times"]),
                     "cpu_ratio": statistics.median(b["cpu_times"]) / max(1e-12, statistics.median(c["cpu_times"])),
                     "flops": fl["flops"], "flop_count": fl["flop_count"],
-                    "flops_materialize": fl.get("flops_materialize"),
+                    "flops_materialize": fl.get("flops_materialize"), "flops_ghost": fl.get("flops_ghost"),
                     "achieved_gflops": fl["flops"] / c_med / 1e9,
                     "baseline_gflops": fl["flops"] / b_med / 1e9,
                     "peak_gflops": pk, "peak_dtype": peak["dtype"] if peak else None,

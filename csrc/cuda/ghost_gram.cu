@@ -1,15 +1,31 @@
 // ghost_gram (csrc/README.md):
 //   out[i, j] += sum_{t<T, s<S} m1[i,t] m2[j,s] (x1[i,t,:] . x2[j,s,:]) (g1[i,t,:] . g2[j,s,:])
 //
-// One block per sample pair (i, j) (and per slice of t tiles when there are few pairs). For each
-// 32x32 (t, s) tile the block forms the activation product X1 X2^T and the gradient product
-// G1 G2^T in registers (d chunks of 32 staged in shared memory; each of the 256 threads owns the 2x2
-// elements t = ty + 16*r, s = tx + 16*c), multiplies them elementwise, keeps unmasked entries
-// (masked tokens are skipped, not multiplied by 0, so garbage there cannot leak in) and sums. The
-// T x S products never reach global memory. A shared-memory tree reduction gives the block's value;
-// thread 0 adds it into out[i, j] (and out[j, i] for an off-diagonal symmetric pair). Adds are
-// atomic only when the t range is split over several blocks.
+// Two kernels; the launcher picks one per call. Neither writes a T x S product to memory.
+//
+// ghost_gram_mma_kernel (bf16 / fp16 inputs, fp32 out, sm_80+, d_in and d_out multiples of 8, all
+// operands 16-byte aligned): tensor cores over the token product. The rows of x1 (N*T of them) and
+// x2 (M*S) are the rows of two matrices; a block takes one 64 x 128 tile of X1 X2^T and the same
+// tile of G1 G2^T with mma.cuh's MmaBlock<2> (8 warps of 32x32 sub-tiles, 16-byte cp.async copies
+// in a 3-stage pipeline, ldmatrix, mma.sync m16n8k16 into fp32 registers: 2 x 32 accumulators per
+// thread), multiplies them entry by entry in registers and sums each kept entry (t, s) into the bin
+// of its sample pair (t / T, s / S) in shared memory; the bins are then added into out atomically.
+// A tile may hold part of one pair (long sequences) or many whole pairs (short ones), so short
+// sequences do not pad the tensor-core tiles. Masked tokens are multiplied (a tensor-core product
+// cannot skip rows) but their entries are never read: entry (t, s) depends only on rows t and s, so
+// NaN there cannot leak. Symmetric form: only tiles reaching t <= s run, each entry t < s stands for
+// its mirror too. The atomic adds make the summation order, and so the last bits, vary run to run.
+//
+// ghost_gram_kernel (every other case): CUDA cores, one block per sample pair (i, j) (and per slice
+// of its t tiles when there are few pairs). For each 32x32 (t, s) tile the block forms the
+// activation product X1 X2^T and the gradient product G1 G2^T in registers (d chunks of 32 staged
+// in shared memory; each of the 256 threads owns the 2x2 elements t = ty + 16*r, s = tx + 16*c),
+// multiplies them elementwise, keeps unmasked entries (masked tokens are skipped, not multiplied
+// by 0, so garbage there cannot leak in) and sums, accumulating in the output's precision. Its t tiles are what gets split over blocks.
+#include <algorithm>
+
 #include "common.cuh"
+#include "mma.cuh"
 #include "linft/cuda_kernels.h"
 
 namespace linft {
@@ -122,6 +138,132 @@ ghost_gram_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
   }
 }
 
+// ---------------------------------------------------------------- tensor-core path
+using GhostMma = MmaBlock<2>;  // 64 x 128 tiles of the token product, 45 KiB of shared memory
+static_assert(sizeof(float) * GhostMma::kRows * GhostMma::kCols <= GhostMma::kSmemBytes,
+              "the pair bins of a tile (at most one per entry) fit in the staging memory");
+
+// Block (blockIdx.x, blockIdx.y + tile_row_offset): the tile [r0, r0 + 64) x [c0, c0 + 128) of the
+// token product over rows X1 (N*nt x d_in) and X2 (M*ns x d_in), and of G1 G2^T alike. Entry (t, s)
+// belongs to the sample pair (t / nt, s / ns); the tile's pairs get one bin each in shared memory.
+// Symmetric form: only entries with t <= s count (tiles wholly below the diagonal return at once);
+// an entry t < s stands for (s, t) too and t == s is counted half, so a bin (i, j) is added into
+// out[i, j] and out[j, i] (twice into out[i, i]).
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+ghost_gram_mma_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
+                      const std::uint8_t* __restrict__ m1, const T* __restrict__ x2,
+                      const T* __restrict__ g2, const std::uint8_t* __restrict__ m2,
+                      float* __restrict__ out, int64_t N, int64_t M, int64_t nt, int64_t ns,
+                      int64_t d_in, int64_t d_out, int64_t tile_row_offset, int symmetric) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // host pass and emulation: the body parses
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.y) + tile_row_offset) * GhostMma::kRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * GhostMma::kCols;
+  if (symmetric && c0 + GhostMma::kCols <= r0) return;  // whole block: uniform, before any barrier
+  const int64_t rows = N * nt, cols = M * ns;
+
+  LINFT_DYNAMIC_SMEM(smem_raw);
+  const int tid = static_cast<int>(threadIdx.x);
+  float xp[2][4][4], gp[2][4][4];
+  zero_warp_tile(xp);
+  zero_warp_tile(gp);
+  uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);
+  GhostMma::product(xp, x1, x2, rows, cols, d_in, r0, c0, 0, d_in, stages, tid);
+  GhostMma::product(gp, g1, g2, rows, cols, d_out, r0, c0, 0, d_out, stages, tid);
+
+  // The pair bins (the staging memory is free: product() ends with a barrier).
+  const int64_t pr0 = r0 / nt, pc0 = c0 / ns;
+  const int64_t r_last = (r0 + GhostMma::kRows < rows ? r0 + GhostMma::kRows : rows) - 1;
+  const int64_t c_last = (c0 + GhostMma::kCols < cols ? c0 + GhostMma::kCols : cols) - 1;
+  const int nb_c = static_cast<int>(c_last / ns - pc0 + 1);
+  const int nbins = static_cast<int>(r_last / nt - pr0 + 1) * nb_c;
+  float* bins = reinterpret_cast<float*>(smem_raw);
+  for (int b = tid; b < nbins; b += kThreads) bins[b] = 0.f;
+  __syncthreads();
+
+  // Lane (g, t4) holds rows g, g + 8 and columns 2 t4, 2 t4 + 1 of every 16x8 tile: 4 rows x 8
+  // columns per thread. Kept entries are summed in registers while the bin stays the same.
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t wr = r0 + GhostMma::warp_row(warp) + (lane >> 2);
+  const int64_t wc = c0 + GhostMma::warp_col(warp) + 2 * (lane & 3);
+  int64_t s_of[4][2];
+  int col_bin[4][2];  // -1: column dropped (past the end or masked)
+#pragma unroll
+  for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int64_t s = wc + n8 * 8 + c;
+      s_of[n8][c] = s;
+      const bool ok = s < cols && (m2 == nullptr || m2[s] != 0);
+      col_bin[n8][c] = ok ? static_cast<int>(s / ns - pc0) : -1;
+    }
+  int cur = -1;
+  float run = 0.f;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = wr + mt * 16 + h * 8;
+      if (t >= rows || (m1 != nullptr && m1[t] == 0)) continue;
+      const int row_bin = static_cast<int>(t / nt - pr0) * nb_c;
+#pragma unroll
+      for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (col_bin[n8][c] < 0 || (symmetric && t > s_of[n8][c])) continue;
+          float v = xp[mt][n8][h * 2 + c] * gp[mt][n8][h * 2 + c];
+          if (symmetric && t == s_of[n8][c]) v *= 0.5f;
+          const int b = row_bin + col_bin[n8][c];
+          if (b != cur) {
+            if (cur >= 0) atomicAdd(bins + cur, run);
+            cur = b;
+            run = 0.f;
+          }
+          run += v;
+        }
+    }
+  if (cur >= 0) atomicAdd(bins + cur, run);
+  __syncthreads();
+
+  for (int b = tid; b < nbins; b += kThreads) {
+    const float v = bins[b];
+    if (v == 0.f) continue;  // pairs the tile does not reach (and exact zeros: nothing to add)
+    const int64_t i = pr0 + b / nb_c, j = pc0 + b % nb_c;
+    if (!symmetric) {
+      atomicAdd(out + i * M + j, v);
+    } else if (i == j) {
+      atomicAdd(out + i * M + i, 2.f * v);
+    } else {
+      atomicAdd(out + i * M + j, v);
+      atomicAdd(out + j * M + i, v);
+    }
+  }
+#else
+  __trap();  // the launcher never picks this kernel below sm_80
+#endif
+}
+
+// Launches ghost_gram_mma_kernel over the tiles of the token product (row tiles chunked by the
+// grid's y limit).
+template <class Tin>
+void ghost_mma_launch(const void* x1, const void* g1, const std::uint8_t* m1, const void* x2,
+                      const void* g2, const std::uint8_t* m2, void* out, int64_t N, int64_t M,
+                      int64_t T, int64_t S, int64_t d_in, int64_t d_out, bool symmetric,
+                      cudaStream_t s, const char* op) {
+  static_assert(GhostMma::kSmemBytes <= 48 * 1024, "within the default dynamic shared memory limit");
+  const int64_t tiles_r = ceil_div(N * T, GhostMma::kRows), tiles_c = ceil_div(M * S, GhostMma::kCols);
+  require(tiles_c <= kMaxGridX, op, "M * S too large");
+  for (int64_t row_off = 0; row_off < tiles_r; row_off += kMaxGridYZ) {
+    const int64_t rows = (tiles_r - row_off < kMaxGridYZ) ? tiles_r - row_off : kMaxGridYZ;
+    dim3 grid(static_cast<unsigned>(tiles_c), static_cast<unsigned>(rows));
+    LINFT_LAUNCH(grid, kThreads, GhostMma::kSmemBytes, s, ghost_gram_mma_kernel<Tin>)
+    (static_cast<const Tin*>(x1), static_cast<const Tin*>(g1), m1, static_cast<const Tin*>(x2),
+     static_cast<const Tin*>(g2), m2, static_cast<float*>(out), N, M, T, S, d_in, d_out, row_off,
+     symmetric ? 1 : 0);
+    check_launch(op);
+  }
+}
+
 }  // namespace
 }  // namespace cuda_detail
 
@@ -148,15 +290,24 @@ void ghost_gram(const void* x1, const void* g1, const std::uint8_t* m1, const vo
   }
   require(M <= kMaxGridX, op, "M too large");
 
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+
+  // Tensor cores: 16-bit inputs, fp32 out, rows of 16-byte multiples at 16-byte aligned addresses.
+  auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  const bool mma_shape = (dtype == kBFloat16 || dtype == kFloat16) && out_dtype == kFloat32 &&
+                         d_in % 8 == 0 && d_out % 8 == 0 && aligned(x1) && aligned(g1) &&
+                         aligned(x2) && aligned(g2);
+  if (mma_shape && mma_device(op)) {
+    if (dtype == kBFloat16)
+      ghost_mma_launch<__nv_bfloat16>(x1, g1, m1, x2, g2, m2, out, N, M, T, S, d_in, d_out, symmetric, s, op);
+    else
+      ghost_mma_launch<__half>(x1, g1, m1, x2, g2, m2, out, N, M, T, S, d_in, d_out, symmetric, s, op);
+    return;
+  }
+
   // Split the t tiles over blocks when there are few pairs (aim at ~1024 blocks).
   const int64_t pairs = symmetric ? N * (N + 1) / 2 : N * M;
-  const int64_t n_ttiles = ceil_div(T, kGhostTile);
-  int64_t splits = ceil_div(1024, pairs);
-  if (splits > n_ttiles) splits = n_ttiles;
-  if (splits > kMaxGridYZ) splits = kMaxGridYZ;
-  if (splits < 1) splits = 1;
-
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t splits = std::max<int64_t>(1, std::min({ceil_div(1024, pairs), ceil_div(T, kGhostTile), kMaxGridYZ}));
   dispatch_types(dtype, out_dtype, op, [&](auto ttag, auto atag) {
     using Tin = typename decltype(ttag)::type;
     using Acc = typename decltype(atag)::type;

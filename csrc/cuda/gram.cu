@@ -105,39 +105,9 @@ gram_kernel(const T* __restrict__ a, const T* __restrict__ b, Acc* __restrict__ 
 
 
 // ---------------------------------------------------------------- tensor-core path
-constexpr int kMmaTile = 128;                    // output tile edge
-constexpr int kMmaK = 32;                        // K chunk per pipeline stage
-constexpr int kMmaStages = 3;                    // cp.async pipeline depth
-constexpr int kMmaLd = kMmaK + 8;                // shared row: 32 elements + 16 bytes of padding
-constexpr int kMmaStageElems = 2 * kMmaTile * kMmaLd;  // a and b tiles of one stage
-constexpr size_t kMmaSmemBytes = sizeof(uint16_t) * kMmaStages * kMmaStageElems;  // 61440
-constexpr int kMmaWarpM = 64;                    // warp sub-tile: 64 rows x 32 columns
-constexpr int kMmaWarpN = 32;
-
-static_assert(kThreads == 256, "gram_mma_kernel's warp grid (2 x 4) assumes 8 warps");
-static_assert((kMmaLd * 2) % 16 == 0, "shared rows must keep 16-byte alignment for cp.async");
-
-// Copies the a and b chunks [k0, k0 + 32) of this block's 128 rows into one stage. 128 rows x 4
-// chunks of 16 bytes per operand: 2 copies per thread and operand, 4 threads per row. Rows past
-// n_rows / m_rows and chunks past k_end are zero-filled (P % 8 == 0: a chunk is all in or all out).
-template <class T>
-__device__ __forceinline__ void gram_mma_load_stage(uint16_t* __restrict__ stage, const T* __restrict__ a,
-                                                    const T* __restrict__ b, int64_t row0, int64_t col0,
-                                                    int64_t N, int64_t M, int64_t P, int64_t k0,
-                                                    int64_t k_end, int tid) {
-#pragma unroll
-  for (int r = 0; r < (kMmaTile * kMmaK / 8) / kThreads; ++r) {
-    const int c = tid + r * kThreads;
-    const int row = c >> 2;
-    const int kc = (c & 3) * 8;
-    const int64_t k = k0 + kc;
-    const bool k_ok = k < k_end;
-    const int64_t ar = row0 + row, br = col0 + row;
-    const bool a_ok = k_ok && ar < N, b_ok = k_ok && br < M;
-    cp_async16(stage + row * kMmaLd + kc, a_ok ? a + ar * P + k : a, a_ok ? 16 : 0);
-    cp_async16(stage + (kMmaTile + row) * kMmaLd + kc, b_ok ? b + br * P + k : b, b_ok ? 16 : 0);
-  }
-}
+using GramMma = MmaBlock<4>;  // 128x128 block tiles, 60 KiB of shared memory (mma.cuh)
+constexpr int kMmaTile = GramMma::kRows;
+static_assert(GramMma::kRows == GramMma::kCols, "gram's tiles are square (the symmetric form)");
 
 // Block (blockIdx.x, blockIdx.y + tile_row_offset) of 128x128 tiles, K range blockIdx.z. splits == 1:
 // adds into out; otherwise stores the partial tile into ws[blockIdx.z] (N x M, fp32).
@@ -152,62 +122,20 @@ gram_mma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restr
   if (symmetric && tj < ti) return;  // whole block: uniform, before any barrier
 
   LINFT_DYNAMIC_SMEM(smem_raw);
-  uint16_t* smem = reinterpret_cast<uint16_t*>(smem_raw);
-
   const int64_t row0 = ti * kMmaTile;
   const int64_t col0 = tj * kMmaTile;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
   const int64_t k_end = (k_begin + k_per_split < P) ? k_begin + k_per_split : P;
-  const int num_k = static_cast<int>((k_end - k_begin + kMmaK - 1) / kMmaK);
-
   const int tid = static_cast<int>(threadIdx.x);
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int wm = (warp >> 2) * kMmaWarpM;  // warp grid 2 (rows) x 4 (columns)
-  const int wn = (warp & 3) * kMmaWarpN;
 
   float acc[4][4][4];
   zero_warp_tile(acc);
-
-  // ldmatrix row of this lane: matrix lane / 8, row lane % 8 of it.
-  //   A (16x16 per m tile): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
-  //   (rows 8-15, k 8-15) -> a[0..3].  B (two n8 tiles x k16): (n 0-7, k 0-7), (n 0-7, k 8-15),
-  //   (n 8-15, k 0-7), (n 8-15, k 8-15) -> b[0..1] of tile 2p, b[0..1] of tile 2p + 1.
-  const int lm = lane >> 3, lr = lane & 7;
-  const int a_row = wm + (lm & 1) * 8 + lr, a_k = (lm >> 1) * 8;
-  const int b_row = kMmaTile + wn + (lm >> 1) * 8 + lr, b_k = (lm & 1) * 8;
-
-#pragma unroll
-  for (int s = 0; s < kMmaStages - 1; ++s) {
-    if (s < num_k)
-      gram_mma_load_stage(smem + s * kMmaStageElems, a, b, row0, col0, N, M, P, k_begin + s * kMmaK,
-                          k_end, tid);
-    cp_async_commit();
-  }
-
-  for (int kt = 0; kt < num_k; ++kt) {
-    cp_async_wait<kMmaStages - 2>();  // this thread's copies of chunk kt have landed
-    __syncthreads();                  // everyone's have; and chunk kt-1's stage is free again
-    const int pre = kt + kMmaStages - 1;
-    if (pre < num_k)
-      gram_mma_load_stage(smem + (pre % kMmaStages) * kMmaStageElems, a, b, row0, col0, N, M, P,
-                          k_begin + static_cast<int64_t>(pre) * kMmaK, k_end, tid);
-    cp_async_commit();
-
-    const uint16_t* st = smem + (kt % kMmaStages) * kMmaStageElems;
-#pragma unroll
-    for (int ks = 0; ks < kMmaK; ks += 16) {
-      uint32_t af[4][4], bx4[2][4];
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(af[mt], st + (a_row + mt * 16) * kMmaLd + ks + a_k);
-#pragma unroll
-      for (int np = 0; np < 2; ++np) ldmatrix_x4(bx4[np], st + (b_row + np * 16) * kMmaLd + ks + b_k);
-      mma_warp_tile<T>(acc, af, bx4);
-    }
-  }
-  cp_async_wait<0>();  // only empty groups are left; nothing in flight at exit
+  GramMma::product(acc, a, b, N, M, P, row0, col0, k_begin, k_end,
+                   reinterpret_cast<uint16_t*>(smem_raw), tid);
 
   // Epilogue. Lane (g, t) holds rows g and g + 8, columns 2t and 2t + 1 of every 16x8 tile.
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wm = GramMma::warp_row(warp), wn = GramMma::warp_col(warp);
   const int g = lane >> 2, t4 = lane & 3;
   const bool split = gridDim.z > 1;
   float* dst = split ? ws + static_cast<int64_t>(blockIdx.z) * N * M : out;
@@ -284,12 +212,12 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
               cudaStream_t s, const char* op) {
   // Split K when there are few output tiles (aim at ~256 blocks, two per SM of an H100), keeping
   // >= 1024 of K per split. Not tuned on a GPU yet.
-  const TilePlan tp = plan_tiles(N, M, P, symmetric, kMmaTile, kMmaK, 256, 1024, op);
+  const TilePlan tp = plan_tiles(N, M, P, symmetric, kMmaTile, GramMma::kK, 256, 1024, op);
   const int64_t tiles_n = tp.tiles_n, tiles_m = tp.tiles_m, k_per = tp.k_per, splits = tp.splits;
 
   // 60 KiB of dynamic shared memory: over the default 48 KiB, so opt in (per device; cheap).
   check_cuda(cudaFuncSetAttribute(gram_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kMmaSmemBytes)),
+                                  static_cast<int>(GramMma::kSmemBytes)),
              op, "cudaFuncSetAttribute");
   float* ws = nullptr;
   if (splits > 1) {
@@ -301,7 +229,7 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
   for (int64_t row_off = 0; row_off < tiles_n; row_off += kMaxGridYZ) {
     const int64_t rows = (tiles_n - row_off < kMaxGridYZ) ? tiles_n - row_off : kMaxGridYZ;
     dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(rows), static_cast<unsigned>(splits));
-    LINFT_LAUNCH(grid, kThreads, kMmaSmemBytes, s, gram_mma_kernel<T>)
+    LINFT_LAUNCH(grid, kThreads, GramMma::kSmemBytes, s, gram_mma_kernel<T>)
     (pa, pb, po, ws, N, M, P, k_per, row_off, symmetric ? 1 : 0);
     check_launch(op);
   }

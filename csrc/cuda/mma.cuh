@@ -110,12 +110,14 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 #endif
 }
 
-// ---------------------------------------------------------------- a warp's 64x32 fp32 tile
-// The tensor-core kernels split a 128x128 block tile over 8 warps as 2 x 4; a warp owns 64 rows x
-// 32 columns: 4 x 4 m16n8 accumulator tiles, acc[mt][nt][q] (C fragment layout above).
-__device__ __forceinline__ void zero_warp_tile(float (&acc)[4][4][4]) {
+// ---------------------------------------------------------------- a warp's (16 MT)x32 fp32 tile
+// The tensor-core kernels split a block tile over 8 warps as 2 x 4; a warp owns 16 MT rows x 32
+// columns: MT x 4 m16n8 accumulator tiles, acc[mt][nt][q] (C fragment layout above). gram and
+// psg_gram's phase 1 use MT = 4 (128x128 block tiles), ghost_gram MT = 2 (64x128: two products live).
+template <int MT>
+__device__ __forceinline__ void zero_warp_tile(float (&acc)[MT][4][4]) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MT; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -125,17 +127,113 @@ __device__ __forceinline__ void zero_warp_tile(float (&acc)[4][4][4]) {
 // One k16 step of the warp tile: acc[mt][nt] += A_mt B_nt, with B of n8 tiles 2p and 2p + 1 in the
 // registers bx4[p] of one ldmatrix.x4 each ((k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
 // (k 8-15, n 8-15) as b[0..1] of tile 2p, then of tile 2p + 1).
-template <class T>
-__device__ __forceinline__ void mma_warp_tile(float (&acc)[4][4][4], const uint32_t (&af)[4][4],
+template <class T, int MT>
+__device__ __forceinline__ void mma_warp_tile(float (&acc)[MT][4][4], const uint32_t (&af)[MT][4],
                                               const uint32_t (&bx4)[2][4]) {
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const uint32_t b[2] = {bx4[nt >> 1][(nt & 1) * 2], bx4[nt >> 1][(nt & 1) * 2 + 1]};
       mma_16816<T>(acc[mt][nt], af[mt], b);
     }
 }
+
+// ---------------------------------------------------------------- a block's tile of A B^T
+// MmaBlock<MT>: 256 threads (8 warps, 2 x 4) compute the kRows x 128 tile
+//   acc = A[row0 : row0 + kRows, k_begin : k_end] B[col0 : col0 + 128, k_begin : k_end]^T
+// of two row-major 16-bit matrices (rows of `ld` elements). K advances in chunks of 32 staged in
+// shared memory by 16-byte cp.async copies, kStages deep (the copy of chunk k+2 overlaps the mma of
+// chunk k); rows past a_rows / b_rows and chunks past k_end are zero-filled by the copy. Fragments
+// come from shared memory by ldmatrix (rows padded by 16 bytes: conflict-free). Needs a, b 16-byte
+// aligned, ld % 8 == 0, k_begin % 8 == 0 and k_end % 8 == 0 (a 16-byte chunk is all in or all out).
+// Warp w owns rows warp_row() + [0, 16 MT) and columns warp_col() + [0, 32) of the tile.
+template <int MT>
+struct MmaBlock {
+  static constexpr int kRows = 2 * 16 * MT;  // block tile: kRows x kCols
+  static constexpr int kCols = 128;
+  static constexpr int kK = 32;              // K chunk per pipeline stage
+  static constexpr int kStages = 3;          // cp.async pipeline depth
+  static constexpr int kLd = kK + 8;         // shared row: 32 elements + 16 bytes of padding
+  static constexpr int kStageElems = (kRows + kCols) * kLd;  // a and b rows of one stage
+  static constexpr size_t kSmemBytes = sizeof(uint16_t) * kStages * kStageElems;
+  static_assert((kLd * 2) % 16 == 0, "shared rows must keep 16-byte alignment for cp.async");
+  static_assert(kThreads == 256, "the warp grid (2 x 4) assumes 8 warps");
+
+  __device__ static int warp_row(int warp) { return (warp >> 2) * 16 * MT; }
+  __device__ static int warp_col(int warp) { return (warp & 3) * 32; }
+
+  // Copies chunk [k0, k0 + 32) of the block's a and b rows into one stage: 4 copies of 16 bytes
+  // per row, consecutive threads along k then rows.
+  template <class T>
+  __device__ static void load_stage(uint16_t* __restrict__ stage, const T* __restrict__ a,
+                                    const T* __restrict__ b, int64_t a_rows, int64_t b_rows, int64_t ld,
+                                    int64_t row0, int64_t col0, int64_t k0, int64_t k_end, int tid) {
+    static_assert((kRows * kK / 8) % kThreads == 0 && (kCols * kK / 8) % kThreads == 0, "copy loop");
+#pragma unroll
+    for (int r = 0; r < (kRows * kK / 8) / kThreads; ++r) {
+      const int c = tid + r * kThreads;
+      const int row = c >> 2, kc = (c & 3) * 8;
+      const int64_t k = k0 + kc, ar = row0 + row;
+      const bool ok = k < k_end && ar < a_rows;
+      cp_async16(stage + row * kLd + kc, ok ? a + ar * ld + k : a, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int r = 0; r < (kCols * kK / 8) / kThreads; ++r) {
+      const int c = tid + r * kThreads;
+      const int row = c >> 2, kc = (c & 3) * 8;
+      const int64_t k = k0 + kc, br = col0 + row;
+      const bool ok = k < k_end && br < b_rows;
+      cp_async16(stage + (kRows + row) * kLd + kc, ok ? b + br * ld + k : b, ok ? 16 : 0);
+    }
+  }
+
+  // acc += the tile (this warp's part). smem: kSmemBytes of dynamic shared memory. Contains
+  // barriers (call uniformly) and ends with one, so the next call may reuse smem at once.
+  template <class T>
+  __device__ static void product(float (&acc)[MT][4][4], const T* __restrict__ a, const T* __restrict__ b,
+                                 int64_t a_rows, int64_t b_rows, int64_t ld, int64_t row0, int64_t col0,
+                                 int64_t k_begin, int64_t k_end, uint16_t* __restrict__ smem, int tid) {
+    const int num_k = static_cast<int>((k_end - k_begin + kK - 1) / kK);
+    const int lane = tid & 31, warp = tid >> 5;
+    // ldmatrix row of this lane: matrix lane / 8, row lane % 8 of it.
+    //   A (16x16 per m tile): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+    //   (rows 8-15, k 8-15) -> a[0..3].  B (two n8 tiles x k16): (n 0-7, k 0-7), (n 0-7, k 8-15),
+    //   (n 8-15, k 0-7), (n 8-15, k 8-15) -> b[0..1] of tile 2p, b[0..1] of tile 2p + 1.
+    const int lm = lane >> 3, lr = lane & 7;
+    const int a_row = warp_row(warp) + (lm & 1) * 8 + lr, a_k = (lm >> 1) * 8;
+    const int b_row = kRows + warp_col(warp) + (lm >> 1) * 8 + lr, b_k = (lm & 1) * 8;
+
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < num_k)
+        load_stage(smem + s * kStageElems, a, b, a_rows, b_rows, ld, row0, col0, k_begin + s * kK, k_end, tid);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < num_k; ++kt) {
+      cp_async_wait<kStages - 2>();  // this thread's copies of chunk kt have landed
+      __syncthreads();               // everyone's have; and chunk kt-1's stage is free again
+      const int pre = kt + kStages - 1;
+      if (pre < num_k)
+        load_stage(smem + (pre % kStages) * kStageElems, a, b, a_rows, b_rows, ld, row0, col0,
+                   k_begin + static_cast<int64_t>(pre) * kK, k_end, tid);
+      cp_async_commit();
+
+      const uint16_t* st = smem + (kt % kStages) * kStageElems;
+#pragma unroll
+      for (int ks = 0; ks < kK; ks += 16) {
+        uint32_t af[MT][4], bx4[2][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[mt], st + (a_row + mt * 16) * kLd + ks + a_k);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) ldmatrix_x4(bx4[np], st + (b_row + np * 16) * kLd + ks + b_k);
+        mma_warp_tile<T>(acc, af, bx4);
+      }
+    }
+    cp_async_wait<0>();  // only empty groups are left; nothing in flight
+    __syncthreads();     // every warp is done reading the stages
+  }
+};
 
 // Whether the current device runs the tensor-core kernels (defined in gram.cu): compute capability
 // 8.0 or newer with code compiled for sm_80 or newer loaded, and LINFT_CUDA_GRAM_MMA not set to 0.

@@ -188,8 +188,9 @@ void poison(Buf& x, const std::vector<unsigned char>& m, int d) {
 }
 
 // ghost_gram (psg = false) or psg_gram with `kernel`. sym: second operand omitted (x2 == nullptr).
-// psg_gram only: path (Path::mma: phase 1 on tensor cores, the only launch with dynamic shared
-// memory; Path::ffma: on CUDA cores), chunk_elems > 0 bounds the F scratch
+// path: Path::mma wants the tensor-core kernel (ghost_gram_mma_kernel, or psg_gram's phase 1 on
+// tensor cores: the only launches with dynamic shared memory), Path::ffma the CUDA-core one.
+// psg_gram only: chunk_elems > 0 bounds the F scratch
 // (LINFT_CUDA_PSG_SCRATCH_BYTES) to that many elements per F row and expects >= min_chunks chunks
 // (each launches phase 1 and the Gram: >= 2 launches), device 1 is the compute capability 7.5 one.
 void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, int dout, bool sym,
@@ -296,14 +297,15 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
   emu::device = 0;
   unsetenv("LINFT_CUDA_PSG_SCRATCH_BYTES");
   if (secs < 0) return;
-  if (psg && (path != Path::any || chunk_elems)) {
+  if (path != Path::any || chunk_elems) {
     const auto& log = emu::launch_log;
     const bool mma = std::any_of(log.begin(), log.end(), [](const auto& l) { return l.smem > 0; });
+    const int want = psg ? 2 * min_chunks : 1;
     const bool ok = (path == Path::any || mma == (path == Path::mma)) &&
-                    log.size() >= (size_t)(2 * min_chunks) && emu::live_allocs == 0;
+                    log.size() >= (size_t)want && emu::live_allocs == 0;
     char d[200];
     snprintf(d, sizeof d, "%zu launches (>= %d wanted), tensor cores %s, %ld allocations left",
-             log.size(), 2 * min_chunks, mma ? "yes" : "no", emu::live_allocs);
+             log.size(), want, mma ? "yes" : "no", emu::live_allocs);
     report(ok, std::string(name) + " path", d, 0);
   }
   compare(name, out, ref, sc, secs);
@@ -392,6 +394,23 @@ void run_ghost() {
     test_ghost_psg(false, 0, 2, 3, 70, 33, 40, 5, false, false, 1, od);  // 3 t tiles, 3 splits
     test_ghost_psg(false, 0, 1, 1, 33, 33, 70, 65, true, false, 2, od);  // d of 3 chunks
   }
+  // Tensor cores (bf16 / fp16 in, fp32 out, d_in and d_out multiples of 8): 64 x 128 tiles of the
+  // token product (N T x M S), each entry binned into its sample pair.
+  for (int dt = 2; dt < 4; ++dt) {
+    test_ghost_psg(false, 0, 3, 2, 70, 33, 16, 24, false, true, dt, 0, Path::mma);   // pairs across tiles, k zero-fill
+    test_ghost_psg(false, 0, 4, 4, 37, 37, 8, 40, true, true, dt, 0, Path::mma);    // tiles below the diagonal skipped
+    test_ghost_psg(false, 0, 2, 2, 130, 130, 72, 8, true, false, dt, 0, Path::mma); // 5x3 tiles, 3 k chunks
+    test_ghost_psg(false, 0, 1, 3, 5, 200, 104, 96, false, true, dt, 0, Path::mma); // 4-chunk pipeline, 5 col tiles
+    test_ghost_psg(false, 0, 20, 17, 3, 5, 16, 8, false, true, dt, 0, Path::mma);   // 20 x 17 pairs in one tile
+    test_ghost_psg(false, 0, 30, 30, 7, 7, 24, 16, true, true, dt, 0, Path::mma);   // sym, pairs straddling tiles
+  }
+  test_ghost_psg(false, 0, 70, 70, 1, 1, 8, 8, true, false, 3, 0, Path::mma);       // T = 1: 64 x 70 bins
+  test_ghost_psg(false, 0, 16, 16, 130, 20, 8, 16, false, true, 3, 0, Path::mma);   // 33 x 3 tiles
+  // ... and every case it must leave to the CUDA cores.
+  test_ghost_psg(false, 0, 3, 2, 20, 9, 12, 16, false, true, 3, 0, Path::ffma);     // d_in % 8 != 0
+  test_ghost_psg(false, 0, 3, 2, 20, 9, 16, 16, false, true, 3, 1, Path::ffma);     // fp64 out
+  test_ghost_psg(false, 0, 3, 2, 20, 9, 16, 16, false, true, 0, 0, Path::ffma);     // fp32 in
+  test_ghost_psg(false, 0, 3, 3, 20, 20, 16, 8, true, true, 2, 0, Path::ffma, 0, 1, 1);  // sm_75
   std::vector<float> buf(64);
   const float* f = buf.data();
   expect_invalid("ghost_gram bad dtype", [&] { linft::cuda::ghost_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 4, 0, 0); });

@@ -1,5 +1,5 @@
 """Compile proof without a GPU: every CUDA source builds for sm_90 and sm_90a with nvcc, the tensor-core
-kernels (gram, psg_gram's phase 1) compile without register spills, and every Triton kernel compiles
+kernels (gram, ghost_gram, psg_gram's phase 1) compile without register spills, and every Triton kernel compiles
 to an sm_90 cubin. Skipped (with the reason) only where the toolchain is absent."""
 import glob
 import os
@@ -95,6 +95,17 @@ def test_psg_gram_kernels_do_not_spill(arch, tmp_path):
     assert len(ffma) == 8, text
     for name, (regs, stack, spill_st, spill_ld) in ffma.items():
         assert (stack, spill_st, spill_ld) == (0, 0, 0), f"{name}: stack/spills {stack}/{spill_st}/{spill_ld}\n{text}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_ghost_gram_mma_kernel_does_not_spill(arch, tmp_path):
+    """ghost_gram_mma_kernel (bf16 and fp16): two 32-float accumulator tiles per thread (the
+    activation and the gradient product) within 128 registers, no spills; the 8 CUDA-core instances
+    spill nothing either."""
+    report, text = ptxas_compile("ghost_gram.cu", arch, tmp_path)
+    assert_mma_kernels_fit(report, "ghost_gram_mma_kernel", text)
+    assert len([k for k in report if "ghost_gram_kernel" in k]) == 8, text
 
 
 def test_triton_kernels_compile_for_sm90():

@@ -83,3 +83,32 @@ def test_ghost_route_is_checked():
     x, g = randn(2, 3, 4, dtype=torch.float32), randn(2, 3, 5, dtype=torch.float32)
     with pytest.raises(ValueError, match="route must be"):
         lk.ghost_gram(x, g, route="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_native_cuda_ghost_gram_tensor_core_shapes(dtype, symmetric):
+    """Shapes that take the native CUDA tensor-core kernel (16-bit inputs, fp32 out, d_in and d_out
+    multiples of 8; csrc/README.md): 64 x 128 tiles of the token product holding parts of a pair,
+    one pair or many (T = 4), edge tiles, K chunks past the pipeline depth, NaN in masked tokens
+    (their entries must never be read). The same cases run on the CPU in tests/cuda_emu."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible)")
+    for N, M, T, S, d_in, d_out in [(3, 2, 70, 33, 16, 24), (2, 3, 150, 260, 136, 8),
+                                    (40, 30, 130, 20, 8, 16), (1, 1, 5, 5, 2048, 512),
+                                    (64, 50, 4, 3, 64, 32)]:
+        x1, g1, m1, x2, g2, m2 = make((N, M, T, S, d_in, d_out), dtype, "cuda", symmetric, True)
+        start = randn(N, N if symmetric else M, device="cuda")
+        if symmetric:
+            start = start + start.T
+        cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
+        for x, g, m in ((x1, g1, m1), (x2, g2, m2)):
+            if x is not None:  # NaN where the mask is 0: a kernel that multiplies them in fails
+                x.masked_fill_(m.unsqueeze(-1) == 0, float("nan"))
+                g.masked_fill_(m.unsqueeze(-1) == 0, float("nan"))
+        out = start.clone()
+        lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, out=out, backend="cuda", route="ghost")
+        oracle = start.double().cpu() + psg_oracle(*cpu)
+        assert_close_to_oracle(out, oracle, torch.float32,
+                               what=f"ghost mma {dtype} {N, M, T, S, d_in, d_out} sym={symmetric}")
