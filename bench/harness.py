@@ -284,9 +284,10 @@ def build_op_case(case: dict, device: torch.device):
             for be in _backends(device, heavy):
                 cands.append((be, lambda be=be: lk.psg_gram(x1, g1, x2, g2, kernel=kernel, backend=be)))
             if lowp:  # F rounded to the factors' dtype, as the bf16 baseline's (its Gram on AMX / tensor cores)
-                tiled = "triton" if device.type == "cuda" else "cpu"
-                cands.append((f"{tiled} [{native} tiles]", lambda: lk.psg_gram(
-                    x1, g1, x2, g2, kernel=kernel, backend=tiled, tile_dtype=dt)))
+                for tiled in (("triton", "cuda") if device.type == "cuda" else ("cpu",)):
+                    if tiled in _backends(device, heavy):
+                        cands.append((f"{tiled} [{native} tiles]", lambda tiled=tiled: lk.psg_gram(
+                            x1, g1, x2, g2, kernel=kernel, backend=tiled, tile_dtype=dt)))
             if lowp and device.type == "cuda":
                 # The same work through cuBLAS: F in chunks of up to 2^26 entries by batched GEMMs
                 # (fp32 sums, rounded once), each chunk's Gram by torch.mm with fp32 accumulation

@@ -106,14 +106,11 @@ def ghost_gram(lib, x1, g1, m1, x2, g2, m2, out):
 
 
 def psg_gram(lib, x1, g1, m1, x2, g2, m2, out, kernel: str, tile_dtype: torch.dtype | None = None):
-    """tile_dtype: the CPU library builds per-sample-gradient tiles in it (fp32 with an fp64 out: the
-    mixed mode); the CUDA library always builds them in the output dtype (at least as precise)."""
+    """tile_dtype (None: out's dtype): the dtype per-sample-gradient tiles are built in. Both libraries
+    take fp32 with an fp64 out (the mixed mode); the CUDA library also the inputs' 16-bit dtype."""
     N, T, d_in = x1.shape
     d_out = g1.shape[2]
     M, S = (N, T) if x2 is None else x2.shape[:2]
-    extra = ()
-    if tile_dtype is not None and x1.device.type == "cpu":
-        extra = (DTYPE_CODES[tile_dtype],)
     _call(lib, "psg_gram", x1, _ptr(x1), _ptr(g1), _ptr(m1), _ptr(x2), _ptr(g2), _ptr(m2),
           _ptr(out), N, M, T, S, d_in, d_out, DTYPE_CODES[x1.dtype], DTYPE_CODES[out.dtype],
-          KERNEL_CODES[kernel], *extra)
+          KERNEL_CODES[kernel], -1 if tile_dtype is None else DTYPE_CODES[tile_dtype])

@@ -334,8 +334,7 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = No
     an fp32 model's own weight gradients with fp64 accumulation over parameters, and about twice as
     fast on CPU. The factors' own 16-bit dtype (bf16/fp16 factors only) sums each F entry in fp32 and
     rounds it once to that dtype, as a 16-bit model's own weight gradients are, then accumulates the
-    Gram in out's dtype: the Gram's products run on bf16/fp16 matrix units (tensor cores, AMX). The
-    native CUDA library always builds F in out's dtype (finer than asked).
+    Gram in out's dtype: the Gram's products run on bf16/fp16 matrix units (tensor cores, AMX).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

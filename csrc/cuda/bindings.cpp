@@ -81,17 +81,18 @@ PYBIND11_MODULE(_C_cuda, m) {
       [](std::uintptr_t x1, std::uintptr_t g1, std::uintptr_t m1, std::uintptr_t x2,
          std::uintptr_t g2, std::uintptr_t m2, std::uintptr_t out, int64_t N, int64_t M, int64_t T,
          int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype, int kernel,
-         std::uintptr_t stream) {
+         int tile_dtype, std::uintptr_t stream) {
         linft::cuda::psg_gram(vp(x1), vp(g1), mp(m1), vp(x2), vp(g2), mp(m2),
                               reinterpret_cast<void*>(out), N, M, T, S, d_in, d_out, dtype,
-                              out_dtype, kernel, stream);
+                              out_dtype, kernel, tile_dtype, stream);
       },
       "out[i, j] += <phi(F_i), psi(F_j)>, F_i = sum_t m1[i,t] g1[i,t]^T x1[i,t]; kernel 0 sgd, "
-      "1 signgd, 2 asymmetric-signgd",
+      "1 signgd, 2 asymmetric-signgd; F stored in tile_dtype (default: out_dtype; 0 with an fp64 "
+      "out; or the inputs' 16-bit dtype)",
       py::arg("x1"), py::arg("g1"), py::arg("m1"), py::arg("x2"), py::arg("g2"), py::arg("m2"),
       py::arg("out"), py::arg("N"), py::arg("M"), py::arg("T"), py::arg("S"), py::arg("d_in"),
       py::arg("d_out"), py::arg("dtype"), py::arg("out_dtype"), py::arg("kernel"),
-      py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
+      py::arg("tile_dtype") = -1, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
 
   m.def("device_count", &device_count,
         "Number of visible CUDA devices; 0 when no GPU or driver is present (never raises)");

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "linft/common.h"
 
@@ -37,6 +38,16 @@ template <class Acc>
 __device__ __forceinline__ Acc to_acc(__half v) { return static_cast<Acc>(__half2float(v)); }
 template <class Acc>
 __device__ __forceinline__ Acc to_acc(__nv_bfloat16 v) { return static_cast<Acc>(__bfloat162float(v)); }
+
+// An accumulator value stored as F (round to nearest even for the 16-bit types).
+template <class F>
+__device__ __forceinline__ F from_acc(float v) {
+  if constexpr (std::is_same_v<F, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else if constexpr (std::is_same_v<F, __half>) return __float2half_rn(v);
+  else return static_cast<F>(v);
+}
+template <class F>
+__device__ __forceinline__ F from_acc(double v) { return static_cast<F>(v); }
 
 // p[idx] converted to the accumulator type. The caller guarantees idx is in bounds.
 template <class Acc, class T>

@@ -79,11 +79,11 @@ constexpr int kF1K = 16;     // tokens per staged chunk
 
 // Block (blockIdx.x = tile of the chunk, blockIdx.y + sample_offset = sample n): writes F_n's tile
 // into f (if not null) and sign(F_n) into fs (if not null), rows of co * cd.
-template <class T, class Acc>
+template <class T, class Acc, class F>
 __global__ void __launch_bounds__(kThreads)
 psg_f_kernel(const T* __restrict__ x, const T* __restrict__ g, const std::uint8_t* __restrict__ m,
-             int64_t nt, int64_t d_in, int64_t d_out, PsgChunk ch, Acc* __restrict__ f,
-             Acc* __restrict__ fs, int64_t sample_offset) {
+             int64_t nt, int64_t d_in, int64_t d_out, PsgChunk ch, F* __restrict__ f,
+             F* __restrict__ fs, int64_t sample_offset) {
   const int64_t n = static_cast<int64_t>(blockIdx.y) + sample_offset;
   const int64_t ol0 = (static_cast<int64_t>(blockIdx.x) / ch.tiles_d) * kF1Tile;  // in the chunk
   const int64_t dl0 = (static_cast<int64_t>(blockIdx.x) % ch.tiles_d) * kF1Tile;
@@ -119,8 +119,8 @@ psg_f_kernel(const T* __restrict__ x, const T* __restrict__ g, const std::uint8_
       const int64_t dl = dl0 + tx + 16 * s;
       if (ol < ch.co && dl < ch.cd) {
         const int64_t e = n * P + ol * ch.cd + dl;
-        if (f != nullptr) f[e] = c[r][s];
-        if (fs != nullptr) fs[e] = sign_of(c[r][s]);
+        if (f != nullptr) f[e] = from_acc<F>(c[r][s]);
+        if (fs != nullptr) fs[e] = from_acc<F>(sign_of(c[r][s]));
       }
     }
   }
@@ -136,12 +136,12 @@ constexpr int kF1MmaWarpN = 32;
 static_assert((kF1MmaLd * 2) % 16 == 0, "shared rows must keep 16-byte alignment for ldmatrix");
 static_assert(kThreads == 256, "psg_f_mma_kernel's warp grid (2 x 4) assumes 8 warps");
 
-// Same blocks and outputs as psg_f_kernel (fp32), tiles of 128.
-template <class T>
+// Same blocks and outputs as psg_f_kernel (fp32 sums stored as F: fp32 or T), tiles of 128.
+template <class T, class F>
 __global__ void __launch_bounds__(kThreads)
 psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
                  const std::uint8_t* __restrict__ m, int64_t nt, int64_t d_in, int64_t d_out,
-                 PsgChunk ch, float* __restrict__ f, float* __restrict__ fs, int64_t sample_offset) {
+                 PsgChunk ch, F* __restrict__ f, F* __restrict__ fs, int64_t sample_offset) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // host pass and emulation: the body parses
   const int64_t n = static_cast<int64_t>(blockIdx.y) + sample_offset;
   const int64_t ol0 = (static_cast<int64_t>(blockIdx.x) / ch.tiles_d) * kF1MmaTile;
@@ -201,8 +201,8 @@ psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
         if (ol >= ch.co || dl >= ch.cd) continue;
         const int64_t e = n * P + ol * ch.cd + dl;
         const float v = acc[mt][nt8][q];
-        if (f != nullptr) f[e] = v;
-        if (fs != nullptr) fs[e] = sign_of(v);
+        if (f != nullptr) f[e] = from_acc<F>(v);
+        if (fs != nullptr) fs[e] = from_acc<F>(sign_of(v));
       }
     }
 #else
@@ -252,10 +252,11 @@ struct Scratch {
   }
 };
 
-// Phase 1 of one side: F rows of the chunk for samples [0, n_samples) into f / fs (either may be 0).
-template <class Tin, class Acc>
+// Phase 1 of one side: F rows of the chunk for samples [0, n_samples) into f / fs (either may be 0),
+// each entry summed in Acc and stored as F.
+template <class Tin, class Acc, class F>
 void build_f(const Tin* x, const Tin* g, const std::uint8_t* m, int64_t n_samples, int64_t nt,
-             int64_t d_in, int64_t d_out, PsgChunk ch, Acc* f, Acc* fs, bool use_mma,
+             int64_t d_in, int64_t d_out, PsgChunk ch, F* f, F* fs, bool use_mma,
              cudaStream_t s, const char* op) {
   for (int64_t off = 0; off < n_samples; off += kMaxGridYZ) {
     const int64_t ny = (n_samples - off < kMaxGridYZ) ? n_samples - off : kMaxGridYZ;
@@ -265,7 +266,7 @@ void build_f(const Tin* x, const Tin* g, const std::uint8_t* m, int64_t n_sample
         ch.tiles_d = ceil_div(ch.cd, kF1MmaTile);
         dim3 grid(static_cast<unsigned>(ceil_div(ch.co, kF1MmaTile) * ch.tiles_d),
                   static_cast<unsigned>(ny));
-        LINFT_LAUNCH(grid, kThreads, kF1MmaSmemBytes, s, psg_f_mma_kernel<Tin>)
+        LINFT_LAUNCH(grid, kThreads, kF1MmaSmemBytes, s, psg_f_mma_kernel<Tin, F>)
         (x, g, m, nt, d_in, d_out, ch, f, fs, off);
         check_launch(op);
         continue;
@@ -273,9 +274,57 @@ void build_f(const Tin* x, const Tin* g, const std::uint8_t* m, int64_t n_sample
     }
     ch.tiles_d = ceil_div(ch.cd, kF1Tile);
     dim3 grid(static_cast<unsigned>(ceil_div(ch.co, kF1Tile) * ch.tiles_d), static_cast<unsigned>(ny));
-    LINFT_LAUNCH(grid, kThreads, 0, s, psg_f_kernel<Tin, Acc>)(x, g, m, nt, d_in, d_out, ch, f, fs, off);
+    LINFT_LAUNCH(grid, kThreads, 0, s, psg_f_kernel<Tin, Acc, F>)(x, g, m, nt, d_in, d_out, ch, f, fs, off);
     check_launch(op);
   }
+}
+
+// The dtype code of F.
+template <class F>
+constexpr int dtype_code() {
+  if constexpr (std::is_same_v<F, float>) return kFloat32;
+  else if constexpr (std::is_same_v<F, double>) return kFloat64;
+  else if constexpr (std::is_same_v<F, __half>) return kFloat16;
+  else return kBFloat16;
+}
+
+// Both phases over every chunk of the (d_out, d_in) plane with F entries summed in Acc and stored as
+// F (the scratch's element type and the dtype of phase 2's Gram).
+template <class Tin, class Acc, class F>
+void run_chunks(const Tin* x1, const Tin* g1, const std::uint8_t* m1, const Tin* x2, const Tin* g2,
+                const std::uint8_t* m2, void* out, int64_t N, int64_t M, int64_t T, int64_t S,
+                int64_t d_in, int64_t d_out, int out_dtype, int kernel, bool mma, cudaStream_t s,
+                const char* op) {
+  const bool self = (x2 == nullptr);
+  const bool symmetric = self && kernel != kAsymmetricSignGD;  // <F_i, sign F_j> is not symmetric
+  const bool sign1 = (kernel == kSignGD);
+  const bool sign2 = (kernel != kSGD);
+  const int64_t rows = symmetric ? N : N + M;
+  int64_t co = 0, cd = 0;
+  chunk_shape(d_out, d_in, rows, sizeof(F), scratch_bound(), co, cd);
+  Scratch scratch{nullptr, s};
+  check_cuda(cudaMallocAsync(&scratch.p, sizeof(F) * static_cast<size_t>(rows * co * cd), s), op,
+             "cudaMallocAsync (F scratch)");
+  for (int64_t o0 = 0; o0 < d_out; o0 += co)
+    for (int64_t d0 = 0; d0 < d_in; d0 += cd) {
+      const PsgChunk ch{o0, d0, (d_out - o0 < co) ? d_out - o0 : co, (d_in - d0 < cd) ? d_in - d0 : cd, 0};
+      const int64_t P = ch.co * ch.cd;
+      F* F1 = static_cast<F*>(scratch.p);
+      F* F2 = symmetric ? nullptr : F1 + N * P;
+      if (self) {  // one pass over the input; asymmetric-signgd keeps F and sign F
+        build_f<Tin, Acc, F>(x1, g1, m1, N, T, d_in, d_out, ch, sign1 ? nullptr : F1,
+                             sign1 ? F1 : (symmetric ? nullptr : F2), mma, s, op);
+      } else {
+        build_f<Tin, Acc, F>(x1, g1, m1, N, T, d_in, d_out, ch, sign1 ? nullptr : F1,
+                             sign1 ? F1 : nullptr, mma, s, op);
+        build_f<Tin, Acc, F>(x2, g2, m2, M, S, d_in, d_out, ch, sign2 ? nullptr : F2,
+                             sign2 ? F2 : nullptr, mma, s, op);
+      }
+      linft::cuda::gram(F1, F2, out, N, M, P, dtype_code<F>(), out_dtype, reinterpret_cast<std::uintptr_t>(s));
+    }
+  void* p = scratch.p;
+  scratch.p = nullptr;
+  check_cuda(cudaFreeAsync(p, s), op, "cudaFreeAsync (F scratch)");
 }
 
 }  // namespace
@@ -286,7 +335,7 @@ namespace cuda {
 void psg_gram(const void* x1, const void* g1, const std::uint8_t* m1, const void* x2,
               const void* g2, const std::uint8_t* m2, void* out, int64_t N, int64_t M, int64_t T,
               int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype, int kernel,
-              std::uintptr_t stream) {
+              int tile_dtype, std::uintptr_t stream) {
   using namespace cuda_detail;
   const char* op = "psg_gram";
   require(N >= 0 && M >= 0 && T >= 0 && S >= 0 && d_in >= 0 && d_out >= 0, op, "negative size");
@@ -294,52 +343,41 @@ void psg_gram(const void* x1, const void* g1, const std::uint8_t* m1, const void
           "kernel must be 0 (sgd), 1 (signgd) or 2 (asymmetric-signgd), got " +
               std::to_string(kernel));
   dispatch_types(dtype, out_dtype, op, [](auto, auto) {});
+  if (tile_dtype < 0) tile_dtype = out_dtype;
+  const bool half_in = (dtype == kBFloat16 || dtype == kFloat16);
+  require(tile_dtype == out_dtype || (tile_dtype == kFloat32 && out_dtype == kFloat64) ||
+              (half_in && tile_dtype == dtype),
+          op, "tile_dtype code must be out_dtype, 0 (fp32) with an fp64 out, or the inputs' 16-bit "
+              "dtype, got " + std::to_string(tile_dtype));
   // T == 0 or S == 0 makes F zero, hence every kernel zero (sign(0) = 0).
   if (N == 0 || M == 0 || T == 0 || S == 0 || d_in == 0 || d_out == 0) return;
   require(x1 != nullptr && g1 != nullptr && out != nullptr, op, "null pointer");
-  const bool self = (x2 == nullptr);
-  if (self) {
+  if (x2 == nullptr) {
     require(M == N && S == T, op, "x2 == 0 (second operand = first) needs M == N and S == T");
   } else {
     require(g2 != nullptr, op, "g2 is null while x2 is not");
   }
-  const bool symmetric = self && kernel != kAsymmetricSignGD;  // <F_i, sign F_j> is not symmetric
-  const bool sign1 = (kernel == kSignGD);
-  const bool sign2 = (kernel != kSGD);
-  const int64_t rows = symmetric ? N : N + M;
 
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const bool mma = (dtype == kBFloat16 || dtype == kFloat16) && out_dtype == kFloat32 && mma_device(op);
+  // Phase 1 on tensor cores: 16-bit inputs whose F entries are summed in fp32 (an fp32 out, or
+  // coarser tiles than an fp64 out).
+  const bool mma = half_in && (out_dtype == kFloat32 || tile_dtype != out_dtype) && mma_device(op);
   dispatch_types(dtype, out_dtype, op, [&](auto ttag, auto atag) {
     using Tin = typename decltype(ttag)::type;
     using Acc = typename decltype(atag)::type;
-    int64_t co = 0, cd = 0;
-    chunk_shape(d_out, d_in, rows, sizeof(Acc), scratch_bound(), co, cd);
-    Scratch scratch{nullptr, s};
-    check_cuda(cudaMallocAsync(&scratch.p, sizeof(Acc) * static_cast<size_t>(rows * co * cd), s), op,
-               "cudaMallocAsync (F scratch)");
-    const Tin* px1 = static_cast<const Tin*>(x1);
-    const Tin* pg1 = static_cast<const Tin*>(g1);
-    for (int64_t o0 = 0; o0 < d_out; o0 += co)
-      for (int64_t d0 = 0; d0 < d_in; d0 += cd) {
-        const PsgChunk ch{o0, d0, (d_out - o0 < co) ? d_out - o0 : co, (d_in - d0 < cd) ? d_in - d0 : cd, 0};
-        const int64_t P = ch.co * ch.cd;
-        Acc* F1 = static_cast<Acc*>(scratch.p);
-        Acc* F2 = symmetric ? nullptr : F1 + N * P;
-        if (self) {  // one pass over the input; asymmetric-signgd keeps F and sign F
-          build_f<Tin, Acc>(px1, pg1, m1, N, T, d_in, d_out, ch, sign1 ? nullptr : F1,
-                            sign1 ? F1 : (symmetric ? nullptr : F2), mma, s, op);
-        } else {
-          build_f<Tin, Acc>(px1, pg1, m1, N, T, d_in, d_out, ch, sign1 ? nullptr : F1,
-                            sign1 ? F1 : nullptr, mma, s, op);
-          build_f<Tin, Acc>(static_cast<const Tin*>(x2), static_cast<const Tin*>(g2), m2, M, S, d_in,
-                            d_out, ch, sign2 ? nullptr : F2, sign2 ? F2 : nullptr, mma, s, op);
-        }
-        gram(F1, F2, out, N, M, P, out_dtype, out_dtype, stream);  // F in out's dtype: code == out_dtype
-      }
-    void* p = scratch.p;
-    scratch.p = nullptr;
-    check_cuda(cudaFreeAsync(p, s), op, "cudaFreeAsync (F scratch)");
+    const Tin *px1 = static_cast<const Tin*>(x1), *pg1 = static_cast<const Tin*>(g1);
+    const Tin *px2 = static_cast<const Tin*>(x2), *pg2 = static_cast<const Tin*>(g2);
+    if (tile_dtype == out_dtype) {  // F in out's precision
+      run_chunks<Tin, Acc, Acc>(px1, pg1, m1, px2, pg2, m2, out, N, M, T, S, d_in, d_out, out_dtype,
+                                kernel, mma, s, op);
+    } else if (tile_dtype == kFloat32) {  // fp32 F, its Gram in fp64
+      run_chunks<Tin, float, float>(px1, pg1, m1, px2, pg2, m2, out, N, M, T, S, d_in, d_out,
+                                    out_dtype, kernel, mma, s, op);
+    } else if constexpr (std::is_same_v<Tin, __nv_bfloat16> || std::is_same_v<Tin, __half>) {
+      // F rounded once to the inputs' dtype: phase 2 is a 16-bit Gram (tensor cores into fp32)
+      run_chunks<Tin, float, Tin>(px1, pg1, m1, px2, pg2, m2, out, N, M, T, S, d_in, d_out,
+                                  out_dtype, kernel, mma, s, op);
+    }
   });
 }
 

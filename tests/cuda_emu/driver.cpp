@@ -107,7 +107,9 @@ const char* dname(int dt) {
 // Which gram kernel a case must run (see csrc/cuda/gram.cu): the tensor-core kernel is the only one
 // launched with dynamic shared memory, and its split-K form allocates a workspace and launches the
 // reduce kernel after it.
-enum class Path { any, ffma, mma, mma_split };
+// psg_gram with 16-bit tiles: Path::mma_both wants phase 1 and phase 2 (the gram) on tensor cores,
+// seen as two distinct dynamic shared memory sizes among the launches.
+enum class Path { any, ffma, mma, mma_split, mma_both };
 
 // out (+)= a b^T with a of N x P (or a stored from element `offset` on, to misalign its base) and
 // b of M x P (b omitted: symmetric). sym_init: out starts symmetric and must end exactly symmetric.
@@ -195,10 +197,16 @@ void poison(Buf& x, const std::vector<unsigned char>& m, int d) {
 // (each launches phase 1 and the Gram: >= 2 launches), device 1 is the compute capability 7.5 one.
 void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, int dout, bool sym,
                     bool masks, int dt, int od, Path path = Path::any, long chunk_elems = 0,
-                    int min_chunks = 1, int device = 0) {
+                    int min_chunks = 1, int device = 0, int tile = -1) {
   if (sym) { M = N; S = T; }
   Buf x1(dt, (size_t)N * T * din), g1(dt, (size_t)N * T * dout);
   Buf x2(dt, sym ? 0 : (size_t)M * S * din), g2(dt, sym ? 0 : (size_t)M * S * dout);
+  const bool coarse = tile >= 0 && tile != od;  // F stored coarser than out (psg_gram's tile_dtype)
+  if (coarse)  // multiples of 1/64 in [-1, 1] (exact in bf16): every F entry (< 2^24 units of 2^-12)
+               // is exact in fp32 whatever the order of its sum, so the kernel's F rounds exactly like
+               // the reference's, which rounds the exact F; most entries have more bits than bf16 keeps
+    for (Buf* b : {&x1, &g1, &x2, &g2})
+      for (size_t i = 0; i < b->val.size(); ++i) b->set(i, std::round(rnd() * 64) / 64);
   std::vector<unsigned char> m1, m2;
   if (masks) {
     m1 = make_mask(N, T, N >= 2 ? N / 2 : -1);
@@ -256,6 +264,14 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
     };
     auto [F1, F1a] = F(x1, g1, N, T, keep1);
     auto [F2, F2a] = F(X2, G2, M, S, keep2);
+    if (coarse)  // F as stored between the phases (then the Gram of those values)
+      for (auto* f : {&F1, &F1a, &F2, &F2a})
+        for (double& v : *f) {
+          const double a = v;
+          if (tile == linft::kFloat32) v = (float)a;
+          else if (tile == linft::kFloat16) v = __half2float(__double2half(a));
+          else v = __bfloat162float(__double2bfloat16(a));
+        }
     auto sg = [](double v) { return (double)((v > 0) - (v < 0)); };
     const size_t P = (size_t)dout * din;
     for (int i = 0; i < N; ++i)
@@ -275,21 +291,23 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
   const unsigned char* pm1 = masks ? m1.data() : nullptr;
   const unsigned char* pm2 = (masks && !sym) ? m2.data() : nullptr;
   char name[300];
-  snprintf(name, sizeof name, "%s%s N=%d M=%d T=%d S=%d din=%d dout=%d %s%s in=%s out=%s%s%s%s",
+  snprintf(name, sizeof name, "%s%s N=%d M=%d T=%d S=%d din=%d dout=%d %s%s in=%s out=%s%s%s%s%s",
            psg ? "psg_gram kernel=" : "ghost_gram", psg ? std::to_string(kernel).c_str() : "", N, M,
            T, S, din, dout, sym ? "sym" : "cross", masks ? " masked" : "", dname(dt), od ? "f64" : "f32",
+           coarse ? (std::string(" tiles=") + dname(tile)).c_str() : "",
            chunk_elems ? (" chunk<=" + std::to_string(chunk_elems)).c_str() : "", device ? " sm75" : "",
-           path == Path::ffma ? " [ffma]" : path == Path::mma ? " [mma]" : "");
+           path == Path::ffma ? " [ffma]" : path == Path::mma ? " [mma]" : path == Path::mma_both ? " [mma x2]" : "");
   if (chunk_elems) {
     const long rows = (sym && kernel != linft::kAsymmetricSignGD) ? N : N + M;
-    setenv("LINFT_CUDA_PSG_SCRATCH_BYTES", std::to_string(rows * (od ? 8 : 4) * chunk_elems).c_str(), 1);
+    const long esize = Buf::esize(tile >= 0 ? tile : od);
+    setenv("LINFT_CUDA_PSG_SCRATCH_BYTES", std::to_string(rows * esize * chunk_elems).c_str(), 1);
   }
   emu::launch_log.clear();
   emu::device = device;
   double secs = timed(name, [&] {
     if (psg)
       linft::cuda::psg_gram(x1.ptr(), g1.ptr(), pm1, sym ? nullptr : x2.ptr(), sym ? nullptr : g2.ptr(),
-                            pm2, out.ptr(), N, M, T, S, din, dout, dt, od, kernel, 0);
+                            pm2, out.ptr(), N, M, T, S, din, dout, dt, od, kernel, tile, 0);
     else
       linft::cuda::ghost_gram(x1.ptr(), g1.ptr(), pm1, sym ? nullptr : x2.ptr(), sym ? nullptr : g2.ptr(),
                               pm2, out.ptr(), N, M, T, S, din, dout, dt, od, 0);
@@ -299,13 +317,16 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
   if (secs < 0) return;
   if (path != Path::any || chunk_elems) {
     const auto& log = emu::launch_log;
-    const bool mma = std::any_of(log.begin(), log.end(), [](const auto& l) { return l.smem > 0; });
+    std::vector<size_t> sizes;  // distinct dynamic shared memory sizes: one per tensor-core kernel
+    for (const auto& l : log)
+      if (l.smem > 0 && std::find(sizes.begin(), sizes.end(), l.smem) == sizes.end()) sizes.push_back(l.smem);
+    const size_t want_kinds = path == Path::mma_both ? 2 : path == Path::mma ? 1 : 0;
     const int want = psg ? 2 * min_chunks : 1;
-    const bool ok = (path == Path::any || mma == (path == Path::mma)) &&
+    const bool ok = (path == Path::any || sizes.size() == want_kinds) &&
                     log.size() >= (size_t)want && emu::live_allocs == 0;
     char d[200];
-    snprintf(d, sizeof d, "%zu launches (>= %d wanted), tensor cores %s, %ld allocations left",
-             log.size(), want, mma ? "yes" : "no", emu::live_allocs);
+    snprintf(d, sizeof d, "%zu launches (>= %d wanted), %zu tensor-core kernels, %ld allocations left",
+             log.size(), want, sizes.size(), emu::live_allocs);
     report(ok, std::string(name) + " path", d, 0);
   }
   compare(name, out, ref, sc, secs);
@@ -456,13 +477,32 @@ void run_psg() {
     test_ghost_psg(true, k, 3, 5, 19, 21, 33, 7, false, true, 0, 1, Path::ffma, 56, 5);  // 7 x 8: 5 chunks
     test_ghost_psg(true, k, 2, 3, 5, 6, 3, 130, false, true, 0, 1, Path::ffma, 384, 2);  // o chunks 128 + 2
     test_ghost_psg(true, k, 6, 6, 13, 13, 10, 12, true, true, 3, 0, Path::ffma, 0, 1, 1);  // sm_75
+    // F stored coarser than out (tile_dtype): 16-bit F (summed in fp32, rounded once) whose Gram runs
+    // on tensor cores too when out is fp32 and P % 8 == 0; fp32 F with an fp64 out (mixed mode).
+    for (int dt = 2; dt < 4; ++dt) {
+      test_ghost_psg(true, k, 5, 5, 9, 9, 16, 24, true, true, dt, 0, Path::mma_both, 0, 1, 0, dt);
+      test_ghost_psg(true, k, 4, 3, 21, 18, 32, 8, false, true, dt, 0, Path::mma_both, 64, 4, 0, dt);  // 4 chunks of 8 x 8
+      test_ghost_psg(true, k, 4, 3, 7, 6, 8, 9, false, true, dt, 1, Path::mma, 0, 1, 0, dt);   // fp64 out: FFMA Gram
+      test_ghost_psg(true, k, 3, 3, 7, 7, 16, 24, true, true, dt, 1, Path::mma, 0, 1, 0, linft::kFloat32);
+    }
+    test_ghost_psg(true, k, 4, 3, 11, 6, 7, 9, false, true, 3, 0, Path::mma, 0, 1, 0, 3);   // P % 8 != 0
+    test_ghost_psg(true, k, 4, 4, 9, 9, 16, 8, true, true, 2, 0, Path::ffma, 0, 1, 1, 2);   // sm_75
+    test_ghost_psg(true, k, 3, 2, 5, 6, 12, 7, false, true, 0, 1, Path::ffma, 0, 1, 0, 0);  // fp32 in, fp32 F
+  }
+  {
+    std::vector<uint16_t> h(64);
+    const uint16_t* p = h.data();
+    std::vector<float> o(4);
+    expect_invalid("psg_gram 16-bit tiles of fp32 inputs", [&] { linft::cuda::psg_gram(o.data(), o.data(), nullptr, nullptr, nullptr, nullptr, o.data(), 2, 2, 1, 1, 1, 1, 0, 0, 0, 3, 0); });
+    expect_invalid("psg_gram fp16 tiles of bf16 inputs", [&] { linft::cuda::psg_gram(p, p, nullptr, nullptr, nullptr, nullptr, o.data(), 2, 2, 1, 1, 1, 1, 3, 0, 0, 2, 0); });
+    expect_invalid("psg_gram fp64 tiles into fp32", [&] { linft::cuda::psg_gram(p, p, nullptr, nullptr, nullptr, nullptr, o.data(), 2, 2, 1, 1, 1, 1, 3, 0, 0, 1, 0); });
   }
   std::vector<float> buf(64);
   const float* f = buf.data();
-  expect_invalid("psg_gram bad kernel", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 0, 0, 5, 0); });
-  expect_invalid("psg_gram bad out dtype", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 0, 3, 0, 0); });
-  expect_invalid("psg_gram sym N != M", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 1, 1, 1, 1, 1, 0, 0, 0, 0); });
-  expect_noop("psg_gram d_in=0", [&](float* o) { linft::cuda::psg_gram(o, o, nullptr, o, o, nullptr, o, 2, 2, 1, 1, 0, 1, 0, 0, 1, 0); });
+  expect_invalid("psg_gram bad kernel", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 0, 0, 5, -1, 0); });
+  expect_invalid("psg_gram bad out dtype", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 2, 1, 1, 1, 1, 0, 3, 0, -1, 0); });
+  expect_invalid("psg_gram sym N != M", [&] { linft::cuda::psg_gram(f, f, nullptr, nullptr, nullptr, nullptr, buf.data(), 2, 1, 1, 1, 1, 1, 0, 0, 0, -1, 0); });
+  expect_noop("psg_gram d_in=0", [&](float* o) { linft::cuda::psg_gram(o, o, nullptr, o, o, nullptr, o, 2, 2, 1, 1, 0, 1, 0, 0, 1, -1, 0); });
 }
 
 }  // namespace

@@ -25,10 +25,12 @@ void ghost_gram(const void* x1, const void* g1, const std::uint8_t* m1, const vo
 
 // F_i = sum_t m1[i,t] g1[i,t,:]^T x1[i,t,:];  kernel 0: <F_i, F_j>, 1: <sign F_i, sign F_j>,
 // 2: <F_i, sign F_j> (never symmetric: x2 == nullptr then means x2, g2, m2 = x1, g1, m1).
+// tile_dtype: the dtype F is stored in between the two phases: out_dtype (or -1), 0 (fp32) with an
+// fp64 out, or the inputs' 16-bit dtype (entries summed in fp32, rounded once; the Gram on tensor cores).
 void psg_gram(const void* x1, const void* g1, const std::uint8_t* m1, const void* x2,
               const void* g2, const std::uint8_t* m2, void* out, int64_t N, int64_t M, int64_t T,
               int64_t S, int64_t d_in, int64_t d_out, int dtype, int out_dtype, int kernel,
-              std::uintptr_t stream);
+              int tile_dtype, std::uintptr_t stream);
 
 // Version of the nvcc that compiled the kernels, e.g. "13.0.88".
 const char* nvcc_version();
