@@ -109,6 +109,15 @@ inline void require(bool cond, const char* op, const std::string& msg) {
   if (!cond) throw std::invalid_argument(std::string("linft ") + op + ": " + msg);
 }
 
+// A stream-ordered allocation (cudaMallocAsync) freed at scope exit, also when a launch throws.
+struct Scratch {
+  void* p = nullptr;
+  cudaStream_t s;
+  ~Scratch() {
+    if (p != nullptr) (void)cudaFreeAsync(p, s);
+  }
+};
+
 template <class T>
 struct Tag {
   using type = T;

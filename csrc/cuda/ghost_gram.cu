@@ -14,7 +14,9 @@
 // sequences do not pad the tensor-core tiles. Masked tokens are multiplied (a tensor-core product
 // cannot skip rows) but their entries are never read: entry (t, s) depends only on rows t and s, so
 // NaN there cannot leak. Symmetric form: only tiles reaching t <= s run, each entry t < s stands for
-// its mirror too. The atomic adds make the summation order, and so the last bits, vary run to run.
+// its mirror too, and the bins go to an N x N workspace that ghost_mirror_kernel adds into out[i, j]
+// and out[j, i] from the one value (exactly symmetric; up to N = 8192, beyond that directly into out).
+// The atomic adds make the summation order, and so the last bits, vary run to run.
 //
 // ghost_gram_kernel (every other case): CUDA cores, one block per sample pair (i, j) (and per slice
 // of its t tiles when there are few pairs). For each 32x32 (t, s) tile the block forms the
@@ -147,15 +149,17 @@ static_assert(sizeof(float) * GhostMma::kRows * GhostMma::kCols <= GhostMma::kSm
 // token product over rows X1 (N*nt x d_in) and X2 (M*ns x d_in), and of G1 G2^T alike. Entry (t, s)
 // belongs to the sample pair (t / nt, s / ns); the tile's pairs get one bin each in shared memory.
 // Symmetric form: only entries with t <= s count (tiles wholly below the diagonal return at once);
-// an entry t < s stands for (s, t) too and t == s is counted half, so a bin (i, j) is added into
-// out[i, j] and out[j, i] (twice into out[i, i]).
+// an entry t < s stands for (s, t) too and t == s is counted half, so a bin (i, j), i <= j, is added
+// into ws[i, j] (twice when i == j; ghost_mirror_kernel then adds ws into out[i, j] and out[j, i]),
+// or without ws into out[i, j] and out[j, i] directly.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
 ghost_gram_mma_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
                       const std::uint8_t* __restrict__ m1, const T* __restrict__ x2,
                       const T* __restrict__ g2, const std::uint8_t* __restrict__ m2,
-                      float* __restrict__ out, int64_t N, int64_t M, int64_t nt, int64_t ns,
-                      int64_t d_in, int64_t d_out, int64_t tile_row_offset, int symmetric) {
+                      float* __restrict__ out, float* __restrict__ ws, int64_t N, int64_t M,
+                      int64_t nt, int64_t ns, int64_t d_in, int64_t d_out, int64_t tile_row_offset,
+                      int symmetric) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // host pass and emulation: the body parses
   const int64_t r0 = (static_cast<int64_t>(blockIdx.y) + tile_row_offset) * GhostMma::kRows;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * GhostMma::kCols;
@@ -228,9 +232,11 @@ ghost_gram_mma_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
   for (int b = tid; b < nbins; b += kThreads) {
     const float v = bins[b];
     if (v == 0.f) continue;  // pairs the tile does not reach (and exact zeros: nothing to add)
-    const int64_t i = pr0 + b / nb_c, j = pc0 + b % nb_c;
+    const int64_t i = pr0 + b / nb_c, j = pc0 + b % nb_c;  // i <= j in the symmetric form
     if (!symmetric) {
       atomicAdd(out + i * M + j, v);
+    } else if (ws != nullptr) {  // the upper triangle, added into out mirrored afterwards
+      atomicAdd(ws + i * M + j, i == j ? 2.f * v : v);
     } else if (i == j) {
       atomicAdd(out + i * M + i, 2.f * v);
     } else {
@@ -243,8 +249,25 @@ ghost_gram_mma_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
 #endif
 }
 
+// out[i, j] += ws[i, j] and out[j, i] += ws[i, j] for i < j, out[i, i] += ws[i, i] (N x N): every
+// element of out has one writer, so a symmetric out stays exactly symmetric.
+__global__ void __launch_bounds__(kThreads)
+ghost_mirror_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t N) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < N * N; e += stride) {
+    const int64_t i = e / N, j = e % N;
+    if (i > j) continue;
+    out[e] += ws[e];
+    if (i != j) out[j * N + i] += ws[e];
+  }
+}
+
+// Symmetric outputs of at most this many bytes take the workspace (N <= 8192); larger ones are
+// added into directly (out[i, j] and out[j, i] may then differ in the last bits).
+constexpr size_t kMirrorBytes = size_t(256) << 20;
+
 // Launches ghost_gram_mma_kernel over the tiles of the token product (row tiles chunked by the
-// grid's y limit).
+// grid's y limit), and for the symmetric form the mirror of its workspace.
 template <class Tin>
 void ghost_mma_launch(const void* x1, const void* g1, const std::uint8_t* m1, const void* x2,
                       const void* g2, const std::uint8_t* m2, void* out, int64_t N, int64_t M,
@@ -253,14 +276,29 @@ void ghost_mma_launch(const void* x1, const void* g1, const std::uint8_t* m1, co
   static_assert(GhostMma::kSmemBytes <= 48 * 1024, "within the default dynamic shared memory limit");
   const int64_t tiles_r = ceil_div(N * T, GhostMma::kRows), tiles_c = ceil_div(M * S, GhostMma::kCols);
   require(tiles_c <= kMaxGridX, op, "M * S too large");
+  const size_t ws_bytes = sizeof(float) * static_cast<size_t>(N * N);
+  Scratch scratch{nullptr, s};
+  if (symmetric && ws_bytes <= kMirrorBytes) {
+    check_cuda(cudaMallocAsync(&scratch.p, ws_bytes, s), op, "cudaMallocAsync (symmetric workspace)");
+    check_cuda(cudaMemsetAsync(scratch.p, 0, ws_bytes, s), op, "cudaMemsetAsync (symmetric workspace)");
+  }
+  float* ws = static_cast<float*>(scratch.p);
   for (int64_t row_off = 0; row_off < tiles_r; row_off += kMaxGridYZ) {
     const int64_t rows = (tiles_r - row_off < kMaxGridYZ) ? tiles_r - row_off : kMaxGridYZ;
     dim3 grid(static_cast<unsigned>(tiles_c), static_cast<unsigned>(rows));
     LINFT_LAUNCH(grid, kThreads, GhostMma::kSmemBytes, s, ghost_gram_mma_kernel<Tin>)
     (static_cast<const Tin*>(x1), static_cast<const Tin*>(g1), m1, static_cast<const Tin*>(x2),
-     static_cast<const Tin*>(g2), m2, static_cast<float*>(out), N, M, T, S, d_in, d_out, row_off,
+     static_cast<const Tin*>(g2), m2, static_cast<float*>(out), ws, N, M, T, S, d_in, d_out, row_off,
      symmetric ? 1 : 0);
     check_launch(op);
+  }
+  if (ws != nullptr) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(N * N, kThreads), 4096);
+    LINFT_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, s, ghost_mirror_kernel)
+    (ws, static_cast<float*>(out), N);
+    check_launch(op);
+    scratch.p = nullptr;
+    check_cuda(cudaFreeAsync(ws, s), op, "cudaFreeAsync (symmetric workspace)");
   }
 }
 

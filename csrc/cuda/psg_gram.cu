@@ -243,15 +243,6 @@ void chunk_shape(int64_t d_out, int64_t d_in, int64_t rows, size_t esize, size_t
   }
 }
 
-// Frees the scratch at scope exit (also when a launch throws).
-struct Scratch {
-  void* p = nullptr;
-  cudaStream_t s;
-  ~Scratch() {
-    if (p != nullptr) (void)cudaFreeAsync(p, s);
-  }
-};
-
 // Phase 1 of one side: F rows of the chunk for samples [0, n_samples) into f / fs (either may be 0),
 // each entry summed in Acc and stored as F.
 template <class Tin, class Acc, class F>

@@ -321,7 +321,8 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
     for (const auto& l : log)
       if (l.smem > 0 && std::find(sizes.begin(), sizes.end(), l.smem) == sizes.end()) sizes.push_back(l.smem);
     const size_t want_kinds = path == Path::mma_both ? 2 : path == Path::mma ? 1 : 0;
-    const int want = psg ? 2 * min_chunks : 1;
+    // psg: phase 1 and the Gram per chunk; ghost on tensor cores, symmetric: the mirror of its workspace
+    const int want = psg ? 2 * min_chunks : (sym && path == Path::mma ? 2 : 1);
     const bool ok = (path == Path::any || sizes.size() == want_kinds) &&
                     log.size() >= (size_t)want && emu::live_allocs == 0;
     char d[200];

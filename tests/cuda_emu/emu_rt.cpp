@@ -39,3 +39,8 @@ extern "C" cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
   --emu::live_allocs;
   return cudaSuccess;
 }
+
+extern "C" cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
+  std::memset(p, value, count);
+  return cudaSuccess;
+}

@@ -92,7 +92,8 @@ def test_native_cuda_ghost_gram_tensor_core_shapes(dtype, symmetric):
     """Shapes that take the native CUDA tensor-core kernel (16-bit inputs, fp32 out, d_in and d_out
     multiples of 8; csrc/README.md): 64 x 128 tiles of the token product holding parts of a pair,
     one pair or many (T = 4), edge tiles, K chunks past the pipeline depth, NaN in masked tokens
-    (their entries must never be read). The same cases run on the CPU in tests/cuda_emu."""
+    (their entries must never be read), a symmetric out exactly symmetric. The same cases run on the
+    CPU in tests/cuda_emu (whose blocks run one after another, so only the GPU shows the symmetry)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible)")
     for N, M, T, S, d_in, d_out in [(3, 2, 70, 33, 16, 24), (2, 3, 150, 260, 136, 8),
@@ -112,3 +113,5 @@ def test_native_cuda_ghost_gram_tensor_core_shapes(dtype, symmetric):
         oracle = start.double().cpu() + psg_oracle(*cpu)
         assert_close_to_oracle(out, oracle, torch.float32,
                                what=f"ghost mma {dtype} {N, M, T, S, d_in, d_out} sym={symmetric}")
+        if symmetric:  # the bins of the upper triangle are mirrored once: a symmetric start stays so
+            assert torch.equal(out, out.T)
