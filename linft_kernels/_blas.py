@@ -184,6 +184,15 @@ def cuda_gram_fp32(a: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor) -> 
     k += c
 
 
+def gram_fp64_copies(a: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor) -> None:
+    """k (fp64) += a @ b^T (b None: a @ a^T, right on and above the diagonal at least: for
+    gram_upper=True) by torch's fp64 GEMM (cuBLAS DGEMM on a GPU) on fp64 copies of 16-bit chunks of
+    F: products exact, sums in fp64. The fp64 `gram` of psg_gram's cuBLAS route, whose Triton gram
+    into fp64 runs on CUDA cores."""
+    a64 = a.double()
+    k.addmm_(a64, (a64 if b is None else b.double()).t())
+
+
 def _outputs_first(g: torch.Tensor) -> torch.Tensor:
     """g (N, T, d) or (N, C, T, d) as (C, N, T, d) (a view)."""
     return g.unsqueeze(0) if g.dim() == 3 else g.transpose(0, 1)

@@ -159,9 +159,14 @@ def _psg_gemm_then_triton_gram(out, x1, g1, m1, x2, g2, m2, kernel):
     (bench/profile_psg_gpu.py): cuBLAS builds F in 0.30 ms where the Triton features kernel took about
     twice that; the Triton gram of all of F took 0.28 ms, cuBLAS's 0.27 ms; this route with cuBLAS's
     Gram took 0.56 ms against 0.91 ms for the Triton two-stage kernel (this exact route: not yet
-    timed)."""
-    _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, gram=lambda a, b, k: _run_gram(k, a, b, "triton"),
-                   buffer=_blas.PSG_BUFFER_GPU, gram_upper=True)
+    timed). An fp64 out takes each chunk's Gram from cuBLAS's fp64 GEMM on fp64 copies instead
+    (`_blas.gram_fp64_copies`; the Triton gram into fp64 runs on CUDA cores), in chunks a quarter the
+    size so that the copies stay within the 16-bit buffer's bytes twice over."""
+    if out.dtype == torch.float64:
+        gram, buffer = _blas.gram_fp64_copies, _blas.PSG_BUFFER_GPU // 4
+    else:
+        gram, buffer = (lambda a, b, k: _run_gram(k, a, b, "triton")), _blas.PSG_BUFFER_GPU
+    _blas.psg_gram(x1, g1, m1, x2, g2, m2, out, kernel, gram=gram, buffer=buffer, gram_upper=True)
 
 
 def _run_psg(out, x1, g1, m1, x2, g2, m2, kernel, backend, tiles="out"):

@@ -113,12 +113,15 @@ def default_memory_budget(device: torch.device) -> int:
     """GPU: GPU_BUDGET_FRACTION of the device memory free now, counting what torch's caching allocator
     holds in wholly unused segments as free (the driver reports it taken, but this process's tensors
     reuse it, and the allocator releases it when it runs short: after a training step or a warm-up
-    that can be tens of GB; free pieces of partly used segments are not counted). CPU: half of
-    MemAvailable (the host's memory is shared with everything else on it)."""
+    that can be tens of GB; free pieces of partly used segments, and freed blocks still waiting for
+    another stream's work (active, not allocated), are not counted). CPU: half of MemAvailable (the
+    host's memory is shared with everything else on it)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        split = torch.cuda.memory_stats(device).get("inactive_split_bytes.all.current", 0)
-        cached = max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - split)
+        stats = torch.cuda.memory_stats(device)
+        split = stats.get("inactive_split_bytes.all.current", 0)
+        active = stats.get("active_bytes.all.current", torch.cuda.memory_allocated(device))
+        cached = max(0, torch.cuda.memory_reserved(device) - active - split)
         return int((free + cached) * GPU_BUDGET_FRACTION)
     try:
         with open("/proc/meminfo") as f:
@@ -379,7 +382,10 @@ def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: in
                 continue
             on_device = _data.to_device(piece, device)
             mask = _data.padding_mask(on_device, unpadded[s0:s0 + B])
-            finite = None if flags is None else (lambda flag, at=(s0, B): flags.append(flag, at))
+            # a tile's flag counts once the tile is captured: a failed attempt's would name its samples
+            # (and re-run the tile that ran out of memory) though their retry was finite
+            given = [] if flags is not None else None
+            finite = None if given is None else given.append
             if not _capture_or_shrink(model, on_device, output, blocks, mask, C, store, s0, finite, shrink):
                 # half the tile from here on; this piece in halves (it may be a short last tile)
                 sample_tile = max(1, sample_tile // 2)
@@ -388,6 +394,8 @@ def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: in
                              "smaller tiles")
                 todo[:0] = _data.split(piece, s0, min(sample_tile, (B + 1) // 2))
                 continue
+            for flag in given or ():
+                flags.append(flag, (s0, B))
             if bar is not None:
                 bar.update(B)
         if flags is not None and flags.first_bad(wait=False) is not None:
@@ -398,6 +406,15 @@ def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: in
     return sample_tile
 
 
+# Allocation failures outside torch's caching allocator (a cuBLAS handle or workspace made in the
+# autograd thread, a launch's own memory) come as plain RuntimeErrors carrying these.
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or any(m in str(e) for m in _OOM_MESSAGES)
+
+
 def _capture_or_shrink(model, tile, output, blocks, mask, C, store, start, finite, shrink: bool) -> bool:
     """capture_tile, or False instead of the device's out-of-memory error when `shrink` (the tile was
     chosen automatically) and the tile has more than one sample: the caller then captures its samples
@@ -406,8 +423,8 @@ def _capture_or_shrink(model, tile, output, blocks, mask, C, store, start, finit
     try:
         capture_tile(model, tile, output, blocks, mask, C, store, start, finite=finite)
         return True
-    except torch.cuda.OutOfMemoryError:
-        if not shrink or _data.n_samples([tile]) < 2:
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+        if not (shrink and _out_of_memory(e)) or _data.n_samples([tile]) < 2:
             raise
     # here the error and its frames, which held the failed tile's autograd graph, are gone
     gc.collect()

@@ -461,20 +461,21 @@ def _route_case(dtype, device, symmetric):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
 def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, out_dtype, monkeypatch):
     """The Triton backend's psg_gram with 16-bit tiles on a GPU builds F by torch's batched GEMM and
-    takes each chunk's Gram from the Triton gram (ops._psg_gemm_then_triton_gram). Forced here for CPU
-    tensors (the interpreter), through lk.psg_gram: every kernel, F whole and in chunks, per-output g,
-    masked tokens holding NaN, fp32 and fp64 outs added into, against the rounded-F oracle; the
-    symmetric form exactly symmetric."""
+    takes each chunk's Gram from the Triton gram into an fp32 out, from torch's fp64 GEMM into an fp64
+    one (ops._psg_gemm_then_triton_gram). Forced here for CPU tensors (the interpreter), through
+    lk.psg_gram: every kernel, F whole and in chunks, per-output g, masked tokens holding NaN, fp32
+    and fp64 outs added into, against the rounded-F oracle; the symmetric form exactly symmetric."""
     from linft_kernels import _blas, ops
     assert ops._psg_by_gemm(torch.device("cuda"), dtype)
     assert not ops._psg_by_gemm(torch.device("cuda"), None) and not ops._psg_by_gemm(torch.device("cpu"), dtype)
     monkeypatch.setattr(ops, "_psg_by_gemm", lambda device, tile: tile in (torch.bfloat16, torch.float16))
     if chunked:  # chunks along d_out and d_in (14 rows in the symmetric form: 20 x 16 entries each)
-        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 14 * 20 * 16)
+        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 14 * 20 * 16 * (4 if out_dtype == torch.float64 else 1))
     routes, grams = [], []
-    real_route, real_gram = ops._psg_gemm_then_triton_gram, ops._run_gram
+    real_route, real_gram, real_fp64 = ops._psg_gemm_then_triton_gram, ops._run_gram, _blas.gram_fp64_copies
     monkeypatch.setattr(ops, "_psg_gemm_then_triton_gram", lambda *a: routes.append(1) or real_route(*a))
     monkeypatch.setattr(ops, "_run_gram", lambda o, a, b, be: grams.append(be) or real_gram(o, a, b, be))
+    monkeypatch.setattr(_blas, "gram_fp64_copies", lambda a, b, k: grams.append("fp64 gemm") or real_fp64(a, b, k))
     (x1, g1, m1, x2, g2, m2), f1, f2, atol = _route_case(dtype, "cpu", symmetric)
     r1, r2 = (f.to(dtype).double() for f in (f1, f2))
     one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()
@@ -487,7 +488,7 @@ def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, o
         got -= 0.5
         extra = one_ulp if kernel == "sgd" else atol[kernel]
         assert_close_to_oracle(got, oracle, torch.float32, extra_atol=extra, what=f"gemm route {kernel} {dtype}")
-        assert routes == [1] and grams and set(grams) == {"triton"}
+        assert routes == [1] and grams and set(grams) == {"fp64 gemm" if out_dtype == torch.float64 else "triton"}
         assert len(grams) > 1 if chunked else len(grams) == 1
         if symmetric and kernel != "asymmetric-signgd":
             assert torch.equal(got, got.T)
@@ -496,13 +497,14 @@ def test_triton_backend_16bit_tiles_build_f_by_gemm(dtype, symmetric, chunked, o
 @pytest.mark.gpu
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
-def test_triton_backend_16bit_tiles_take_the_gemm_route_on_gpu(symmetric, chunked, monkeypatch):
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_backend_16bit_tiles_take_the_gemm_route_on_gpu(symmetric, chunked, out_dtype, monkeypatch):
     """On a GPU, lk.psg_gram(backend="triton", tile_dtype=bf16) goes through the cuBLAS + Triton route
     (a spy sees it) and matches the rounded-F oracle for sgd and signgd, per-output g and NaN-holding
-    masked tokens too, F whole and in chunks."""
+    masked tokens too, F whole and in chunks, into fp32 and fp64 outs."""
     from linft_kernels import _blas, ops
     if chunked:
-        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 14 * 20 * 16)
+        monkeypatch.setattr(_blas, "PSG_BUFFER_GPU", 14 * 20 * 16 * (4 if out_dtype == torch.float64 else 1))
     routes = []
     real_route = ops._psg_gemm_then_triton_gram
     monkeypatch.setattr(ops, "_psg_gemm_then_triton_gram", lambda *a: routes.append(1) or real_route(*a))
@@ -512,7 +514,7 @@ def test_triton_backend_16bit_tiles_take_the_gemm_route_on_gpu(symmetric, chunke
     for kernel, oracle, extra in (("sgd", r1 @ r2.T, one_ulp), ("signgd", r1.sign() @ r2.sign().T, atol["signgd"])):
         routes.clear()
         got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend="triton",
-                          tile_dtype=torch.bfloat16)
+                          tile_dtype=torch.bfloat16, out=torch.zeros(oracle.shape, dtype=out_dtype, device="cuda"))
         assert routes == [1]
         assert_close_to_oracle(got, oracle, torch.float32, extra_atol=extra, what=f"gemm route on GPU {kernel}")
         if symmetric:

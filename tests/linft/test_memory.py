@@ -134,6 +134,10 @@ def test_default_budget_on_a_gpu_is_most_of_its_free_memory(monkeypatch):
     assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * (12 << 30))
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"inactive_split_bytes.all.current": 1 << 29})
     assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * ((12 << 30) - (1 << 29)))
+    # blocks freed but waiting for another stream's work are active, not allocated: not reusable yet
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {
+        "inactive_split_bytes.all.current": 1 << 29, "active_bytes.all.current": (1 << 30) + (1 << 28)})
+    assert engine.default_memory_budget(torch.device("cuda")) == int(0.8 * ((12 << 30) - (1 << 29) - (1 << 28)))
 
 
 def test_tile_for_room():
@@ -236,15 +240,53 @@ def test_out_of_memory_on_an_auto_tile_retries_in_halves(monkeypatch, defer):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(engine, "capture_tile", capture)
+    flagged = []
+    if defer:  # the finiteness flags kept are those of the captured tiles only, not the failed one's
+        real_append = engine._FiniteFlags.append
+        monkeypatch.setattr(engine._FiniteFlags, "append",
+                            lambda self, flag, at: flagged.append(at) or real_append(self, flag, at))
     got = linft.empirical_ntk(model, inputs, output=out)  # auto tile on CPU: 16
     # 16 fails; its samples go as 8 + 8, and so do the later tiles (on CPU those past the store's first
     # half are halved anyway: 8 + 8 of 16..31, 4 + 4 of 32..39)
     assert tried == [16, 8, 8, 8, 8, 4, 4]
+    if defer:
+        assert flagged == [(0, 8), (8, 8), (16, 8), (24, 8), (32, 4), (36, 4)]
     torch.testing.assert_close(got.matrix, want, rtol=1e-12, atol=1e-12)
     assert got.meta["sample_tile"] == 8
     assert any("ran out of memory on a tile of 16 samples (from sample 0)" in n for n in got.plan["notes"])
     with pytest.raises(torch.cuda.OutOfMemoryError):
         linft.empirical_ntk(model, inputs, output=out, sample_tile=16)
+
+
+@pytest.mark.parametrize("error", ["CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                                   "CUDA error: out of memory", "some other failure"])
+def test_allocation_failures_outside_the_caching_allocator_also_shrink_the_tile(monkeypatch, error):
+    """cuBLAS running short of memory (its handle made in the autograd thread) surfaces as a plain
+    RuntimeError: an automatic tile is halved for it as for torch's OutOfMemoryError; any other
+    RuntimeError propagates."""
+    from linft import engine
+    from tiny_models import build, with_lora
+    model = with_lora(build("llama"), "llama")
+    inputs = batch(40, 5, seed=4)
+    out = linft.outputs.label_word_logits([4, 11])
+    real = engine.capture_tile
+    tried = []
+
+    def capture(model_, tile, *a, **k):
+        tried.append(tile["input_ids"].shape[0])
+        if tried[-1] > 8:  # the auto tile here is 16
+            raise RuntimeError(error)
+        real(model_, tile, *a, **k)
+
+    monkeypatch.setattr(engine, "capture_tile", capture)
+    if error == "some other failure":
+        with pytest.raises(RuntimeError, match="some other failure"):
+            linft.empirical_ntk(model, inputs, output=out)
+        return
+    got = linft.empirical_ntk(model, inputs, output=out)
+    assert tried[:3] == [16, 8, 8] and got.meta["sample_tile"] == 8
+    want = linft.empirical_ntk(model, inputs, output=out, sample_tile=4).matrix
+    torch.testing.assert_close(got.matrix, want, rtol=1e-12, atol=1e-12)
 
 
 def test_out_of_memory_inside_a_backward_pass_or_on_a_short_tile(monkeypatch):
