@@ -395,6 +395,9 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
                     "baseline_gflops": fl["flops"] / b_med / 1e9,
                     "peak_gflops": pk, "peak_dtype": peak["dtype"] if peak else None,
                     "pct_of_peak": (100 * fl["flops"] / c_med / 1e9 / pk) if pk else None,
+                    # a ghost-route candidate's rate on the ghost algorithm's own FLOP count
+                    "ghost_pct_of_peak": (100 * fl["flops_ghost"] / c_med / 1e9 / pk)
+                    if pk and "[ghost route]" in cname else None,
                     "peak_mem_bytes": c["peak_mem"], "baseline_peak_mem_bytes": b["peak_mem"],
                     "max_rel_err": err,
                     "baseline_max_rel_err": rel_err(b["result"], ref) if ref is not None else None,
@@ -404,6 +407,8 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
                 })
                 rate = fl["flops"] / c_med / 1e9
                 pct = f" ({100 * rate / pk:.0f}% of peak)" if pk else ""
+                if pk and "[ghost route]" in cname:
+                    pct += f" (ghost FLOP: {100 * fl['flops_ghost'] / c_med / 1e9 / pk:.0f}%)"
                 p_c = piped.get(f"cand:{cname}")
                 pip = ""
                 if p_c:
