@@ -339,7 +339,9 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = No
     an fp32 model's own weight gradients with fp64 accumulation over parameters, and about twice as
     fast on CPU. The factors' own 16-bit dtype (bf16/fp16 factors only) sums each F entry in fp32 and
     rounds it once to that dtype, as a 16-bit model's own weight gradients are, then accumulates the
-    Gram in out's dtype: the Gram's products run on bf16/fp16 matrix units (tensor cores, AMX).
+    Gram in out's dtype: the Gram's products run on bf16/fp16 matrix units (tensor cores, AMX). fp16
+    tiles hold |F| <= 65504, as an fp16 model's weight gradients do: a larger entry becomes inf, and
+    the sgd Gram inf or NaN (bf16 has fp32's range); signs are exact in either.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

@@ -97,6 +97,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline void check_cuda(cudaError_t err, const char* op, const char* what) {
   if (err != cudaSuccess) {
+    // The runtime keeps a non-sticky error (a failed allocation) as its "last error" too; left there,
+    // the next launch check (this library's, or torch's in the same runtime) would report it.
+    (void)cudaGetLastError();
     throw std::runtime_error(std::string("linft ") + op + ": " + what + " failed: " +
                              cudaGetErrorString(err));
   }
@@ -113,10 +116,20 @@ inline void require(bool cond, const char* op, const std::string& msg) {
 struct Scratch {
   void* p = nullptr;
   cudaStream_t s;
+  Scratch(void* p_, cudaStream_t s_) : p(p_), s(s_) {}
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
   ~Scratch() {
     if (p != nullptr) (void)cudaFreeAsync(p, s);
   }
 };
+
+// sign(v) as stored in F: the sign of v rounded to F (an fp32 sum too small for fp16 has sign 0), as
+// when the sign is taken of an F that was stored first.
+template <class F, class Acc>
+__device__ __forceinline__ F sign_as(Acc v) {
+  return from_acc<F>(sign_of(to_acc<Acc>(from_acc<F>(v))));
+}
 
 template <class T>
 struct Tag {

@@ -279,8 +279,12 @@ void ghost_mma_launch(const void* x1, const void* g1, const std::uint8_t* m1, co
   const size_t ws_bytes = sizeof(float) * static_cast<size_t>(N * N);
   Scratch scratch{nullptr, s};
   if (symmetric && ws_bytes <= kMirrorBytes) {
-    check_cuda(cudaMallocAsync(&scratch.p, ws_bytes, s), op, "cudaMallocAsync (symmetric workspace)");
-    check_cuda(cudaMemsetAsync(scratch.p, 0, ws_bytes, s), op, "cudaMemsetAsync (symmetric workspace)");
+    if (cudaMallocAsync(&scratch.p, ws_bytes, s) == cudaSuccess) {
+      check_cuda(cudaMemsetAsync(scratch.p, 0, ws_bytes, s), op, "cudaMemsetAsync (symmetric workspace)");
+    } else {  // short of memory: the bins go straight into out (correct, maybe not bitwise symmetric)
+      scratch.p = nullptr;
+      (void)cudaGetLastError();
+    }
   }
   float* ws = static_cast<float*>(scratch.p);
   for (int64_t row_off = 0; row_off < tiles_r; row_off += kMaxGridYZ) {

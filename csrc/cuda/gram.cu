@@ -219,13 +219,11 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
   check_cuda(cudaFuncSetAttribute(gram_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(GramMma::kSmemBytes)),
              op, "cudaFuncSetAttribute");
-  float* ws = nullptr;
-  if (splits > 1) {
-    void* p = nullptr;
-    check_cuda(cudaMallocAsync(&p, sizeof(float) * static_cast<size_t>(splits * N * M), s), op,
+  Scratch scratch{nullptr, s};  // freed also when a launch throws
+  if (splits > 1)
+    check_cuda(cudaMallocAsync(&scratch.p, sizeof(float) * static_cast<size_t>(splits * N * M), s), op,
                "cudaMallocAsync (split-K workspace)");
-    ws = static_cast<float*>(p);
-  }
+  float* ws = static_cast<float*>(scratch.p);
   for (int64_t row_off = 0; row_off < tiles_n; row_off += kMaxGridYZ) {
     const int64_t rows = (tiles_n - row_off < kMaxGridYZ) ? tiles_n - row_off : kMaxGridYZ;
     dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(rows), static_cast<unsigned>(splits));
@@ -239,6 +237,7 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
     LINFT_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, s, gram_reduce_kernel)
     (ws, po, N, M, splits, symmetric ? 1 : 0);
     check_launch(op);
+    scratch.p = nullptr;
     check_cuda(cudaFreeAsync(ws, s), op, "cudaFreeAsync (split-K workspace)");
   }
 }

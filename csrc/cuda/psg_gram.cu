@@ -7,22 +7,24 @@
 //
 // Phase 1 builds the chunk [o0, o0 + co) x [d0, d0 + cd) of every sample's F, sign applied where the
 // kernel asks, into a stream-ordered scratch (cudaMallocAsync) as row-major matrices F1 (N x co*cd)
-// and, in the cross form, F2 (M x co*cd), in the output's precision. Per sample this is a GEMM
-// g^T x with K = tokens, both operands token-major in memory. Masked tokens are staged as 0 (never
-// multiplied: NaN there cannot leak), so a fully padded sample gives F = 0.
-//   psg_f_mma_kernel (bf16 / fp16 inputs, fp32 out, sm_80+): tensor cores. A block computes a
+// and, in the cross form, F2 (M x co*cd), stored in tile_dtype: out's dtype (entries summed in its
+// precision), fp32 with an fp64 out, or the inputs' 16-bit dtype (entries summed in fp32 and rounded
+// once; a sign is that of the stored value). Per sample this is a GEMM g^T x with K = tokens, both
+// operands token-major in memory. Masked tokens are staged as 0 (never multiplied: NaN there cannot
+// leak), so a fully padded sample gives F = 0.
+//   psg_f_mma_kernel (bf16 / fp16 inputs summed in fp32, sm_80+): tensor cores. A block computes a
 //     128 (o) x 128 (d) tile of one sample's chunk; 8 warps as 2 x 4, each a 64x32 sub-tile as
 //     4 x 4 mma.sync m16n8k16 with fp32 accumulators. Tokens advance in chunks of 32 staged in
 //     shared memory token-major ([t][o], [t][d], rows padded by 16 bytes) by plain 16-bit loads (any
 //     shape, alignment or mask), and fragments come out by ldmatrix.trans.
 //   psg_f_kernel (every other case): CUDA cores, 64x64 tiles, 4x4 micro-tiles per thread, tokens
 //     in chunks of 16, accumulation in the output's precision (fp64 FMA for an fp64 out).
-// Phase 2 adds the Gram of the chunk's rows into out with linft::cuda::gram on the fp32 / fp64
-// features: symmetric form (F1 F1^T, upper tiles mirrored) for sgd and signgd without a second
-// operand, cross form F1 F2^T otherwise. asymmetric-signgd without a second operand builds F once
+// Phase 2 adds the Gram of the chunk's rows into out with linft::cuda::gram on F as stored (16-bit F
+// into an fp32 out: its tensor-core kernel): symmetric form (F1 F1^T, upper tiles mirrored) for sgd
+// and signgd without a second operand, cross form F1 F2^T otherwise. asymmetric-signgd without a second operand builds F once
 // and stores it twice (F1 = F, F2 = sign F).
 //
-// Chunk size: the scratch holds (rows of F1 + F2) x co*cd elements within a bound (256 MiB, or
+// Chunk size: the scratch holds (rows of F1 + F2) x co*cd elements of F within a bound (256 MiB, or
 // LINFT_CUDA_PSG_SCRATCH_BYTES), preferring whole rows of d_in and o extents in multiples of 128;
 // it is never smaller than min(d_out, 128) x min(d_in, 8) elements per row (that floor exceeds the
 // bound only for very many samples).
@@ -120,7 +122,7 @@ psg_f_kernel(const T* __restrict__ x, const T* __restrict__ g, const std::uint8_
       if (ol < ch.co && dl < ch.cd) {
         const int64_t e = n * P + ol * ch.cd + dl;
         if (f != nullptr) f[e] = from_acc<F>(c[r][s]);
-        if (fs != nullptr) fs[e] = from_acc<F>(sign_of(c[r][s]));
+        if (fs != nullptr) fs[e] = sign_as<F>(c[r][s]);
       }
     }
   }
@@ -202,7 +204,7 @@ psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
         const int64_t e = n * P + ol * ch.cd + dl;
         const float v = acc[mt][nt8][q];
         if (f != nullptr) f[e] = from_acc<F>(v);
-        if (fs != nullptr) fs[e] = from_acc<F>(sign_of(v));
+        if (fs != nullptr) fs[e] = sign_as<F>(v);
       }
     }
 #else

@@ -407,12 +407,28 @@ def _capture_pass(model, batches, output, blocks, C: int, store, sample_tile: in
 
 
 # Allocation failures outside torch's caching allocator (a cuBLAS handle or workspace made in the
-# autograd thread, a launch's own memory) come as plain RuntimeErrors carrying these.
+# autograd thread, a native kernel's scratch) come as plain RuntimeErrors carrying these.
 _OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
 def _out_of_memory(e: RuntimeError) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or any(m in str(e) for m in _OOM_MESSAGES)
+    """Whether e is the device running out of memory. The messages count only while the device is
+    healthy: cuBLAS also reports ALLOC_FAILED on a context that an earlier error (an illegal memory
+    access, a device-side assert) broke, and that error must surface, not a retry."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return any(m in str(e) for m in _OOM_MESSAGES) and _device_healthy()
+
+
+def _device_healthy() -> bool:
+    """False when synchronizing the current CUDA device raises (a sticky error); True without CUDA."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _capture_or_shrink(model, tile, output, blocks, mask, C, store, start, finite, shrink: bool) -> bool:

@@ -66,12 +66,22 @@ struct Out {
   }
   void* ptr() { return od == 0 ? (void*)f.data() : (void*)d.data(); }
   double get(size_t i) const { return od == 0 ? f[i] : d[i]; }
+  // out (n x n) := its upper triangle mirrored
+  void symmetrize(int n) {
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < i; ++j) {
+        if (od == 0) f[(size_t)i * n + j] = f[(size_t)j * n + i];
+        else d[(size_t)i * n + j] = d[(size_t)j * n + i];
+        init[(size_t)i * n + j] = init[(size_t)j * n + i];
+      }
+  }
 };
 
 // out == init + ref elementwise, relative to scale (the sum of |terms|) + |init|.
+// fp32_sums: the result was summed in fp32 somewhere (fp32 F tiles into an fp64 out): fp32's tolerance.
 void compare(const std::string& what, const Out& out, const std::vector<double>& ref,
-             const std::vector<double>& scale, double secs) {
-  const double tol = out.od == 0 ? 2e-5 : 1e-12;
+             const std::vector<double>& scale, double secs, bool fp32_sums = false) {
+  const double tol = out.od == 0 || fp32_sums ? 2e-5 : 1e-12;
   double worst = 0;
   size_t wi = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -120,13 +130,7 @@ void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::
   auto av = [&](int i, int p) { return a.val[offset + (size_t)i * P + p]; };
   auto bv = [&](int j, int p) { return sym ? av(j, p) : b.val[(size_t)j * P + p]; };
   Out out(od, (size_t)N * M);
-  if (sym_init)
-    for (int i = 0; i < N; ++i)
-      for (int j = 0; j < i; ++j) {
-        if (od == 0) out.f[(size_t)i * M + j] = out.f[(size_t)j * M + i];
-        else out.d[(size_t)i * M + j] = out.d[(size_t)j * M + i];
-        out.init[(size_t)i * M + j] = out.init[(size_t)j * M + i];
-      }
+  if (sym_init) out.symmetrize(N);
   std::vector<double> ref((size_t)N * M), sc((size_t)N * M);
   for (int i = 0; i < N; ++i)
     for (int j = 0; j < M; ++j) {
@@ -202,9 +206,10 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
   Buf x1(dt, (size_t)N * T * din), g1(dt, (size_t)N * T * dout);
   Buf x2(dt, sym ? 0 : (size_t)M * S * din), g2(dt, sym ? 0 : (size_t)M * S * dout);
   const bool coarse = tile >= 0 && tile != od;  // F stored coarser than out (psg_gram's tile_dtype)
-  if (coarse)  // multiples of 1/64 in [-1, 1] (exact in bf16): every F entry (< 2^24 units of 2^-12)
-               // is exact in fp32 whatever the order of its sum, so the kernel's F rounds exactly like
-               // the reference's, which rounds the exact F; most entries have more bits than bf16 keeps
+  const bool tiles16 = coarse && tile != linft::kFloat32;
+  if (tiles16)  // multiples of 1/64 in [-1, 1] (exact in bf16): every F entry (< 2^24 units of 2^-12)
+                // is exact in fp32 whatever the order of its sum, so the kernel's F rounds exactly like
+                // the reference's, which rounds the exact F; most entries have more bits than bf16 keeps
     for (Buf* b : {&x1, &g1, &x2, &g2})
       for (size_t i = 0; i < b->val.size(); ++i) b->set(i, std::round(rnd() * 64) / 64);
   std::vector<unsigned char> m1, m2;
@@ -224,6 +229,9 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
   auto keep1 = [&](int i, int t) { return !masks || m1[(size_t)i * T + t] != 0; };
   auto keep2 = [&](int j, int s) { return !masks || M2[(size_t)j * S + s] != 0; };
   Out out(od, (size_t)N * M);
+  // a symmetric result starts from a symmetric out, which must stay exactly symmetric
+  const bool sym_out = sym && !(psg && kernel == linft::kAsymmetricSignGD);
+  if (sym_out) out.symmetrize(N);
   std::vector<double> ref((size_t)N * M), sc((size_t)N * M);
   if (!psg) {
     for (int i = 0; i < N; ++i)
@@ -303,6 +311,7 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
     setenv("LINFT_CUDA_PSG_SCRATCH_BYTES", std::to_string(rows * esize * chunk_elems).c_str(), 1);
   }
   emu::launch_log.clear();
+  emu::alloc_log.clear();
   emu::device = device;
   double secs = timed(name, [&] {
     if (psg)
@@ -330,7 +339,20 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
              log.size(), want, sizes.size(), emu::live_allocs);
     report(ok, std::string(name) + " path", d, 0);
   }
-  compare(name, out, ref, sc, secs);
+  if (psg && chunk_elems == 0) {  // the whole plane in one chunk: the scratch holds F as tile_dtype
+    const size_t rows = (sym && kernel != linft::kAsymmetricSignGD) ? N : N + M;
+    const size_t want = rows * din * dout * Buf::esize(tile >= 0 ? tile : od);
+    const size_t got = emu::alloc_log.empty() ? 0 : emu::alloc_log[0];
+    report(got == want, std::string(name) + " F scratch",
+           std::to_string(got) + " bytes (" + std::to_string(want) + " wanted)", 0);
+  }
+  compare(name, out, ref, sc, secs, coarse && tile == linft::kFloat32);
+  if (sym_out) {
+    size_t bad = 0;
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < i; ++j) bad += out.get((size_t)i * M + j) != out.get((size_t)j * M + i);
+    report(bad == 0, std::string(name) + " exactly symmetric", std::to_string(bad) + " asymmetric pairs", 0);
+  }
 }
 
 // f must throw std::invalid_argument.

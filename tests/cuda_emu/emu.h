@@ -72,6 +72,7 @@ constexpr size_t kMaxDynSmem = 227 * 1024;  // sm_90 opt-in limit
 inline int device = 0;
 constexpr int kDeviceCcMajor[2] = {9, 7};
 inline long live_allocs = 0;  // cudaMallocAsync minus cudaFreeAsync
+inline std::vector<size_t> alloc_log;  // bytes of every cudaMallocAsync, for the driver
 
 // ---------------------------------------------------------------- warps
 // Lane threadIdx.x % 32 of warp threadIdx.x / 32. A warp operation deposits this lane's operands in

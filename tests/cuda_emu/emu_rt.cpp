@@ -31,6 +31,7 @@ extern "C" cudaError_t cudaMallocAsync(void** p, size_t size, cudaStream_t) {
   if (*p == nullptr) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xFF, size);
   ++emu::live_allocs;
+  emu::alloc_log.push_back(size);
   return cudaSuccess;
 }
 

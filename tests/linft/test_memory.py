@@ -262,8 +262,8 @@ def test_out_of_memory_on_an_auto_tile_retries_in_halves(monkeypatch, defer):
                                    "CUDA error: out of memory", "some other failure"])
 def test_allocation_failures_outside_the_caching_allocator_also_shrink_the_tile(monkeypatch, error):
     """cuBLAS running short of memory (its handle made in the autograd thread) surfaces as a plain
-    RuntimeError: an automatic tile is halved for it as for torch's OutOfMemoryError; any other
-    RuntimeError propagates."""
+    RuntimeError: an automatic tile is halved for it as for torch's OutOfMemoryError, unless the
+    device is broken (then the error propagates as raised); any other RuntimeError propagates."""
     from linft import engine
     from tiny_models import build, with_lora
     model = with_lora(build("llama"), "llama")
@@ -283,6 +283,13 @@ def test_allocation_failures_outside_the_caching_allocator_also_shrink_the_tile(
         with pytest.raises(RuntimeError, match="some other failure"):
             linft.empirical_ntk(model, inputs, output=out)
         return
+    # a broken context (an earlier illegal access: cuBLAS then says ALLOC_FAILED too) is not retried
+    monkeypatch.setattr(engine, "_device_healthy", lambda: False)
+    with pytest.raises(RuntimeError) as raised:
+        linft.empirical_ntk(model, inputs, output=out)
+    assert str(raised.value) == error and tried[-1] == 16
+    monkeypatch.setattr(engine, "_device_healthy", lambda: True)
+    tried.clear()
     got = linft.empirical_ntk(model, inputs, output=out)
     assert tried[:3] == [16, 8, 8] and got.meta["sample_tile"] == 8
     want = linft.empirical_ntk(model, inputs, output=out, sample_tile=4).matrix
