@@ -132,14 +132,46 @@ psg_f_kernel(const T* __restrict__ x, const T* __restrict__ g, const std::uint8_
 constexpr int kF1MmaTile = 128;                 // o x d tile edge
 constexpr int kF1MmaK = 32;                     // tokens per staged chunk
 constexpr int kF1MmaLd = kF1MmaTile + 8;        // shared row: 128 elements + 16 bytes of padding
-constexpr size_t kF1MmaSmemBytes = sizeof(uint16_t) * 2 * kF1MmaK * kF1MmaLd;  // 17408
+constexpr int kF1MmaStageElems = 2 * kF1MmaK * kF1MmaLd;  // g and x tokens of one stage
+constexpr size_t kF1MmaSmemBytes = sizeof(uint16_t) * kF1MmaStageElems;  // 17408
+constexpr int kF1MmaStages = 3;                 // cp.async pipeline depth (the Async form)
+constexpr size_t kF1MmaAsyncSmemBytes = kF1MmaStages * kF1MmaSmemBytes;  // 52224: opt-in above 48 KiB
 constexpr int kF1MmaWarpM = 64;                 // warp sub-tile: 64 o x 32 d
 constexpr int kF1MmaWarpN = 32;
 static_assert((kF1MmaLd * 2) % 16 == 0, "shared rows must keep 16-byte alignment for ldmatrix");
 static_assert(kThreads == 256, "psg_f_mma_kernel's warp grid (2 x 4) assumes 8 warps");
 
+// Copies tokens [t0, t0 + 32) of sample n into one stage ([token][o] then [token][d], kF1MmaLd per
+// row) by 16-byte cp.async copies: 16 per token row and operand, 4 per thread. Tokens past nt or
+// masked, and 8-column groups past the chunk, are zero-filled (never read from memory). Needs
+// 16-byte aligned rows: d_in, d_out, the chunk's origin and extents multiples of 8.
+template <class T>
+__device__ __forceinline__ void psg_load_stage(uint16_t* __restrict__ stage, const T* __restrict__ x,
+                                               const T* __restrict__ g, const std::uint8_t* __restrict__ m,
+                                               int64_t n, int64_t nt, int64_t t0, int64_t d_in,
+                                               int64_t d_out, const PsgChunk& ch, int64_t ol0,
+                                               int64_t dl0, int tid) {
+  constexpr int kGroups = kF1MmaTile / 8;  // 16-byte groups per token row
+  static_assert((kF1MmaK * kGroups) % kThreads == 0, "copy loop");
+#pragma unroll
+  for (int r = 0; r < (kF1MmaK * kGroups) / kThreads; ++r) {
+    const int c = tid + r * kThreads;
+    const int kk = c / kGroups, col = (c % kGroups) * 8;
+    const int64_t t = t0 + kk;
+    const int64_t row = n * nt + t;  // only used when ok
+    const bool ok = t < nt && (m == nullptr || m[row] != 0);
+    const bool g_ok = ok && ol0 + col < ch.co, x_ok = ok && dl0 + col < ch.cd;
+    cp_async16(stage + kk * kF1MmaLd + col, g_ok ? g + row * d_out + ch.o0 + ol0 + col : g, g_ok ? 16 : 0);
+    cp_async16(stage + (kF1MmaK + kk) * kF1MmaLd + col, x_ok ? x + row * d_in + ch.d0 + dl0 + col : x,
+               x_ok ? 16 : 0);
+  }
+}
+
 // Same blocks and outputs as psg_f_kernel (fp32 sums stored as F: fp32 or T), tiles of 128.
-template <class T, class F>
+// Async = false: each chunk of 32 tokens staged by plain 16-bit loads (any shape, alignment or
+// mask), one buffer. Async = true: 16-byte cp.async copies, kF1MmaStages deep (the copy of chunk
+// k+2 overlaps the mma of chunk k), under psg_load_stage's alignment conditions.
+template <class T, class F, bool Async>
 __global__ void __launch_bounds__(kThreads)
 psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
                  const std::uint8_t* __restrict__ m, int64_t nt, int64_t d_in, int64_t d_out,
@@ -150,8 +182,7 @@ psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
   const int64_t dl0 = (static_cast<int64_t>(blockIdx.x) % ch.tiles_d) * kF1MmaTile;
 
   LINFT_DYNAMIC_SMEM(smem_raw);
-  uint16_t* Gs = reinterpret_cast<uint16_t*>(smem_raw);  // [token][o], kF1MmaLd per row
-  uint16_t* Xs = Gs + kF1MmaK * kF1MmaLd;                  // [token][d]
+  uint16_t* smem = reinterpret_cast<uint16_t*>(smem_raw);  // stages of [token][o], then [token][d]
   const uint16_t* g16 = reinterpret_cast<const uint16_t*>(g);
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
 
@@ -172,11 +203,8 @@ psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
   const int a_k = (lm >> 1) * 8 + lr, a_col = wm + (lm & 1) * 8;
   const int b_k = (lm & 1) * 8 + lr, b_col = wn + (lm >> 1) * 8;
 
-  for (int64_t t0 = 0; t0 < nt; t0 += kF1MmaK) {
-    // 32 tokens x 128 columns per operand as raw 16-bit values, 16 elements per thread.
-    stage_tokens<kF1MmaK, kF1MmaTile, kF1MmaLd>(x16, g16, m, n, nt, t0, d_in, d_out, ch, ol0, dl0, Gs,
-                                                Xs, tid);
-    __syncthreads();
+  // acc += the products of one staged chunk of 32 tokens.
+  auto mma_chunk = [&](const uint16_t* Gs, const uint16_t* Xs) {
 #pragma unroll
     for (int ks = 0; ks < kF1MmaK; ks += 16) {
       uint32_t af[4][4], bx4[2][4];
@@ -186,7 +214,40 @@ psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
       for (int np = 0; np < 2; ++np) ldmatrix_x4_trans(bx4[np], Xs + (ks + b_k) * kF1MmaLd + b_col + np * 16);
       mma_warp_tile<T>(acc, af, bx4);
     }
-    __syncthreads();
+  };
+
+  if constexpr (Async) {
+    const int num_k = static_cast<int>((nt + kF1MmaK - 1) / kF1MmaK);
+#pragma unroll
+    for (int st = 0; st < kF1MmaStages - 1; ++st) {
+      if (st < num_k)
+        psg_load_stage(smem + st * kF1MmaStageElems, x, g, m, n, nt, int64_t(st) * kF1MmaK, d_in, d_out,
+                       ch, ol0, dl0, tid);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < num_k; ++kt) {
+      cp_async_wait<kF1MmaStages - 2>();  // this thread's copies of chunk kt have landed
+      __syncthreads();                    // everyone's have; and chunk kt-1's stage is free again
+      const int pre = kt + kF1MmaStages - 1;
+      if (pre < num_k)
+        psg_load_stage(smem + (pre % kF1MmaStages) * kF1MmaStageElems, x, g, m, n, nt,
+                       int64_t(pre) * kF1MmaK, d_in, d_out, ch, ol0, dl0, tid);
+      cp_async_commit();
+      const uint16_t* st = smem + (kt % kF1MmaStages) * kF1MmaStageElems;
+      mma_chunk(st, st + kF1MmaK * kF1MmaLd);
+    }
+    cp_async_wait<0>();  // only empty groups are left; nothing in flight at exit
+  } else {
+    uint16_t* Gs = smem;                     // [token][o]
+    uint16_t* Xs = smem + kF1MmaK * kF1MmaLd;  // [token][d]
+    for (int64_t t0 = 0; t0 < nt; t0 += kF1MmaK) {
+      // 32 tokens x 128 columns per operand as raw 16-bit values, 16 elements per thread.
+      stage_tokens<kF1MmaK, kF1MmaTile, kF1MmaLd>(x16, g16, m, n, nt, t0, d_in, d_out, ch, ol0, dl0,
+                                                  Gs, Xs, tid);
+      __syncthreads();
+      mma_chunk(Gs, Xs);
+      __syncthreads();
+    }
   }
 
   // Epilogue. Lane (g, t) holds rows (o) g and g + 8, columns (d) 2t and 2t + 1 of every 16x8 tile.
@@ -259,8 +320,22 @@ void build_f(const Tin* x, const Tin* g, const std::uint8_t* m, int64_t n_sample
         ch.tiles_d = ceil_div(ch.cd, kF1MmaTile);
         dim3 grid(static_cast<unsigned>(ceil_div(ch.co, kF1MmaTile) * ch.tiles_d),
                   static_cast<unsigned>(ny));
-        LINFT_LAUNCH(grid, kThreads, kF1MmaSmemBytes, s, psg_f_mma_kernel<Tin, F>)
-        (x, g, m, nt, d_in, d_out, ch, f, fs, off);
+        // 16-byte copies: every token row of the chunk starts and ends on a 16-byte boundary
+        const bool async = d_in % 8 == 0 && d_out % 8 == 0 && ch.o0 % 8 == 0 && ch.d0 % 8 == 0 &&
+                           ch.co % 8 == 0 && ch.cd % 8 == 0 &&
+                           reinterpret_cast<std::uintptr_t>(x) % 16 == 0 &&
+                           reinterpret_cast<std::uintptr_t>(g) % 16 == 0;
+        if (async) {
+          check_cuda(cudaFuncSetAttribute(psg_f_mma_kernel<Tin, F, true>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kF1MmaAsyncSmemBytes)),
+                     op, "cudaFuncSetAttribute");
+          LINFT_LAUNCH(grid, kThreads, kF1MmaAsyncSmemBytes, s, psg_f_mma_kernel<Tin, F, true>)
+          (x, g, m, nt, d_in, d_out, ch, f, fs, off);
+        } else {
+          LINFT_LAUNCH(grid, kThreads, kF1MmaSmemBytes, s, psg_f_mma_kernel<Tin, F, false>)
+          (x, g, m, nt, d_in, d_out, ch, f, fs, off);
+        }
         check_launch(op);
         continue;
       }

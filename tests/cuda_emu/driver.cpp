@@ -121,6 +121,10 @@ const char* dname(int dt) {
 // seen as two distinct dynamic shared memory sizes among the launches.
 enum class Path { any, ffma, mma, mma_split, mma_both };
 
+// psg_gram's phase 1 on tensor cores with the 16-byte cp.async pipeline launches with this much
+// dynamic shared memory (csrc/cuda/psg_gram.cu, kF1MmaAsyncSmemBytes: 3 stages of 2 x 32 x 136 halves).
+constexpr size_t kPsgAsyncSmem = 3 * 2 * 32 * 136 * 2;
+
 // out (+)= a b^T with a of N x P (or a stored from element `offset` on, to misalign its base) and
 // b of M x P (b omitted: symmetric). sym_init: out starts symmetric and must end exactly symmetric.
 void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::any, int offset = 0,
@@ -339,6 +343,14 @@ void test_ghost_psg(bool psg, int kernel, int N, int M, int T, int S, int din, i
              log.size(), want, sizes.size(), emu::live_allocs);
     report(ok, std::string(name) + " path", d, 0);
   }
+  if (psg && chunk_elems == 0 && (path == Path::mma || path == Path::mma_both)) {
+    // one chunk, the whole plane: phase 1 takes the cp.async pipeline iff its rows are 16-byte aligned
+    const bool want = din % 8 == 0 && dout % 8 == 0;
+    const bool got = std::any_of(emu::launch_log.begin(), emu::launch_log.end(),
+                                 [](const auto& l) { return l.smem == kPsgAsyncSmem; });
+    report(got == want, std::string(name) + " phase-1 copies",
+           std::string(got ? "cp.async" : "plain loads") + (got == want ? "" : " (the other wanted)"), 0);
+  }
   if (psg && chunk_elems == 0) {  // the whole plane in one chunk: the scratch holds F as tile_dtype
     const size_t rows = (sym && kernel != linft::kAsymmetricSignGD) ? N : N + M;
     const size_t want = rows * din * dout * Buf::esize(tile >= 0 ? tile : od);
@@ -509,6 +521,11 @@ void run_psg() {
       test_ghost_psg(true, k, 3, 3, 7, 7, 16, 24, true, true, dt, 1, Path::mma, 0, 1, 0, linft::kFloat32);
     }
     test_ghost_psg(true, k, 4, 3, 11, 6, 7, 9, false, true, 3, 0, Path::mma, 0, 1, 0, 3);   // P % 8 != 0
+    // phase 1's cp.async pipeline over 3-4 chunks of 32 tokens (d_in, d_out multiples of 8), 2 o tiles,
+    // and over 4 chunks of the plane with d origins 8 apart
+    test_ghost_psg(true, k, 3, 2, 100, 70, 16, 136, false, true, 3, 0, Path::mma);
+    test_ghost_psg(true, k, 4, 4, 75, 75, 24, 40, true, true, 2, 0, Path::mma_both, 0, 1, 0, 2);
+    test_ghost_psg(true, k, 3, 3, 70, 70, 32, 16, true, true, 3, 0, Path::mma, 128, 4);
     test_ghost_psg(true, k, 4, 4, 9, 9, 16, 8, true, true, 2, 0, Path::ffma, 0, 1, 1, 2);   // sm_75
     test_ghost_psg(true, k, 3, 2, 5, 6, 12, 7, false, true, 0, 1, Path::ffma, 0, 1, 0, 0);  // fp32 in, fp32 F
   }

@@ -542,3 +542,45 @@ def test_blas_psg_mirrors_an_upper_triangle_gram(kernel, chunked):
     oracle = psg_oracle(*_repeat_per_output(x, g, m), kernel=kernel)
     assert_close_to_oracle(got, oracle, torch.float64, what=f"gram_upper {kernel}")
     assert torch.equal(got, got.T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
+def test_native_cuda_psg_gram_tensor_core_shapes(dtype, symmetric, chunked, monkeypatch):
+    """The native CUDA psg_gram on its tensor-core paths (csrc/README.md): phase 1 by the cp.async
+    pipeline (d_in, d_out multiples of 8; several chunks of 32 tokens, 2 o tiles) and by plain loads
+    (d_in = 130), F in fp32 and in the inputs' 16-bit dtype (then the Gram on tensor cores too), the
+    plane whole or in chunks (LINFT_CUDA_PSG_SCRATCH_BYTES), NaN in masked tokens. Against float64
+    oracles: the exact F's Gram for fp32 F, the rounded F's for 16-bit F. The same kinds of cases run
+    on the CPU in tests/cuda_emu."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible)")
+    if chunked:
+        monkeypatch.setenv("LINFT_CUDA_PSG_SCRATCH_BYTES", str(64 << 10))
+    for N, M, T, S, d_in, d_out in [(3, 2, 100, 70, 16, 136), (4, 4, 75, 75, 24, 40), (5, 3, 40, 33, 130, 24)]:
+        x1, g1, m1, x2, g2, m2 = make((N, M, T, S, d_in, d_out), dtype, "cuda", symmetric, True)
+        cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
+        for x, g, m in ((x1, g1, m1), (x2, g2, m2)):
+            if x is not None:  # NaN where the mask is 0: a kernel that multiplies them in fails
+                x.masked_fill_(m.unsqueeze(-1) == 0, float("nan"))
+                g.masked_fill_(m.unsqueeze(-1) == 0, float("nan"))
+        f1 = per_sample_grads64(*cpu[:3]).flatten(1)
+        f2 = f1 if x2 is None else per_sample_grads64(*cpu[3:]).flatten(1)
+        r1, r2 = (f.to(dtype).double() for f in (f1, f2))
+        one_ulp = 2.0 ** -7 * f1.abs().max().item() * f2.abs().max().item()  # a tie rounded the other way
+        Mo = N if symmetric else M
+        for kernel in ("sgd", "signgd"):
+            atol = sign_flip_atol(*cpu, kernel, torch.float32)
+            what = f"cuda psg {kernel} {dtype} {N, M, T, S, d_in, d_out} sym={symmetric} chunked={chunked}"
+            got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend="cuda")
+            assert_close_to_oracle(got, psg_oracle(*cpu, kernel=kernel), torch.float32, extra_atol=atol,
+                                   what=what + " fp32 F")
+            got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend="cuda",
+                              tile_dtype=dtype, out=torch.zeros(N, Mo, device="cuda"))
+            oracle = r1 @ r2.T if kernel == "sgd" else r1.sign() @ r2.sign().T
+            assert_close_to_oracle(got, oracle, torch.float32, extra_atol=one_ulp if kernel == "sgd" else atol,
+                                   what=what + " 16-bit F")
+            if symmetric:
+                assert torch.equal(got, got.T)
