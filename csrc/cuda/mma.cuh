@@ -1,6 +1,7 @@
-// Warp-level tensor-core primitives of the linft CUDA kernels (sm_80 and newer): 16-byte cp.async
-// copies into shared memory, ldmatrix, and mma.sync m16n8k16 with fp32 accumulators for bf16 and
-// fp16 inputs. Included by the .cu files only, after common.cuh.
+// Tensor-core building blocks of the linft CUDA kernels (sm_80 and newer): 16-byte cp.async copies
+// into shared memory, ldmatrix, and mma.sync m16n8k16 with fp32 accumulators for bf16 and fp16
+// inputs; a warp's accumulator tile; and MmaBlock, a block's pipelined tile of A B^T (gram and
+// ghost_gram's main loop). Included by the .cu files only, after common.cuh.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16" with .bf16/.f16), with
 // g = lane / 4 and t = lane % 4, each 32-bit register holding two consecutive-k 16-bit elements:
