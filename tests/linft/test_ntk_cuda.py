@@ -68,13 +68,16 @@ def test_sign_kernels_on_gpu(kernel):
     assert _rel(ntk.matrix, K) < 1e-10
 
 
-def test_bf16_llama_lora_on_gpu():
+@pytest.mark.parametrize("backend", [None, "cuda", "triton"])
+def test_bf16_llama_lora_on_gpu(backend):
+    """A bf16 model: per-sample gradients built in bf16 (16-bit psg tiles: the native CUDA library's
+    tensor-core Gram, the Triton backend's cuBLAS + Triton route) into an fp32 NTK."""
     model = with_lora(build("llama"), "llama")
     gpu_model = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)
     ref_model = copy.deepcopy(gpu_model).to(device="cpu", dtype=torch.float64)  # same rounded weights
     inputs = batch(6, 9, seed=6)
     out = linft.outputs.label_word_logits([4, 11])
-    ntk = linft.empirical_ntk(gpu_model, _to_cuda(inputs), output=out, dtype=torch.float32)
+    ntk = linft.empirical_ntk(gpu_model, _to_cuda(inputs), output=out, dtype=torch.float32, backend=backend)
     J = reference_jacobian(ref_model, inputs, out, list(ntk.meta["params"]))
     K = J @ J.T
     assert ntk.matrix.dtype == torch.float32
