@@ -13,8 +13,10 @@ _CHUNK_ELEMENTS = 1 << 24  # largest temporary, in elements
 
 
 def _masked(x: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype with its masked tokens zeroed (selected, not multiplied by 0: an inf or NaN in
+    padding contributes nothing, as in every other backend)."""
     x = x.to(dtype)
-    return x if m is None else x * m.to(dtype).unsqueeze(-1)
+    return x if m is None else torch.where(m.bool().unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
 
 
 def gram(a, b, out):
@@ -32,7 +34,7 @@ def per_sample_grads(x, g, m, dtype, o_slice=slice(None)):
     """F_i = sum_t m[i,t] g[i,t,o_slice]^T x[i,t,:]: (N, |o_slice|, d_in) in `dtype`. 16-bit F is
     summed over tokens in fp32 and rounded once to `dtype`."""
     work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    return torch.einsum("nto,ntd->nod", _masked(g[:, :, o_slice], m, work), x.to(work)).to(dtype)
+    return torch.einsum("nto,ntd->nod", _masked(g[:, :, o_slice], m, work), _masked(x, m, work)).to(dtype)
 
 
 def _signed(f, kernel, second):
@@ -74,8 +76,8 @@ def ghost_gram(x1, g1, m1, x2, g2, m2, out):
     acc = out.dtype
     if x2 is None:
         x2, g2, m2 = x1, g1, m1
-    x1m, g1 = _masked(x1, m1, acc), g1.to(acc)
-    x2m, g2 = _masked(x2, m2, acc), g2.to(acc)
+    x1m, g1 = _masked(x1, m1, acc), _masked(g1, m1, acc)
+    x2m, g2 = _masked(x2, m2, acc), _masked(g2, m2, acc)
     per_pair = max(1, T * S)
     rows = max(1, int((_CHUNK_ELEMENTS // per_pair) ** 0.5))
     for i0 in range(0, N, rows):

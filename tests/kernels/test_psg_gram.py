@@ -584,3 +584,26 @@ def test_native_cuda_psg_gram_tensor_core_shapes(dtype, symmetric, chunked, monk
                                    what=what + " 16-bit F")
             if symmetric:
                 assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_masked_tokens_holding_nan_or_inf_contribute_nothing(backend, device, symmetric):
+    """Masked tokens may hold anything (a model's padded positions can be NaN after a fully masked
+    softmax): every backend selects them out rather than multiplying by 0, for psg_gram's kernels
+    and for ghost_gram's both routes."""
+    x1, g1, m1, x2, g2, m2 = make((5, 4, 9, 7, 13, 11), torch.float32, device, symmetric, True)
+    cpu = [None if t is None else t.cpu().clone() for t in (x1, g1, m1, x2, g2, m2)]
+    for x, g, m in ((x1, g1, m1), (x2, g2, m2)):
+        if x is not None:
+            x.masked_fill_(m.unsqueeze(-1) == 0, float("nan"))
+            g.masked_fill_(m.unsqueeze(-1) == 0, float("inf"))
+    for kernel in KERNELS:
+        got = lk.psg_gram(x1, g1, x2, g2, kernel=kernel, mask1=m1, mask2=m2, backend=backend)
+        assert_close_to_oracle(got, psg_oracle(*cpu, kernel=kernel), torch.float32,
+                               extra_atol=sign_flip_atol(*cpu, kernel, torch.float32),
+                               what=f"psg {kernel} {backend} with NaN/inf in masked tokens")
+    for route in ("ghost", "materialize"):
+        got = lk.ghost_gram(x1, g1, x2, g2, mask1=m1, mask2=m2, backend=backend, route=route)
+        assert_close_to_oracle(got, psg_oracle(*cpu), torch.float32,
+                               what=f"ghost {route} {backend} with NaN/inf in masked tokens")
