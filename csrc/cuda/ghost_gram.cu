@@ -186,7 +186,8 @@ ghost_gram_mma_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
   __syncthreads();
 
   // Lane (g, t4) holds rows g, g + 8 and columns 2 t4, 2 t4 + 1 of every 16x8 tile: 4 rows x 8
-  // columns per thread. Kept entries are summed in registers while the bin stays the same.
+  // columns per thread. Kept entries are summed in registers while the bin stays the same (every
+  // lane reaches the shuffles below: the loops only skip entries).
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t wr = r0 + GhostMma::warp_row(warp) + (lane >> 2);
   const int64_t wc = c0 + GhostMma::warp_col(warp) + 2 * (lane & 3);
@@ -226,7 +227,19 @@ ghost_gram_mma_kernel(const T* __restrict__ x1, const T* __restrict__ g1,
           run += v;
         }
     }
-  if (cur >= 0) atomicAdd(bins + cur, run);
+  // The last run: when every lane of the warp ends in one bin (a tile inside one pair: long
+  // sequences) the warp sums its runs by shuffles and adds once, instead of 32 atomics on one address.
+  const int lead = __shfl_sync(0xFFFFFFFFu, cur, 0);
+  int same = cur == lead;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) same &= __shfl_xor_sync(0xFFFFFFFFu, same, off);
+  if (same) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) run += __shfl_xor_sync(0xFFFFFFFFu, run, off);
+    if (lane == 0 && cur >= 0) atomicAdd(bins + cur, run);
+  } else if (cur >= 0) {
+    atomicAdd(bins + cur, run);
+  }
   __syncthreads();
 
   for (int b = tid; b < nbins; b += kThreads) {

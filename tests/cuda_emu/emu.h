@@ -241,6 +241,27 @@ inline T atomicAdd(T* p, T v) {
   return old;
 }
 
+// __shfl_sync / __shfl_xor_sync on 32-bit values, as warp operations (every lane must take part: only
+// the full mask is accepted). Lane l receives var of lane src (or of lane l ^ lane_mask).
+template <class T>
+inline T emu_shfl(unsigned mask, T var, unsigned src_of_lane_xor, bool is_xor) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  if (mask != 0xFFFFFFFFu) {
+    fprintf(stderr, "EMU: shuffle with a partial mask %#x (only full warps are emulated)\n", mask);
+    std::abort();
+  }
+  emu::Warp& w = emu::my_warp();
+  const unsigned l = emu::lane_id();
+  const int buf = emu::warp_exchange([&](int p) { memcpy(&w.a[p][l][0], &var, 4); });
+  T r;
+  memcpy(&r, &w.a[buf][(is_xor ? l ^ src_of_lane_xor : src_of_lane_xor) % emu::kWarp][0], 4);
+  return r;
+}
+template <class T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane) { return emu_shfl(mask, var, src_lane, false); }
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask) { return emu_shfl(mask, var, lane_mask, true); }
+
 // Dynamic shared memory of the running block: exactly the launch's bytes (so that AddressSanitizer
 // sees overruns), filled with 0xFF bytes (NaN for fp32 and fp64) so that reading it before writing
 // shows up in the results.
