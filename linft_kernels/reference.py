@@ -16,7 +16,9 @@ def _masked(x: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype) -> torc
     """x in dtype with its masked tokens zeroed (selected, not multiplied by 0: an inf or NaN in
     padding contributes nothing, as in every other backend)."""
     x = x.to(dtype)
-    return x if m is None else torch.where(m.bool().unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
+    if m is None:
+        return x
+    return torch.where(m.bool().unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
 
 
 def gram(a, b, out):
