@@ -140,14 +140,38 @@ __device__ __forceinline__ void mma_warp_tile(float (&acc)[MT][4][4], const uint
     }
 }
 
+// ---------------------------------------------------------------- the cp.async pipeline
+// Chunk k (of num_k) is copied by load(k, k % Stages) into that stage and handed to use(k % Stages)
+// once every thread's copies of it have landed; the copies of chunk k + Stages - 1 are issued before
+// chunk k is used, so they overlap its mma. Contains barriers (call uniformly). Returns with nothing
+// in flight; a caller that reuses the stages at once still needs a barrier (other warps may be
+// reading the last one).
+template <int Stages, class Load, class Use>
+__device__ __forceinline__ void cp_async_pipeline(int num_k, Load&& load, Use&& use) {
+#pragma unroll
+  for (int s = 0; s < Stages - 1; ++s) {
+    if (s < num_k) load(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < num_k; ++kt) {
+    cp_async_wait<Stages - 2>();  // this thread's copies of chunk kt have landed
+    __syncthreads();              // everyone's have; and chunk kt-1's stage is free again
+    const int pre = kt + Stages - 1;
+    if (pre < num_k) load(pre, pre % Stages);
+    cp_async_commit();
+    use(kt % Stages);
+  }
+  cp_async_wait<0>();  // only empty groups are left; nothing in flight
+}
+
 // ---------------------------------------------------------------- a block's tile of A B^T
 // MmaBlock<MT>: 256 threads (8 warps, 2 x 4) compute the kRows x 128 tile
 //   acc = A[row0 : row0 + kRows, k_begin : k_end] B[col0 : col0 + 128, k_begin : k_end]^T
 // of two row-major 16-bit matrices (rows of `ld` elements). K advances in chunks of 32 staged in
-// shared memory by 16-byte cp.async copies, kStages deep (the copy of chunk k+2 overlaps the mma of
-// chunk k); rows past a_rows / b_rows and chunks past k_end are zero-filled by the copy. Fragments
-// come from shared memory by ldmatrix (rows padded by 16 bytes: conflict-free). Needs a, b 16-byte
-// aligned, ld % 8 == 0, k_begin % 8 == 0 and k_end % 8 == 0 (a 16-byte chunk is all in or all out).
+// shared memory by 16-byte cp.async copies, kStages deep (cp_async_pipeline); rows past a_rows /
+// b_rows and chunks past k_end are zero-filled by the copy. Fragments come from shared memory by
+// ldmatrix (rows padded by 16 bytes: conflict-free). Needs a, b 16-byte aligned, ld % 8 == 0,
+// k_begin % 8 == 0 and k_end % 8 == 0 (a 16-byte chunk is all in or all out).
 // Warp w owns rows warp_row() + [0, 16 MT) and columns warp_col() + [0, 32) of the tile.
 template <int MT>
 struct MmaBlock {
@@ -164,28 +188,19 @@ struct MmaBlock {
   __device__ static int warp_row(int warp) { return (warp >> 2) * 16 * MT; }
   __device__ static int warp_col(int warp) { return (warp & 3) * 32; }
 
-  // Copies chunk [k0, k0 + 32) of the block's a and b rows into one stage: 4 copies of 16 bytes
-  // per row, consecutive threads along k then rows.
-  template <class T>
-  __device__ static void load_stage(uint16_t* __restrict__ stage, const T* __restrict__ a,
-                                    const T* __restrict__ b, int64_t a_rows, int64_t b_rows, int64_t ld,
-                                    int64_t row0, int64_t col0, int64_t k0, int64_t k_end, int tid) {
-    static_assert((kRows * kK / 8) % kThreads == 0 && (kCols * kK / 8) % kThreads == 0, "copy loop");
+  // Copies chunk [k0, k0 + 32) of rows [r0, r0 + Rows) of src (n_rows rows of ld elements) into dst
+  // (Rows rows of kLd): 4 copies of 16 bytes per row, consecutive threads along k then rows.
+  template <int Rows, class T>
+  __device__ static void copy_rows(uint16_t* __restrict__ dst, const T* __restrict__ src, int64_t n_rows,
+                                   int64_t ld, int64_t r0, int64_t k0, int64_t k_end, int tid) {
+    static_assert((Rows * kK / 8) % kThreads == 0, "copy loop");
 #pragma unroll
-    for (int r = 0; r < (kRows * kK / 8) / kThreads; ++r) {
+    for (int r = 0; r < (Rows * kK / 8) / kThreads; ++r) {
       const int c = tid + r * kThreads;
       const int row = c >> 2, kc = (c & 3) * 8;
-      const int64_t k = k0 + kc, ar = row0 + row;
-      const bool ok = k < k_end && ar < a_rows;
-      cp_async16(stage + row * kLd + kc, ok ? a + ar * ld + k : a, ok ? 16 : 0);
-    }
-#pragma unroll
-    for (int r = 0; r < (kCols * kK / 8) / kThreads; ++r) {
-      const int c = tid + r * kThreads;
-      const int row = c >> 2, kc = (c & 3) * 8;
-      const int64_t k = k0 + kc, br = col0 + row;
-      const bool ok = k < k_end && br < b_rows;
-      cp_async16(stage + (kRows + row) * kLd + kc, ok ? b + br * ld + k : b, ok ? 16 : 0);
+      const int64_t k = k0 + kc, sr = r0 + row;
+      const bool ok = k < k_end && sr < n_rows;
+      cp_async16(dst + row * kLd + kc, ok ? src + sr * ld + k : src, ok ? 16 : 0);
     }
   }
 
@@ -205,22 +220,14 @@ struct MmaBlock {
     const int a_row = warp_row(warp) + (lm & 1) * 8 + lr, a_k = (lm >> 1) * 8;
     const int b_row = kRows + warp_col(warp) + (lm >> 1) * 8 + lr, b_k = (lm & 1) * 8;
 
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < num_k)
-        load_stage(smem + s * kStageElems, a, b, a_rows, b_rows, ld, row0, col0, k_begin + s * kK, k_end, tid);
-      cp_async_commit();
-    }
-    for (int kt = 0; kt < num_k; ++kt) {
-      cp_async_wait<kStages - 2>();  // this thread's copies of chunk kt have landed
-      __syncthreads();               // everyone's have; and chunk kt-1's stage is free again
-      const int pre = kt + kStages - 1;
-      if (pre < num_k)
-        load_stage(smem + (pre % kStages) * kStageElems, a, b, a_rows, b_rows, ld, row0, col0,
-                   k_begin + static_cast<int64_t>(pre) * kK, k_end, tid);
-      cp_async_commit();
-
-      const uint16_t* st = smem + (kt % kStages) * kStageElems;
+    auto load = [&](int kt, int s) {  // chunk kt of a's and b's rows into stage s
+      uint16_t* stage = smem + s * kStageElems;
+      const int64_t k0 = k_begin + static_cast<int64_t>(kt) * kK;
+      copy_rows<kRows>(stage, a, a_rows, ld, row0, k0, k_end, tid);
+      copy_rows<kCols>(stage + kRows * kLd, b, b_rows, ld, col0, k0, k_end, tid);
+    };
+    auto use = [&](int s) {
+      const uint16_t* st = smem + s * kStageElems;
 #pragma unroll
       for (int ks = 0; ks < kK; ks += 16) {
         uint32_t af[MT][4], bx4[2][4];
@@ -230,9 +237,9 @@ struct MmaBlock {
         for (int np = 0; np < 2; ++np) ldmatrix_x4(bx4[np], st + (b_row + np * 16) * kLd + ks + b_k);
         mma_warp_tile<T>(acc, af, bx4);
       }
-    }
-    cp_async_wait<0>();  // only empty groups are left; nothing in flight
-    __syncthreads();     // every warp is done reading the stages
+    };
+    cp_async_pipeline<kStages>(num_k, load, use);
+    __syncthreads();  // every warp is done reading the stages
   }
 };
 

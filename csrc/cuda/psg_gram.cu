@@ -218,25 +218,16 @@ psg_f_mma_kernel(const T* __restrict__ x, const T* __restrict__ g,
 
   if constexpr (Async) {
     const int num_k = static_cast<int>((nt + kF1MmaK - 1) / kF1MmaK);
-#pragma unroll
-    for (int st = 0; st < kF1MmaStages - 1; ++st) {
-      if (st < num_k)
-        psg_load_stage(smem + st * kF1MmaStageElems, x, g, m, n, nt, int64_t(st) * kF1MmaK, d_in, d_out,
-                       ch, ol0, dl0, tid);
-      cp_async_commit();
-    }
-    for (int kt = 0; kt < num_k; ++kt) {
-      cp_async_wait<kF1MmaStages - 2>();  // this thread's copies of chunk kt have landed
-      __syncthreads();                    // everyone's have; and chunk kt-1's stage is free again
-      const int pre = kt + kF1MmaStages - 1;
-      if (pre < num_k)
-        psg_load_stage(smem + (pre % kF1MmaStages) * kF1MmaStageElems, x, g, m, n, nt,
-                       int64_t(pre) * kF1MmaK, d_in, d_out, ch, ol0, dl0, tid);
-      cp_async_commit();
-      const uint16_t* st = smem + (kt % kF1MmaStages) * kF1MmaStageElems;
-      mma_chunk(st, st + kF1MmaK * kF1MmaLd);
-    }
-    cp_async_wait<0>();  // only empty groups are left; nothing in flight at exit
+    cp_async_pipeline<kF1MmaStages>(
+        num_k,
+        [&](int kt, int st) {
+          psg_load_stage(smem + st * kF1MmaStageElems, x, g, m, n, nt, int64_t(kt) * kF1MmaK, d_in, d_out,
+                         ch, ol0, dl0, tid);
+        },
+        [&](int st) {
+          const uint16_t* stage = smem + st * kF1MmaStageElems;
+          mma_chunk(stage, stage + kF1MmaK * kF1MmaLd);
+        });
   } else {
     uint16_t* Gs = smem;                     // [token][o]
     uint16_t* Xs = smem + kF1MmaK * kF1MmaLd;  // [token][d]
