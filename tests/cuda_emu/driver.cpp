@@ -1,6 +1,7 @@
 // Test driver of the CUDA emulation (README.md): runs the host launchers of csrc/cuda/*.cu, compiled
 // against emu.h, on random inputs from a fixed seed and compares every output with a float64
-// reference computed here. Usage: driver {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all}
+// reference computed here. Usage: driver {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all}, or
+// driver {hang_sync|hang_warp|hang_exit} (kernels the emulator must report as hung, then abort)
 // Prints one line per check ("ok" / "FAIL") and a last line
 //   SUMMARY op=<op> checks=<n> failures=<f> launches=<l> blocks=<b> seconds=<s>
 // and exits 1 when a check failed.
@@ -547,16 +548,46 @@ void run_psg() {
 
 }  // namespace
 
+// ---------------------------------------------------------------- the emulator's own hang checks
+// Kernels that would hang a GPU (a barrier some threads never reach): the emulator must abort with
+// "EMU: hung at ..." (after LINFT_CUDA_EMU_HANG_S seconds) rather than wait forever. Each runs as
+// its own driver op, which never returns; tests/kernels/test_cuda_emulation.py checks the message.
+__global__ void hang_sync_kernel(float* out) {
+  if (threadIdx.x < 40) __syncthreads();  // threads 40.. skip it
+  out[threadIdx.x] = 1.0f;
+}
+__global__ void hang_warp_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xFFFFFFFFu, v, 1);  // half of each warp
+  out[threadIdx.x] = v;
+}
+__global__ void hang_exit_kernel(float* out) {
+  if (threadIdx.x == 7) return;  // leaves before the barrier the others wait at
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+int run_hang(const std::string& op) {
+  std::vector<float> out(64);
+  if (op == "hang_sync") LINFT_LAUNCH(1, 64, 0, 0, hang_sync_kernel)(out.data());
+  if (op == "hang_warp") LINFT_LAUNCH(1, 64, 0, 0, hang_warp_kernel)(out.data());
+  if (op == "hang_exit") LINFT_LAUNCH(1, 64, 0, 0, hang_exit_kernel)(out.data());
+  fprintf(stderr, "%s finished: the emulator missed the hang\n", op.c_str());
+  return 3;
+}
+
 int main(int argc, char** argv) {
   const std::string op = argc > 1 ? argv[1] : "all";
   bool known = false;
+  if (op.rfind("hang_", 0) == 0) return run_hang(op);
   auto t0 = std::chrono::steady_clock::now();
   if (op == "gram" || op == "all") { run_gram(); known = true; }
   if (op == "ghost_gram" || op == "all") { run_ghost(); known = true; }
   if (op == "ghost_gram_t_loop" || op == "all") { run_ghost_t_loop(); known = true; }
   if (op == "psg_gram" || op == "all") { run_psg(); known = true; }
   if (!known) {
-    fprintf(stderr, "usage: %s {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all}\n", argv[0]);
+    fprintf(stderr, "usage: %s {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all|hang_sync|hang_warp|"
+            "hang_exit}\n", argv[0]);
     return 2;
   }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -5,15 +5,18 @@
 //
 // Model: a launch runs the blocks of the grid one after another; each block runs on `blockDim.x`
 // host threads (one std::thread per CUDA thread, kept for the whole launch), __syncthreads is a
-// std::barrier over those threads, __shared__ is `static` (one block at a time), atomicAdd takes a
-// global mutex. Warp-level operations (ldmatrix, mma.sync, see csrc/cuda/mma.cuh) exchange
-// fragments through a per-warp scratch area and a per-warp std::barrier of its 32 threads; cp.async
-// copies are queued per thread and done at cp.async.wait_group. Only the fp16 / bf16 types and
-// their conversions come from the CUDA headers.
+// barrier over those threads (emu::Barrier; a watchdog aborts a launch stuck at barriers),
+// __shared__ is `static` (one block at a time), atomicAdd takes a global mutex. Warp-level
+// operations (ldmatrix, mma.sync, see csrc/cuda/mma.cuh) exchange fragments through a per-warp
+// scratch area and a per-warp barrier of its 32 threads; cp.async copies are queued per thread and
+// done at cp.async.wait_group. Only the fp16 / bf16 types and their conversions come from the CUDA
+// headers.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -51,8 +55,52 @@ inline dim3 blockDim, gridDim;
 #define __align__(n) alignas(n)
 
 namespace emu {
+// Seconds without any thread passing a barrier after which a launch is called hung (a barrier some
+// thread never reaches: a __syncthreads or warp operation behind a divergent branch, or a thread
+// that left the block early). LINFT_CUDA_EMU_HANG_S overrides it.
+inline double hang_seconds() {
+  static const double s = [] {
+    const char* e = std::getenv("LINFT_CUDA_EMU_HANG_S");
+    return e && std::atof(e) > 0 ? std::atof(e) : 60.0;
+  }();
+  return s;
+}
+
+inline std::atomic<long> barrier_passes{0};  // every pass of every barrier: the watchdog's progress
+
+struct NoCompletion {
+  void operator()() noexcept {}
+};
+
+// A std::barrier that counts the threads waiting at it, for the watchdog of Launcher (which names
+// the barriers threads are stuck at when no thread has passed one for hang_seconds()).
+template <class Completion = NoCompletion>
+class Barrier {
+ public:
+  Barrier(unsigned count, std::string what, Completion completion = {})
+      : bar_(count, std::move(completion)), count_(count), what_(std::move(what)) {}
+  void arrive_and_wait() {
+    waiting_.fetch_add(1, std::memory_order_relaxed);
+    bar_.arrive_and_wait();
+    waiting_.fetch_sub(1, std::memory_order_relaxed);
+    barrier_passes.fetch_add(1, std::memory_order_relaxed);
+  }
+  // "what: k of n threads waiting", or "" when none waits.
+  std::string waiters() const {
+    const int k = waiting_.load(std::memory_order_relaxed);
+    return k ? what_ + ": " + std::to_string(k) + " of " + std::to_string(count_) + " threads waiting"
+             : std::string();
+  }
+
+ private:
+  std::barrier<Completion> bar_;
+  const unsigned count_;
+  const std::string what_;
+  std::atomic<int> waiting_{0};
+};
+
 inline cudaError_t last_error = cudaSuccess;
-inline std::barrier<>* bar = nullptr;
+inline Barrier<>* bar = nullptr;
 inline thread_local long sync_count = 0;
 inline std::mutex atomic_mu;
 inline unsigned char* dyn_smem = nullptr;
@@ -81,7 +129,7 @@ inline std::vector<size_t> alloc_log;  // bytes of every cudaMallocAsync, for th
 // write buffer p again after the next operation's barrier, which all lanes reach after reading p.
 constexpr int kWarp = 32;
 struct Warp {
-  std::unique_ptr<std::barrier<>> bar;
+  std::unique_ptr<Barrier<>> bar;
   const void* ptr[2][kWarp];
   uint32_t a[2][kWarp][4];
   uint32_t b[2][kWarp][2];
@@ -305,7 +353,8 @@ struct Launcher {
     const unsigned nw = (nt + kWarp - 1) / kWarp;
     std::unique_ptr<Warp[]> warp_state(new Warp[nw]);
     for (unsigned w = 0; w < nw; ++w)
-      warp_state[w].bar = std::make_unique<std::barrier<>>(std::min<unsigned>(kWarp, nt - w * kWarp));
+      warp_state[w].bar = std::make_unique<Barrier<>>(std::min<unsigned>(kWarp, nt - w * kWarp),
+                                                    "a warp operation of warp " + std::to_string(w));
     warps = warp_state.get();
     emu_uint3 at;  // the block that just finished
     // Between two blocks, run once by the last thread to arrive: every thread has finished the
@@ -334,9 +383,41 @@ struct Launcher {
       ++blocks_run;
     };
     std::fill(buf.get(), buf.get() + smem, 0xFF);
-    std::barrier<> sync_bar(nt);
-    std::barrier<decltype(between_blocks)> block_bar(nt, between_blocks);
+    Barrier<> sync_bar(nt, "__syncthreads");
+    Barrier<decltype(between_blocks)> block_bar(nt, "the end of a block", between_blocks);
     bar = &sync_bar;
+    // The watchdog: aborts when threads wait at barriers and none has passed one for hang_seconds().
+    std::atomic<unsigned> running[3] = {0, 0, 0};  // the block being run (thread 0 sets it)
+    std::mutex done_mu;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::thread watchdog([&] {
+      using clock = std::chrono::steady_clock;
+      long seen = barrier_passes.load();
+      auto since = clock::now();
+      std::unique_lock<std::mutex> lock(done_mu);
+      while (!done_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return done; })) {
+        const long passes = barrier_passes.load();
+        if (passes != seen ||
+            std::chrono::duration<double>(clock::now() - since).count() < hang_seconds()) {
+          if (passes != seen) since = clock::now();
+          seen = passes;
+          continue;
+        }
+        std::string where;
+        for (const std::string& w : {sync_bar.waiters(), block_bar.waiters()})
+          if (!w.empty()) where += (where.empty() ? "" : "; ") + w;
+        for (unsigned w = 0; w < nw; ++w) {
+          const std::string v = warp_state[w].bar->waiters();
+          if (!v.empty()) where += (where.empty() ? "" : "; ") + v;
+        }
+        if (where.empty()) continue;  // threads computing for that long, none waiting: not a hang
+        fprintf(stderr, "EMU: hung at %s (block (%u,%u,%u); no barrier passed for %.0f s: a barrier "
+                "behind a divergent branch, or threads that left the block early)\n", where.c_str(),
+                running[0].load(), running[1].load(), running[2].load(), hang_seconds());
+        std::abort();
+      }
+    });
     std::vector<std::thread> th;
     th.reserve(nt);
     for (unsigned t = 0; t < nt; ++t) {
@@ -348,6 +429,7 @@ struct Launcher {
               blockIdx.x = bx;
               blockIdx.y = by;
               blockIdx.z = bz;
+              if (t == 0) running[0] = bx, running[1] = by, running[2] = bz;
               sync_count = 0;
               warp_ops = 0;
               k(args...);
@@ -360,6 +442,12 @@ struct Launcher {
       });
     }
     for (auto& x : th) x.join();
+    {
+      std::lock_guard<std::mutex> lock(done_mu);
+      done = true;
+    }
+    done_cv.notify_one();
+    watchdog.join();
     bar = nullptr;
     warps = nullptr;
     dyn_smem = nullptr;

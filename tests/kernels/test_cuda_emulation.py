@@ -96,3 +96,20 @@ def test_cuda_kernel_emulated(emu_driver, op):
     assert failures == 0 and "FAIL" not in text, fails
     assert checks >= MIN_CHECKS[op], f"only {checks} checks ran for {op}:\n{text}"
     assert int(m.group(4)) > 0 and int(m.group(5)) > 0, m.group(0)  # kernels were launched
+
+
+# A kernel whose barrier some threads never reach hangs a GPU; the emulator must say which barriers
+# threads wait at and how many, and abort (once no barrier has passed for LINFT_CUDA_EMU_HANG_S
+# seconds) instead of running into the subprocess timeout. Blocks of 64 threads: 40 reach the
+# __syncthreads, half of each warp the shuffle, all but one thread (which returned early) the
+# __syncthreads; the rest wait at the end of the block.
+@pytest.mark.parametrize("op,where", [
+    ("hang_sync", r"__syncthreads: 40 of 64 threads waiting; the end of a block: 24 of 64"),
+    ("hang_warp", r"the end of a block: 32 of 64 threads waiting; a warp operation of warp 0: 16 of 32 "
+                  r"threads waiting; a warp operation of warp 1: 16 of 32"),
+    ("hang_exit", r"__syncthreads: 63 of 64 threads waiting; the end of a block: 1 of 64")])
+def test_emulator_reports_a_hung_barrier(emu_driver, op, where):
+    env = dict(os.environ, LINFT_CUDA_EMU_HANG_S="1")
+    p = subprocess.run([emu_driver, op], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode != 0 and re.search(rf"EMU: hung at {where} threads waiting \(block \(0,0,0\)",
+                                           p.stderr), f"exit {p.returncode}\n{p.stdout}{p.stderr}"
