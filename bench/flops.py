@@ -16,11 +16,17 @@ gram
     count of the ``a @ a.T`` baseline, so the symmetric kernel can reach up to ~2x the machine peak.
 
 ghost_gram
-    Counted as the *ghost algorithm*: for each pair (i, j) the T x S products X_i X_j^T (d_in) and
-    G_i G_j^T (d_out), then their elementwise product summed: 2*N*M*T*S*(d_in + d_out)
-    (+ N*M*T*S for the final multiply-sum, included). Symmetric: N = M, the full N^2 pairs are counted.
-    The materialize algorithm can be far cheaper for long sequences (see `psg_gram`); the harness
-    reports both counts and states which one the row uses.
+    Counted as the *smaller* of its two exact algorithms' counts, since the op itself takes the route
+    with fewer multiply-adds (`linft_kernels.ops.ghost_route`):
+    - the *ghost algorithm*: for each pair (i, j) the T x S products X_i X_j^T (d_in) and
+      G_i G_j^T (d_out), then their elementwise product summed: 2*N*M*T*S*(d_in + d_out)
+      (+ N*M*T*S for the final multiply-sum, included); symmetric: N = M, the full N^2 pairs counted;
+    - *materializing*: the `psg_gram` count below (far cheaper for long sequences).
+    `flops` is min(ghost, materialize); the harness rows also carry both (`flops_ghost`,
+    `flops_materialize`). `ghost_route` counts half the pairs of the symmetric form, so near the
+    crossover the op's route and the smaller count can differ. The `ghost_gram` rows in bench/results/
+    (up to and including the third H200 session, 2026-11-27) predate this count and count the ghost
+    algorithm alone (their `flop_count` says so).
 
 psg_gram
     Counted as the *materialize* algorithm: per-sample gradients F_i = G_i^T X_i (2*T*d_in*d_out per
