@@ -12,8 +12,11 @@ Method
   starting function rotating from round to round, so that load from other processes hits all of them
   alike. Reported: median wall time, ratio = baseline median / candidate median (>1: linft faster),
   achieved GFLOP/s of the op's counted FLOP (bench/flops.py) and the machine's measured GEMM peak of
-  the same dtype (bench/machine.py), measured in the same run; process CPU time as a secondary measure.
-  Correctness: max |candidate - baseline| / max |baseline| of the last call.
+  the same dtype (bench/machine.py), measured in the same run; process CPU time as a secondary measure;
+  peak memory of a call above what was there before it (CUDA: the allocator's high-water mark over the
+  timed calls; CPU: the resident set's, in one more untimed call after malloc_trim, see _cpu_peak_bytes). Baselines: a @ a.T (a @ b.T) and
+  torch.einsum for gram; the materializing einsum (and the T x S ghost einsum) for ghost_gram and
+  psg_gram. Correctness: max |candidate - baseline| / max |baseline| of the last call.
 * ntk: every measurement runs in its own subprocess (`--worker`), which builds the model, warms up on
   two samples, resets the peak-RSS mark (/proc/self/clear_refs), runs the measured call once and
   reports wall time and peak RSS above the RSS after the model build and warm-up (ru_maxrss).
@@ -30,6 +33,7 @@ Rows are long-format dicts (one measurement each) with hardware, versions, git c
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -88,6 +92,26 @@ def _call(fn, device):
     return t, c, peak, r
 
 
+def _cpu_peak_bytes(fn) -> int | None:
+    """Peak memory of one untimed call of `fn` on CPU, above what the process held before it: malloc's
+    free pages are first handed back to the OS (malloc_trim), so that everything the call allocates
+    and touches shows in the resident set's high-water mark (reset through /proc/self/clear_refs).
+    Counts native scratch and library workspaces too. None where glibc or the reset is missing."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    gc.collect()
+    trim(0)
+    if not _reset_peak_rss():
+        return None
+    base = _current_rss()
+    r = fn()
+    peak = max(0, _maxrss() - base)
+    del r
+    return peak
+
+
 def alternate(fns: list[tuple[str, object]], device: torch.device, reps: int, warmup: int = 1,
               budget_s: float | None = None) -> dict:
     """Time functions in alternation. Returns {name: {times, cpu_times, peak_mem, result}}."""
@@ -112,6 +136,9 @@ def alternate(fns: list[tuple[str, object]], device: torch.device, reps: int, wa
         if budget_s is not None and r + 1 < reps and time.perf_counter() - start > budget_s:
             log(f"    time budget {budget_s:.0f}s reached after {r + 1} rounds")
             break
+    if device.type == "cpu":  # peak memory: one more, untimed call each (first-touch pages are slow)
+        for name, fn in fns:
+            out[name]["peak_mem"] = _cpu_peak_bytes(fn)
     return out
 
 
@@ -196,8 +223,9 @@ def op_cases(device: str, quick: bool) -> list[dict]:
             for k in ("sgd", "signgd"):
                 add("psg_gram_sym", "psg_gram", dict(N=64, T=128, d_in=512, d_out=512), dt, k, reps=3)
         add("psg_gram_cross", "psg_gram", dict(N=64, M=32, T=128, d_in=512, d_out=512), f32, "sgd", reps=3)
-        # The headline (issue target >= 1.6x over a @ a.T), last: ~15-30 s per call on 2 cores.
-        add("gram_sym_headline", "gram", dict(N=4096, P=65536), f32, reps=3, heavy=True)
+        # The headline (issue target >= 1.6x over a @ a.T), last: ~5-8 s per call on 2 cores, one
+        # warm-up round and 5 rounds of 3 functions (linft, a @ a.T, einsum): ~2 minutes.
+        add("gram_sym_headline", "gram", dict(N=4096, P=65536), f32, reps=5, heavy=True)
         return cases
     # CUDA
     if quick:
@@ -249,10 +277,12 @@ def build_op_case(case: dict, device: torch.device):
             bases.append((f"torch a@a.T [{native}]", lambda: a @ a.T))
             if dt != torch.float32 and dt != torch.float64:
                 bases.append(("torch a@a.T [fp32 upcast]", lambda: (lambda af: af @ af.T)(a.float())))
+            bases.append((f"torch einsum [{native}]", lambda: torch.einsum("np,mp->nm", a, a)))
         else:
             bases.append((f"torch a@b.T [{native}]", lambda: a @ b.T))
             if dt != torch.float32 and dt != torch.float64:
                 bases.append(("torch a@b.T [fp32 upcast]", lambda: a.float() @ b.float().T))
+            bases.append((f"torch einsum [{native}]", lambda: torch.einsum("np,mp->nm", a, b)))
         inputs = (a, b)
     else:
         N, T, d_in, d_out = dims["N"], dims["T"], dims["d_in"], dims["d_out"]
@@ -360,8 +390,7 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
         cs, bs = fns[:len(cands)], fns[len(cands):]
         for i in range(max(len(cs), len(bs))):
             inter += cs[i:i + 1] + bs[i:i + 1]
-        res = alternate(inter, device, reps=case["reps"], warmup=0 if case["heavy"] else 1,
-                        budget_s=300 if case["heavy"] else 120)
+        res = alternate(inter, device, reps=case["reps"], warmup=1, budget_s=300 if case["heavy"] else 120)
         piped = _pipelined(inter, device) if not case["heavy"] else {}
         load1 = machine.load_average()
         ref_name = f"base:{bases[0][0]}"
@@ -741,8 +770,8 @@ def ntk_config(device: str, quick: bool) -> dict:
     if quick:
         return dict(n_embd=256, n_layer=2, n_head=4, vocab=8192, T=64, N=16, large_N=64, rounds=1, vp_N=4)
     if device == "cuda":
-        return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=1024, rounds=1, vp_N=16)
-    return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=256, rounds=1, vp_N=8)
+        return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=1024, rounds=3, vp_N=16)
+    return dict(n_embd=512, n_layer=4, n_head=8, vocab=50257, T=128, N=64, large_N=256, rounds=3, vp_N=8)
 
 
 def _jacobian_bytes(N, C, P):
@@ -896,7 +925,7 @@ def _llama_rows(results, cfg, N, T, C, P, n_total, meta, device) -> list[dict]:
     rows = []
     for method, rs_all in results.items():
         rs = [r for r in rs_all if "error" not in r]
-        row = {"suite": "ntk", "name": "ntk_llama1b_lora_r8", "kernel": "lora", "method": method,
+        row = {"suite": "ntk", "op": "empirical_ntk", "name": "ntk_llama1b_lora_r8", "kernel": "lora", "method": method,
                "backend": f"linft ({device.type}{', unfused' if method == 'linft_unfused' else ''})" if method.startswith("linft") else method, "shape": shape,
                "shape_str": f"N={N},T={T},C={C},P={P}", "dtype": "bfloat16 model, float32 NTK",
                "device": device.type, "n_model_params": n_total, "median_s": _med(rs),
@@ -979,7 +1008,7 @@ def _ntk_rows(kernel, cfg, P, C, results, n_meas, errs, meta, device) -> list[di
     n_vp = n_meas.get("ntk_vp")
     vp_s = _med(vp) * (N / n_vp) ** 2 if vp else None
     rows = []
-    common = {"suite": "ntk", "name": name, "kernel": kernel, "shape": _ntk_shape(cfg, N, P, C),
+    common = {"suite": "ntk", "op": "empirical_ntk", "name": name, "kernel": kernel, "shape": _ntk_shape(cfg, N, P, C),
               "shape_str": f"N={N},T={cfg['T']},C={C},P={P}", "dtype": "float32", "device": device.type,
               "flops_contraction": FL.ntk_contraction(N, C, P), **meta}
     for method in results:
@@ -1050,7 +1079,7 @@ def _worker_identity(row: dict, rs: list[dict], meta: dict) -> None:
 def _large_row(kernel, cfg, NL, P, C, res, results, mem_limit, meta, device) -> dict:
     ok = "error" not in res
     fb = _med(results["fwdbwd"])
-    row = {"suite": "ntk", "name": "ntk_full_weight_large", "kernel": kernel, "method": "linft",
+    row = {"suite": "ntk", "op": "empirical_ntk", "name": "ntk_full_weight_large", "kernel": kernel, "method": "linft",
            "backend": f"linft ({device.type})", "shape": _ntk_shape(cfg, NL, P, C),
            "shape_str": f"N={NL},T={cfg['T']},C={C},P={P}", "dtype": "float32", "device": device.type,
            "median_s": res.get("wall_s"), "times_s": [res["wall_s"]] if ok else [], "cpu_s": res.get("cpu_s"),
@@ -1247,7 +1276,8 @@ def main(argv=None) -> int:
         f"{' (dirty)' if meta['git_dirty'] else ''}")
     log("[peak] measuring GEMM peaks ...")
     peaks = machine.measure_peaks(device.type, quick=args.quick)
-    rows = [{"suite": "peak", "name": "gemm_peak_start", "dtype": k, "device": device.type, "backend": "torch",
+    rows = [{"suite": "peak", "name": "gemm_peak_start", "op": "gemm", "dtype": k, "device": device.type,
+             "backend": "torch", "shape": {"M": v["gemm_n"], "N": v["gemm_n"], "K": v["gemm_n"]},
              "shape_str": f"n={v['gemm_n']}", "peak_gflops": v["peak_gflops"],
              "median_gflops": v["median_gflops"], **meta} for k, v in peaks.items()]
     for k, v in peaks.items():
@@ -1295,8 +1325,9 @@ def main(argv=None) -> int:
     peaks_end = machine.measure_peaks(device.type, quick=args.quick)
     for k, v in peaks_end.items():
         log(f"    {k:<9} n={v['gemm_n']}: best {v['peak_gflops']:.1f} GFLOP/s, median {v['median_gflops']:.1f}")
-        rows.append({"suite": "peak", "name": "gemm_peak_end", "dtype": k, "device": device.type,
-                     "backend": "torch", "shape_str": f"n={v['gemm_n']}", "peak_gflops": v["peak_gflops"],
+        rows.append({"suite": "peak", "name": "gemm_peak_end", "op": "gemm", "dtype": k, "device": device.type,
+                     "backend": "torch", "shape": {"M": v["gemm_n"], "N": v["gemm_n"], "K": v["gemm_n"]},
+                     "shape_str": f"n={v['gemm_n']}", "peak_gflops": v["peak_gflops"],
                      "median_gflops": v["median_gflops"], **meta})
     best = {k: max(peaks[k]["peak_gflops"], peaks_end[k]["peak_gflops"]) for k in peaks}
     end_build = machine.kernel_build()

@@ -45,13 +45,15 @@ def _cases(extra=()):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("dims", GRAM, ids=lambda d: "sym" if "M" not in d else "cross")
-@pytest.mark.parametrize("impl,device", _cases())
+@pytest.mark.parametrize("impl,device", _cases(extra=("baseline_einsum",)))
 def test_gram(measure, benchmark, impl, dims, dtype, device):
     a = _rand(device, dtype, dims["N"], dims["P"])
     b = _rand(device, dtype, dims["M"], dims["P"], seed=1) if "M" in dims else None
     benchmark.group = f"gram {'sym' if b is None else 'cross'} {dims} {dtype} {device}"
     if impl == "baseline":
         fn = (lambda: a @ a.T) if b is None else (lambda: a @ b.T)
+    elif impl == "baseline_einsum":
+        fn = lambda: torch.einsum("np,mp->nm", a, a if b is None else b)  # noqa: E731
     else:
         be = impl.split(":")[1]
         fn = lambda: lk.gram(a, b, backend=be)  # noqa: E731
