@@ -87,7 +87,7 @@ def _upper_strips(a: torch.Tensor, upper: torch.Tensor, lo: int, hi: int, blocks
             upper[i0:i1, i0:i1].addmm_(a[i0:i1], a[i0:i1].t())
 
 
-def _add_symmetric_(out: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+def add_symmetric_(out: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """out += the symmetric matrix whose upper triangle is upper's (its lower part is ignored and
     upper is overwritten): no temporaries. Each element of out gets exactly one nonzero addend, so a
     symmetric out stays exactly symmetric."""
@@ -113,7 +113,7 @@ def gram(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, blocks: int
     N = a.shape[0]
     upper = torch.zeros(N, N, dtype=out.dtype, device=out.device)
     _upper_strips(a, upper, 0, N, blocks, min_rows, levels)
-    return _add_symmetric_(out, upper)
+    return add_symmetric_(out, upper)
 
 
 def psg_applies(x1: torch.Tensor, x2: torch.Tensor | None, out: torch.Tensor,
@@ -182,7 +182,7 @@ def cuda_gram_fp32(a: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor) -> 
     `psg_gram` there. A candidate beside the Triton psg_gram, timed by the harness on a GPU."""
     c = torch.mm(a, (a if b is None else b).t(), out_dtype=torch.float32)
     if b is None:
-        _add_symmetric_(k, c)
+        add_symmetric_(k, c)
     else:
         k += c
 

@@ -1,4 +1,6 @@
 """ghost_gram: every backend against explicit per-sample gradients in float64."""
+import importlib
+
 import pytest
 import torch
 from factor_cases import cases, make
@@ -115,3 +117,78 @@ def test_native_cuda_ghost_gram_tensor_core_shapes(dtype, symmetric):
                                what=f"ghost mma {dtype} {N, M, T, S, d_in, d_out} sym={symmetric}")
         if symmetric:  # the bins of the upper triangle are mirrored once: a symmetric start stays so
             assert torch.equal(out, out.T)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_ghost_gram_t_split(symmetric, out_dtype):
+    """Few pairs, long sequences: the Triton ghost kernel splits t into slices (here forced: 13
+    tokens per slice, T = 37: slices end inside 16-token tiles) whose partial sums are added into out
+    once; a symmetric start stays exactly symmetric, masked tokens (NaN there) count for nothing."""
+    pytest.importorskip("triton")
+    from linft_testing import HAS_GPU
+    tg = importlib.import_module("linft_kernels.triton.ghost_gram")  # the module, not the function
+    device = "cuda" if HAS_GPU else "cpu"
+    N, M, T, S, d_in, d_out = 3, 4, 37, 21, 19, 17
+    dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    x1, g1 = randn(N, T, d_in, dtype=dtype, device=device), randn(N, T, d_out, dtype=dtype, device=device)
+    m1 = (torch.rand(N, T, device=device) > 0.3).to(torch.uint8)
+    clean = x1.clone()
+    x1[m1 == 0] = float("nan")
+    x2 = g2 = m2 = None
+    if not symmetric:
+        x2, g2 = randn(M, S, d_in, dtype=dtype, device=device), randn(M, S, d_out, dtype=dtype, device=device)
+        m2 = (torch.rand(M, S, device=device) > 0.3).to(torch.uint8)
+    rows, cols = N, (N if symmetric else M)
+    start = randn(rows, cols, dtype=out_dtype, device=device)
+    if symmetric:
+        start = start + start.T
+    out = tg.ghost_gram(x1, g1, m1, x2, g2, m2, start.clone(), blocks=dict(BLOCK_T=16, BLOCK_D=16),
+                        t_chunk=13)
+    cpu = [None if t is None else t.cpu() for t in (clean, g1, m1, x2, g2, m2)]
+    assert_close_to_oracle(out, start.cpu().double() + psg_oracle(*cpu), out_dtype, what="t split")
+    if symmetric:
+        assert torch.equal(out, out.T)
+    whole = tg.ghost_gram(x1, g1, m1, x2, g2, m2, start.clone(), blocks=dict(BLOCK_T=16, BLOCK_D=16),
+                          t_chunk=T)  # one slice: the direct path
+    assert_close_to_oracle(whole, start.cpu().double() + psg_oracle(*cpu), out_dtype, what="one slice")
+
+
+def test_triton_ghost_t_slices_fill_the_gpu():
+    """The split's slice count: none for enough pairs or off a GPU, T_UNIT multiples otherwise."""
+    pytest.importorskip("triton")
+    from linft_kernels.triton.ghost_gram import T_UNIT, _SPLIT_PROGRAMS, _t_slices
+    assert _t_slices(10_000, 4096, 132, None) == (1, 4096)      # many pairs
+    assert _t_slices(36, 4096, None, None) == (1, 4096)         # not a GPU
+    assert _t_slices(36, 48, 132, None) == (1, 48)              # a single T_UNIT
+    slices, chunk = _t_slices(36, 512, 132, None)               # N = 8 symmetric, T = 512
+    assert chunk % T_UNIT == 0 and slices * chunk >= 512 and (slices - 1) * chunk < 512
+    assert slices == 512 // T_UNIT and 36 * slices <= _SPLIT_PROGRAMS * 132
+    assert _t_slices(36, 37, 132, 16) == (3, 16)                # forced
+    with pytest.raises(ValueError, match="t_chunk"):
+        _t_slices(36, 37, 132, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
+def test_triton_ghost_gram_splits_few_pairs_on_a_gpu(symmetric):
+    """On a GPU the split engages by itself for a few samples of long sequences, and agrees with
+    the oracle (bf16 inputs, fp32 out); a symmetric result is exactly symmetric."""
+    tg = importlib.import_module("linft_kernels.triton.ghost_gram")
+    N, M, T, d_in, d_out = 2, 3, 300, 64, 48
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pairs = N * (N + 1) // 2 if symmetric else N * M
+    assert tg._t_slices(pairs, T, sms, None)[0] > 1
+    x1 = randn(N, T, d_in, dtype=torch.bfloat16, device="cuda")
+    g1 = randn(N, T, d_out, dtype=torch.bfloat16, device="cuda")
+    m1 = (torch.rand(N, T, device="cuda") > 0.2).to(torch.uint8)
+    x2 = g2 = m2 = None
+    if not symmetric:
+        x2 = randn(M, T, d_in, dtype=torch.bfloat16, device="cuda")
+        g2 = randn(M, T, d_out, dtype=torch.bfloat16, device="cuda")
+        m2 = (torch.rand(M, T, device="cuda") > 0.2).to(torch.uint8)
+    out = tg.ghost_gram(x1, g1, m1, x2, g2, m2, torch.zeros(N, N if symmetric else M, device="cuda"))
+    cpu = [None if t is None else t.cpu() for t in (x1, g1, m1, x2, g2, m2)]
+    assert_close_to_oracle(out, psg_oracle(*cpu), torch.float32, what="gpu t split")
+    if symmetric:
+        assert torch.equal(out, out.T)
