@@ -365,6 +365,15 @@ def _pipelined_fields(piped: dict, cand: str, base: str, flops: float, peak_gflo
             "pipelined_pct_of_peak": (100 * flops / c / 1e9 / peak_gflops) if peak_gflops else None}
 
 
+def _triton_chosen() -> dict | None:
+    """linft's Triton autotune choices so far ({kernel: {family: config}}), None without Triton."""
+    try:
+        from linft_kernels.triton._autotune import chosen_configs
+    except Exception:  # Triton missing or unusable here: no Triton rows either
+        return None
+    return chosen_configs() or None
+
+
 def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: str | None = None,
             on_rows=None, dtypes: str | None = None) -> list[dict]:
     """The ops sweep; `on_rows(rows)` is called with the rows so far after each case (partial saves).
@@ -392,6 +401,7 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
             inter += cs[i:i + 1] + bs[i:i + 1]
         res = alternate(inter, device, reps=case["reps"], warmup=1, budget_s=300 if case["heavy"] else 120)
         piped = _pipelined(inter, device) if not case["heavy"] else {}
+        chosen = _triton_chosen()
         load1 = machine.load_average()
         ref_name = f"base:{bases[0][0]}"
         ref = res[ref_name]["result"]
@@ -431,6 +441,8 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
                     "max_rel_err": err,
                     "baseline_max_rel_err": rel_err(b["result"], ref) if ref is not None else None,
                     "reps": len(c["times"]), "load_avg_before": load0, "load_avg_after": load1,
+                    # the Triton configs the autotuners chose (last use per kernel and family)
+                    "triton_configs": chosen if "triton" in cname else None,
                     **_pipelined_fields(piped, f"cand:{cname}", f"base:{bname}", fl["flops"], pk),
                     **meta,
                 })

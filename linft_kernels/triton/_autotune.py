@@ -128,6 +128,24 @@ def tuned_keys() -> int:
     return sum(len(getattr(t, "cache", {})) for k in _ALL for t in k.tuners.values())
 
 
+def config_label(cfg) -> str:
+    """A config as labels show it: its block sizes, then warps and stages ("BLOCK_M=64,... w4s4")."""
+    blocks = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items()))
+    return f"{blocks} w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def chosen_configs() -> dict:
+    """{kernel name: {family: label}} of the config each autotuner of this process used last (what
+    a benchmark row records next to its time); empty where nothing was autotuned."""
+    out = {}
+    for k in _ALL:
+        for fam, t in k.tuners.items():
+            cfg = getattr(t, "best_config", None)
+            if cfg is not None:
+                out.setdefault(k.kernel.__name__, {})[fam] = config_label(cfg)
+    return out
+
+
 class TunedKernel:
     """One kernel's tuning: GPU config lists per family, interpreter configs and fixed blocks, key.
 
