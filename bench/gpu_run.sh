@@ -14,6 +14,8 @@
 #      instead of one per output (slower on an H200: its tile's memory halves the auto tile)
 #   9. (stage "psg") bench/profile_psg_gpu.py: psg_gram's two stages timed alone (F build, its Gram by
 #      Triton at several split-K counts and by cuBLAS) beside the whole op, at the ops sweep's shape
+#  10. (stage "ptxas") python -m linft_kernels.triton._compile: every Triton variant's registers and
+#      spills under this machine's Triton (no GPU time; ~1-2 min of CPU)
 # Every stage has its own time limit and writes its files as it goes, so a stage that hangs or is
 # killed costs only itself. Results go under $OUT when set (the device runner collects it), else
 # bench/results/.
@@ -24,7 +26,7 @@
 #
 # Environment: PYTHON (default: .venv/bin/python, else python3) with a CUDA build of torch;
 # STAGES (default "diag tests ops llama"); TEST_PATHS (default "tests"); TEST_TIMEOUT (150 s), PSG_TIMEOUT (90), OPS_TIMEOUT (150), FFMA_TIMEOUT (OPS_TIMEOUT),
-# LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
+# LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300), PTXAS_TIMEOUT (240); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
 # OPS_ONLY, OPS_DTYPES (harness --only, --dtypes: comma lists); PROFILE_TILES, PROFILE_N, PROFILE_TILE;
 # LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage), LLAMA_UNFUSED=1 (the llama
 # stage also times linft with fuse_activations=False: RMSNorms as written), LLAMA_METHODS / LLAMAB_METHODS (the
@@ -93,6 +95,11 @@ fi
 
 for s in $STAGES; do
   case "$s" in
+    ptxas)
+      stage "ptxas: Triton register / spill report (sm_90)"
+      timeout "${PTXAS_TIMEOUT:-240}" env -u TRITON_INTERPRET "$PY" -m linft_kernels.triton._compile \
+        --out "$DEST/triton-ptxas.json" >"$DEST/triton-ptxas.txt" 2>&1 || rc=1
+      grep -c "spill st/ld 0/0" "$DEST/triton-ptxas.txt" | sed 's/^/variants without spills: /' | tee -a "$LOG" ;;
     diag)
       stage "diag: python -m linft_kernels"
       timeout 120 "$PY" -m linft_kernels >"$DEST/gpu-diag.txt" 2>&1 || rc=1
