@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> int:
@@ -141,9 +142,10 @@ def main() -> int:
         lambda f: f @ f.T)(torch.einsum("nto,ntd->nod", g, x).flatten(1)), flops=total)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+        import machine  # bench/machine.py: hardware, versions, git commit and date, as harness rows carry
         Path(args.out).with_suffix(".json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-             "N": N, "T": T, "d": d, "rows": rows}, indent=1))
+             "N": N, "T": T, "d": d, **machine.metadata(dev), "rows": rows}, indent=1))
     return 0
 
 

@@ -37,6 +37,8 @@ def test_profile_psg_gpu_quick(tmp_path):
                 "psg_gram sgd: Triton features kernel"):
         line = next((ln for ln in text.splitlines() if ln.startswith(row)), None)
         assert line is not None and "ERROR" not in line, (row, text)
+    meta = json.loads(out.with_suffix(".json").read_text())  # rows carry what harness rows carry
+    assert {"git_commit", "date", "hardware", "versions"} <= set(meta), sorted(meta)
 
 
 def test_harness_llama_preset_quick(tmp_path):
