@@ -26,7 +26,7 @@
 #
 # Environment: PYTHON (default: .venv/bin/python, else python3) with a CUDA build of torch;
 # STAGES (default "diag tests ops llama"); TEST_PATHS (default "tests"); TEST_TIMEOUT (150 s), PSG_TIMEOUT (90), OPS_TIMEOUT (150), FFMA_TIMEOUT (OPS_TIMEOUT),
-# LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300), PTXAS_TIMEOUT (240); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
+# LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300), NTK_ROUNDS (1: the harness's default is 3), PTXAS_TIMEOUT (240); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
 # OPS_ONLY, OPS_DTYPES (harness --only, --dtypes: comma lists); PROFILE_TILES, PROFILE_N, PROFILE_TILE;
 # LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage), LLAMA_UNFUSED=1 (the llama
 # stage also times linft with fuse_activations=False: RMSNorms as written), LLAMA_METHODS / LLAMAB_METHODS (the
@@ -150,8 +150,8 @@ for s in $STAGES; do
       grep -E "ratio|ERROR|Error" "$DEST/cuda-ops-ffma.log" | tail -n 20 | tee -a "$LOG" ;;
     ntk)
       stage "ntk: GPT-2 suite"
-      timeout "${NTK_TIMEOUT:-300}" "$PY" bench/harness.py --suite ntk --device cuda --out "$DEST/cuda-ntk.json" \
-        >"$DEST/cuda-ntk.log" 2>&1 || rc=1
+      timeout "${NTK_TIMEOUT:-300}" "$PY" bench/harness.py --suite ntk --device cuda --rounds "${NTK_ROUNDS:-1}" \
+        --out "$DEST/cuda-ntk.json" >"$DEST/cuda-ntk.log" 2>&1 || rc=1
       tail -n 25 "$DEST/cuda-ntk.log" | tee -a "$LOG" ;;
     *) echo "unknown stage $s" | tee -a "$LOG"; rc=1 ;;
   esac

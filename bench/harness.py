@@ -365,11 +365,15 @@ def _pipelined_fields(piped: dict, cand: str, base: str, flops: float, peak_gflo
             "pipelined_pct_of_peak": (100 * flops / c / 1e9 / peak_gflops) if peak_gflops else None}
 
 
-def _triton_chosen() -> dict | None:
-    """linft's Triton autotune choices so far ({kernel: {family: config}}), None without Triton."""
+def _triton_chosen(forget: bool = False) -> dict | None:
+    """linft's Triton autotune choices since the last forget=True call ({kernel: {family: config}}),
+    None without Triton or choices."""
     try:
-        from linft_kernels.triton._autotune import chosen_configs
+        from linft_kernels.triton._autotune import chosen_configs, forget_chosen
     except Exception:  # Triton missing or unusable here: no Triton rows either
+        return None
+    if forget:
+        forget_chosen()
         return None
     return chosen_configs() or None
 
@@ -393,6 +397,7 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
         load0 = machine.load_average()
         t_case = time.perf_counter()
         inputs, cands, bases, fl = build_op_case(case, device)
+        _triton_chosen(forget=True)  # rows record only this case's autotune choices
         fns = [(f"cand:{n}", f) for n, f in cands] + [(f"base:{n}", f) for n, f in bases]
         # Interleave candidates and baselines: c0, b0, c1, b1, ...
         inter = []

@@ -226,8 +226,8 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
     right on and above the diagonal (k is mirrored once at the end). `few_rows_gram`, called the
     same way, takes the symmetric chunk Grams of few rows (`few_rows`) in place of torch's GEMM
     (None: torch's).
-    Memory: the buffer, a (N*C, M*C) scratch (and one more at the end for the symmetric forms and
-    the interleave of C > 1 outputs), and a copy of x when some token is masked.
+    Memory: the buffer, a (N*C, M*C) scratch (and one more at the end for the interleave of C > 1
+    outputs), and a copy of x when some token is masked.
     """
     one_dataset = x2 is None
     sym = one_dataset and kernel != "asymmetric-signgd"
@@ -284,7 +284,10 @@ def psg_gram(x1, g1, m1, x2, g2, m2, out, kernel: str = "sgd", gram=None, buffer
                 k.addmm_(f1, f2.t())
             else:
                 gram(f1, f2, k)
-    if sym and (gram_upper if gram is not None else not few):
+    upper_only = sym and (gram_upper if gram is not None else not few)  # k right on and above its diagonal
+    if C1 == C2 == 1:
+        return add_symmetric_(out, k) if upper_only else out.add_(k)
+    if upper_only:
         _mirror_upper_(k)
-    out += k if C1 == C2 == 1 else _interleave(k, C1, C2)
+    out += _interleave(k, C1, C2)
     return out

@@ -10,7 +10,8 @@ the interpreter does not, so tests/kernels/test_triton_autotune.py checks the li
 
 Key: each launcher passes SIZE_KEY = `size_key(sizes...)`, its problem sizes rounded up to powers of
 two, so NTK blocks of similar shapes reuse one tuning; triton.autotune adds the tensor dtypes and the
-kernel's own key constexprs (SYM for gram and ghost_gram). Outputs a kernel adds into (gram's out or
+kernel's own key constexprs (SYM for gram, SYM and SPLIT for ghost_gram). Outputs a kernel adds
+into (gram's out or
 its split-K scratch, ghost_gram's out) are restored between trials (restore_value), so tuning never
 changes a result; psg_gram's features kernel overwrites its whole scratch, so it needs no restore.
 
@@ -134,9 +135,16 @@ def config_label(cfg) -> str:
     return f"{blocks} w{cfg.num_warps}s{cfg.num_stages}"
 
 
+def forget_chosen() -> None:
+    """Clears what chosen_configs reports (a benchmark calls it before each case; tunings are kept)."""
+    for k in _ALL:
+        for t in k.tuners.values():
+            t.best_config = None
+
+
 def chosen_configs() -> dict:
-    """{kernel name: {family: label}} of the config each autotuner of this process used last (what
-    a benchmark row records next to its time); empty where nothing was autotuned."""
+    """{kernel name: {family: label}} of the config each autotuner of this process used last, since
+    forget_chosen (what a benchmark row records next to its time); empty where nothing was tuned."""
     out = {}
     for k in _ALL:
         for fam, t in k.tuners.items():

@@ -6,9 +6,10 @@ once for every config of the kernel's GPU autotune list of that dtype family (gr
 psg_gram's features kernel: see _autotune), so a config that cannot lower fails here; it returns
 [(kernel name, dtype combo + config, len(cubin), ptxas report, aligned), ...]; any failure raises.
 
-Each variant is compiled as Triton's JIT specializes the usual launch (`aligned`): every pointer
-16-byte aligned and the feature widths (P, D_IN, D_OUT, K_SPLIT) multiples of 16, which lets it
-vectorize loads and stores; the first variant of each kernel and dtype combo also without those
+Each variant is compiled with the alignment Triton's JIT finds in the usual launch (`aligned`):
+every pointer 16-byte aligned and the feature widths (P, D_IN, D_OUT, K_SPLIT) multiples of 16,
+which lets it vectorize loads and stores (the JIT marks any other integer argument that happens to
+be a multiple of 16 too, e.g. N or T; those are left unmarked here); the first variant of each kernel and dtype combo also without those
 hints (odd widths or offsets: the fallback must compile too). The ptxas report is {"registers",
 "stack", "spill_stores", "spill_loads"} from the `ptxas -v` log of Triton's own cubin step (None
 where this Triton cannot hand out that log, or the kernel came from Triton's cache: give it an
@@ -75,10 +76,11 @@ def variants():
                 yield from _per_config(_GHOST, fam, f"{combo} sym={int(sym)} masked", pair_sig, const)
             # the t split (slices into a scratch), with the family's first config
             cfg = _GHOST.gpu_configs[fam][0]
-            const = dict(SYM=True, SPLIT=True, HAS_M1=True, HAS_M2=True, **common, **cfg.kwargs)
-            yield (_GHOST.kernel, f"{combo} sym=1 split masked {config_label(cfg)}",
-                   _constexpr_sig(pair_sig, const), const,
-                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            for sym in (False, True):
+                const = dict(SYM=sym, SPLIT=True, HAS_M1=True, HAS_M2=True, **common, **cfg.kwargs)
+                yield (_GHOST.kernel, f"{combo} sym={int(sym)} split masked {config_label(cfg)}",
+                       _constexpr_sig(pair_sig, const), const,
+                       dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             for sign in (False, True):
                 sig = dict(x_ptr=pin, g_ptr=pin, m_ptr="*u8", f_ptr=pout, T="i32", D_IN="i32",
                            D_OUT="i32", o0="i32", OC="i32", SIZE_KEY="i32")

@@ -10,7 +10,7 @@ Otherwise T_CHUNK = T and each program adds its pair (and the mirror) into out d
 
 Tuning (see _autotune): on a GPU (BLOCK_T, BLOCK_S, BLOCK_D), num_warps and num_stages are autotuned
 among GPU_CONFIGS[family] ("16bit" tensor-core tiles, "fp32", "fp64" cubes of FP64_PAIR_BLOCK on CUDA
-cores), keyed by SIZE_KEY = size bucket of (N*M, T, S, d_in, d_out) and SYM, with `out` restored
+cores), keyed by SIZE_KEY = size bucket of (N*M, T, S, d_in, d_out), SYM and SPLIT, with `out` restored
 between trials. In the interpreter: fixed 32-blocks, or autotuning over INTERP_CONFIGS with a CPU
 timer when LINFT_TRITON_AUTOTUNE=1. `blocks` fixes the shape anywhere.
 """
@@ -118,7 +118,7 @@ _TUNE = TunedKernel(ghost_gram_kernel, GPU_CONFIGS, INTERP_CONFIGS, dict(BLOCK_T
                     restore_value=["out_ptr"])
 
 # t is split when the pairs would give fewer than this many programs per SM (H200: 132 SMs), into
-# slices of a multiple of T_UNIT tokens (the largest BLOCK_T, so no tile straddles two slices).
+# slices of a multiple of T_UNIT tokens (the largest BLOCK_T: only a slice's last tile is partial).
 _SPLIT_PROGRAMS = 4
 T_UNIT = 64
 _MAX_GRID_Z = 65535

@@ -549,9 +549,10 @@ void run_psg() {
 }  // namespace
 
 // ---------------------------------------------------------------- the emulator's own hang checks
-// Kernels that would hang a GPU (a barrier some threads never reach): the emulator must abort with
-// "EMU: hung at ..." (after LINFT_CUDA_EMU_HANG_S seconds) rather than wait forever. Each runs as
-// its own driver op, which never returns; tests/kernels/test_cuda_emulation.py checks the message.
+// Kernels that may hang a GPU (a barrier some threads never reach: undefined behaviour): the
+// emulator must treat them as hung and abort with "EMU: hung at ..." (after LINFT_CUDA_EMU_HANG_S
+// seconds) rather than wait forever. Each runs as its own driver op, which never returns;
+// tests/kernels/test_cuda_emulation.py checks the message. run_hang returns -1 for other ops.
 __global__ void hang_sync_kernel(float* out) {
   if (threadIdx.x < 40) __syncthreads();  // threads 40.. skip it
   out[threadIdx.x] = 1.0f;
@@ -570,8 +571,9 @@ __global__ void hang_exit_kernel(float* out) {
 int run_hang(const std::string& op) {
   std::vector<float> out(64);
   if (op == "hang_sync") LINFT_LAUNCH(1, 64, 0, 0, hang_sync_kernel)(out.data());
-  if (op == "hang_warp") LINFT_LAUNCH(1, 64, 0, 0, hang_warp_kernel)(out.data());
-  if (op == "hang_exit") LINFT_LAUNCH(1, 64, 0, 0, hang_exit_kernel)(out.data());
+  else if (op == "hang_warp") LINFT_LAUNCH(1, 64, 0, 0, hang_warp_kernel)(out.data());
+  else if (op == "hang_exit") LINFT_LAUNCH(1, 64, 0, 0, hang_exit_kernel)(out.data());
+  else return -1;  // not a hang op
   fprintf(stderr, "%s finished: the emulator missed the hang\n", op.c_str());
   return 3;
 }
@@ -579,7 +581,10 @@ int run_hang(const std::string& op) {
 int main(int argc, char** argv) {
   const std::string op = argc > 1 ? argv[1] : "all";
   bool known = false;
-  if (op.rfind("hang_", 0) == 0) return run_hang(op);
+  if (op.rfind("hang_", 0) == 0) {
+    const int rc = run_hang(op);
+    if (rc >= 0) return rc;
+  }
   auto t0 = std::chrono::steady_clock::now();
   if (op == "gram" || op == "all") { run_gram(); known = true; }
   if (op == "ghost_gram" || op == "all") { run_ghost(); known = true; }

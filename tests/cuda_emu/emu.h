@@ -55,45 +55,54 @@ inline dim3 blockDim, gridDim;
 #define __align__(n) alignas(n)
 
 namespace emu {
-// Seconds without any thread passing a barrier after which a launch is called hung (a barrier some
-// thread never reaches: a __syncthreads or warp operation behind a divergent branch, or a thread
-// that left the block early). LINFT_CUDA_EMU_HANG_S overrides it.
+// Seconds every thread of a launch may sit at a barrier with none passing before the launch is
+// called hung (a barrier some thread never reaches: a __syncthreads or warp operation behind a
+// divergent branch, or a thread that left the block early; undefined behaviour on a GPU, where it
+// often hangs). All threads waiting and no barrier completing cannot resolve, so the wait is short;
+// LINFT_CUDA_EMU_HANG_S overrides it.
 inline double hang_seconds() {
   static const double s = [] {
     const char* e = std::getenv("LINFT_CUDA_EMU_HANG_S");
-    return e && std::atof(e) > 0 ? std::atof(e) : 60.0;
+    return e && std::atof(e) > 0 ? std::atof(e) : 10.0;
   }();
   return s;
 }
 
-inline std::atomic<long> barrier_passes{0};  // every pass of every barrier: the watchdog's progress
+inline std::atomic<long> barrier_phases{0};  // completed phases of every barrier: the watchdog's progress
 
 struct NoCompletion {
   void operator()() noexcept {}
 };
 
-// A std::barrier that counts the threads waiting at it, for the watchdog of Launcher (which names
-// the barriers threads are stuck at when no thread has passed one for hang_seconds()).
+// A std::barrier that counts the threads waiting at it and its completed phases, for the watchdog
+// of Launcher (which names the barriers threads are stuck at).
 template <class Completion = NoCompletion>
 class Barrier {
  public:
   Barrier(unsigned count, std::string what, Completion completion = {})
-      : bar_(count, std::move(completion)), count_(count), what_(std::move(what)) {}
+      : bar_(count, Phase{std::move(completion)}), count_(count), what_(std::move(what)) {}
   void arrive_and_wait() {
     waiting_.fetch_add(1, std::memory_order_relaxed);
     bar_.arrive_and_wait();
     waiting_.fetch_sub(1, std::memory_order_relaxed);
-    barrier_passes.fetch_add(1, std::memory_order_relaxed);
   }
+  int waiting() const { return waiting_.load(std::memory_order_relaxed); }
   // "what: k of n threads waiting", or "" when none waits.
   std::string waiters() const {
-    const int k = waiting_.load(std::memory_order_relaxed);
+    const int k = waiting();
     return k ? what_ + ": " + std::to_string(k) + " of " + std::to_string(count_) + " threads waiting"
              : std::string();
   }
 
  private:
-  std::barrier<Completion> bar_;
+  struct Phase {  // runs once per phase, before any thread is released
+    Completion completion;
+    void operator()() noexcept {
+      barrier_phases.fetch_add(1, std::memory_order_relaxed);
+      completion();
+    }
+  };
+  std::barrier<Phase> bar_;
   const unsigned count_;
   const std::string what_;
   std::atomic<int> waiting_{0};
@@ -386,24 +395,27 @@ struct Launcher {
     Barrier<> sync_bar(nt, "__syncthreads");
     Barrier<decltype(between_blocks)> block_bar(nt, "the end of a block", between_blocks);
     bar = &sync_bar;
-    // The watchdog: aborts when threads wait at barriers and none has passed one for hang_seconds().
+    // The watchdog: aborts when every thread has waited at some barrier, with no barrier completing,
+    // for hang_seconds() (nothing can release them: a real deadlock, not a slow phase).
     std::atomic<unsigned> running[3] = {0, 0, 0};  // the block being run (thread 0 sets it)
     std::mutex done_mu;
     std::condition_variable done_cv;
     bool done = false;
     std::thread watchdog([&] {
       using clock = std::chrono::steady_clock;
-      long seen = barrier_passes.load();
+      long seen = barrier_phases.load();
       auto since = clock::now();
       std::unique_lock<std::mutex> lock(done_mu);
       while (!done_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return done; })) {
-        const long passes = barrier_passes.load();
-        if (passes != seen ||
-            std::chrono::duration<double>(clock::now() - since).count() < hang_seconds()) {
-          if (passes != seen) since = clock::now();
-          seen = passes;
+        long waiting = sync_bar.waiting() + block_bar.waiting();
+        for (unsigned w = 0; w < nw; ++w) waiting += warp_state[w].bar->waiting();
+        const long phases = barrier_phases.load();
+        if (waiting < static_cast<long>(nt) || phases != seen) {
+          seen = phases;
+          since = clock::now();
           continue;
         }
+        if (std::chrono::duration<double>(clock::now() - since).count() < hang_seconds()) continue;
         std::string where;
         for (const std::string& w : {sync_bar.waiters(), block_bar.waiters()})
           if (!w.empty()) where += (where.empty() ? "" : "; ") + w;
@@ -411,10 +423,10 @@ struct Launcher {
           const std::string v = warp_state[w].bar->waiters();
           if (!v.empty()) where += (where.empty() ? "" : "; ") + v;
         }
-        if (where.empty()) continue;  // threads computing for that long, none waiting: not a hang
-        fprintf(stderr, "EMU: hung at %s (block (%u,%u,%u); no barrier passed for %.0f s: a barrier "
-                "behind a divergent branch, or threads that left the block early)\n", where.c_str(),
-                running[0].load(), running[1].load(), running[2].load(), hang_seconds());
+        fprintf(stderr, "EMU: hung at %s (block (%u,%u,%u); every thread waiting for %.0f s: a "
+                "barrier behind a divergent branch, or threads that left the block early)\n",
+                where.c_str(), running[0].load(), running[1].load(), running[2].load(),
+                hang_seconds());
         std::abort();
       }
     });

@@ -146,8 +146,10 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     # lose the autotuning; but every form of every kernel in the usual (aligned) launch must keep at
     # least one candidate that does not spill.
     reports = reports_of(proc)
-    if any(rep is None for _, _, rep, _ in reports):
+    missing = [(name, label) for name, label, rep, _ in reports if rep is None]
+    if len(missing) == len(reports):
         pytest.skip("compiled; this Triton hands out no ptxas log (knobs.nvidia.dump_ptxas_log): spills unchecked")
+    assert not missing, f"no ptxas report for {missing} (a Triton cache hit? TRITON_CACHE_DIR is fresh)"
     forms = {}
     for name, label, rep, aligned in reports:
         if aligned:

@@ -98,9 +98,10 @@ def test_cuda_kernel_emulated(emu_driver, op):
     assert int(m.group(4)) > 0 and int(m.group(5)) > 0, m.group(0)  # kernels were launched
 
 
-# A kernel whose barrier some threads never reach hangs a GPU; the emulator must say which barriers
-# threads wait at and how many, and abort (once no barrier has passed for LINFT_CUDA_EMU_HANG_S
-# seconds) instead of running into the subprocess timeout. Blocks of 64 threads: 40 reach the
+# A kernel whose barrier some threads never reach (undefined behaviour; a GPU often hangs) must be
+# treated as hung: the emulator says which barriers threads wait at and how many, and aborts (once
+# every thread has waited, none passing, for LINFT_CUDA_EMU_HANG_S seconds) instead of running into
+# the subprocess timeout. Blocks of 64 threads: 40 reach the
 # __syncthreads, half of each warp the shuffle, all but one thread (which returned early) the
 # __syncthreads; the rest wait at the end of the block.
 @pytest.mark.parametrize("op,where", [
