@@ -254,6 +254,18 @@ def _shape_str(dims: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in dims.items())
 
 
+def _native_cpu(op: str, out: torch.Tensor, *args) -> torch.Tensor:
+    """out after the native CPU library's `op` added into it (linft_kernels._native, bypassing the
+    dispatch to torch's GEMM that same-dtype fp32 takes)."""
+    from linft_kernels import _native
+    if op == "gram":
+        _native.gram(_native.cpu_lib(), *args, out)
+    else:
+        x1, g1, m1, x2, g2, m2, kernel = args
+        _native.psg_gram(_native.cpu_lib(), x1, g1, m1, x2, g2, m2, out, kernel)
+    return out
+
+
 def build_op_case(case: dict, device: torch.device):
     """Inputs, candidate functions (per backend), baseline functions and the FLOP count."""
     import linft_kernels as lk
@@ -273,6 +285,10 @@ def build_op_case(case: dict, device: torch.device):
         fl = FL.gram(N, P, M)
         for be in _backends(device, heavy):
             cands.append((be, lambda be=be: lk.gram(a, b, backend=be)))
+        if device.type == "cpu" and dt == torch.float32:
+            # the hand-written kernel itself: same-dtype fp32 dispatches to torch's GEMM (linft_kernels._blas)
+            cands.append(("cpu [native kernel]", lambda: _native_cpu("gram", torch.zeros(N, N if M is None else M),
+                                                                     a, b)))
         if b is None:
             bases.append((f"torch a@a.T [{native}]", lambda: a @ a.T))
             if dt != torch.float32 and dt != torch.float64:
@@ -313,6 +329,9 @@ def build_op_case(case: dict, device: torch.device):
             fl = FL.psg_gram(N, T, d_in, d_out, M, S)
             for be in _backends(device, heavy):
                 cands.append((be, lambda be=be: lk.psg_gram(x1, g1, x2, g2, kernel=kernel, backend=be)))
+            if device.type == "cpu" and dt == torch.float32:  # the hand-written kernel (see gram above)
+                cands.append(("cpu [native kernel]", lambda: _native_cpu(
+                    "psg_gram", torch.zeros(N, N if M is None else M), x1, g1, None, x2, g2, None, kernel)))
             if lowp:  # F rounded to the factors' dtype, as the bf16 baseline's (its Gram on AMX / tensor cores)
                 for tiled in (("triton", "cuda") if device.type == "cuda" else ("cpu",)):
                     if tiled in _backends(device, heavy):
