@@ -14,9 +14,10 @@ Method
   achieved GFLOP/s of the op's counted FLOP (bench/flops.py) and the machine's measured GEMM peak of
   the same dtype (bench/machine.py), measured in the same run; process CPU time as a secondary measure;
   peak memory of a call above what was there before it (CUDA: the allocator's high-water mark over the
-  timed calls; CPU: the resident set's, in one more untimed call after malloc_trim, see _cpu_peak_bytes). Baselines: a @ a.T (a @ b.T) and
-  torch.einsum for gram; the materializing einsum (and the T x S ghost einsum) for ghost_gram and
-  psg_gram. Correctness: max |candidate - baseline| / max |baseline| of the last call.
+  timed calls; CPU: the resident set's, in one more untimed call after malloc_trim, see
+  _cpu_peak_bytes). Baselines: a @ a.T (a @ b.T) and torch.einsum for gram; the materializing einsum
+  (and the T x S ghost einsum) for ghost_gram and psg_gram. Correctness: max |candidate - baseline| /
+  max |baseline| of the last call.
 * ntk: every measurement runs in its own subprocess (`--worker`), which builds the model, warms up on
   two samples, resets the peak-RSS mark (/proc/self/clear_refs), runs the measured call once and
   reports wall time and peak RSS above the RSS after the model build and warm-up (ru_maxrss).
@@ -223,8 +224,8 @@ def op_cases(device: str, quick: bool) -> list[dict]:
             for k in ("sgd", "signgd"):
                 add("psg_gram_sym", "psg_gram", dict(N=64, T=128, d_in=512, d_out=512), dt, k, reps=3)
         add("psg_gram_cross", "psg_gram", dict(N=64, M=32, T=128, d_in=512, d_out=512), f32, "sgd", reps=3)
-        # The headline (issue target >= 1.6x over a @ a.T), last: ~5-8 s per call on 2 cores, one
-        # warm-up round and 5 rounds of 3 functions (linft, a @ a.T, einsum): ~2 minutes.
+        # The headline (issue target >= 1.6x over a @ a.T), last: ~3-8 s per call on 2 cores, one
+        # warm-up round and 5 rounds of 4 functions (linft, its native kernel, a @ a.T, einsum): ~2 min.
         add("gram_sym_headline", "gram", dict(N=4096, P=65536), f32, reps=5, heavy=True)
         return cases
     # CUDA
