@@ -385,17 +385,13 @@ def _pipelined_fields(piped: dict, cand: str, base: str, flops: float, peak_gflo
             "pipelined_pct_of_peak": (100 * flops / c / 1e9 / peak_gflops) if peak_gflops else None}
 
 
-def _triton_chosen(forget: bool = False) -> dict | None:
-    """linft's Triton autotune choices since the last forget=True call ({kernel: {family: config}}),
-    None without Triton or choices."""
+def _triton_autotune():
+    """linft's Triton autotune module (forget_chosen / chosen_configs), None without Triton."""
     try:
-        from linft_kernels.triton._autotune import chosen_configs, forget_chosen
+        from linft_kernels.triton import _autotune
     except Exception:  # Triton missing or unusable here: no Triton rows either
         return None
-    if forget:
-        forget_chosen()
-        return None
-    return chosen_configs() or None
+    return _autotune
 
 
 def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: str | None = None,
@@ -403,6 +399,7 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
     """The ops sweep; `on_rows(rows)` is called with the rows so far after each case (partial saves).
     only: comma list of substrings of case names; dtypes: comma list of dtype names (bfloat16, float32)."""
     rows = []
+    tune = _triton_autotune()
     names = [s for s in (only or "").split(",") if s]
     kinds = [s for s in (dtypes or "").split(",") if s]
     for case in op_cases(device.type, quick):
@@ -417,7 +414,8 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
         load0 = machine.load_average()
         t_case = time.perf_counter()
         inputs, cands, bases, fl = build_op_case(case, device)
-        _triton_chosen(forget=True)  # rows record only this case's autotune choices
+        if tune is not None:
+            tune.forget_chosen()  # rows record only this case's autotune choices
         fns = [(f"cand:{n}", f) for n, f in cands] + [(f"base:{n}", f) for n, f in bases]
         # Interleave candidates and baselines: c0, b0, c1, b1, ...
         inter = []
@@ -426,7 +424,7 @@ def run_ops(device: torch.device, quick: bool, peaks: dict, meta: dict, only: st
             inter += cs[i:i + 1] + bs[i:i + 1]
         res = alternate(inter, device, reps=case["reps"], warmup=1, budget_s=300 if case["heavy"] else 120)
         piped = _pipelined(inter, device) if not case["heavy"] else {}
-        chosen = _triton_chosen()
+        chosen = (tune.chosen_configs() or None) if tune is not None else None
         load1 = machine.load_average()
         ref_name = f"base:{bases[0][0]}"
         ref = res[ref_name]["result"]

@@ -9,8 +9,9 @@ psg_gram's features kernel: see _autotune), so a config that cannot lower fails 
 Each variant is compiled with the alignment Triton's JIT finds in the usual launch (`aligned`):
 every pointer 16-byte aligned and the feature widths (P, D_IN, D_OUT, K_SPLIT) multiples of 16,
 which lets it vectorize loads and stores (the JIT marks any other integer argument that happens to
-be a multiple of 16 too, e.g. N or T; those are left unmarked here); the first variant of each kernel and dtype combo also without those
-hints (odd widths or offsets: the fallback must compile too). The ptxas report is {"registers",
+be a multiple of 16 too, e.g. N or T; those are left unmarked here); the first variant of each
+kernel and dtype combo also without those hints (odd widths or offsets: the fallback must compile
+too). The ptxas report is {"registers",
 "stack", "spill_stores", "spill_loads"} from the `ptxas -v` log of Triton's own cubin step (None
 where this Triton cannot hand out that log, or the kernel came from Triton's cache: give it an
 empty TRITON_CACHE_DIR). It needs the real (non-interpreted) JIT functions: call it in a process

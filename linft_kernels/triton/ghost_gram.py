@@ -131,16 +131,16 @@ def _t_slices(pairs: int, T: int, sms: int | None, t_chunk: int | None) -> tuple
     if t_chunk is not None:
         if t_chunk < 1:
             raise ValueError(f"t_chunk must be >= 1, got {t_chunk}")
-        if -(-T // t_chunk) > _MAX_GRID_Z:
+        if triton.cdiv(T, t_chunk) > _MAX_GRID_Z:
             raise ValueError(f"t_chunk={t_chunk} cuts T={T} into more than {_MAX_GRID_Z} slices")
-        return -(-T // t_chunk), t_chunk
+        return triton.cdiv(T, t_chunk), t_chunk
     if sms is None:
         return 1, T
-    slices = min(-(-T // T_UNIT), -(-(_SPLIT_PROGRAMS * sms) // max(1, pairs)))
+    slices = min(triton.cdiv(T, T_UNIT), triton.cdiv(_SPLIT_PROGRAMS * sms, max(1, pairs)))
     if slices <= 1:
         return 1, T
-    chunk = -(-(-(-T // slices)) // T_UNIT) * T_UNIT  # T / slices rounded up to a T_UNIT multiple
-    return -(-T // chunk), chunk
+    chunk = triton.cdiv(triton.cdiv(T, slices), T_UNIT) * T_UNIT  # T / slices up to a T_UNIT multiple
+    return triton.cdiv(T, chunk), chunk
 
 
 def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, m1: torch.Tensor | None,

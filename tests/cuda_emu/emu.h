@@ -416,13 +416,11 @@ struct Launcher {
           continue;
         }
         if (std::chrono::duration<double>(clock::now() - since).count() < hang_seconds()) continue;
+        std::vector<std::string> parts = {sync_bar.waiters(), block_bar.waiters()};
+        for (unsigned w = 0; w < nw; ++w) parts.push_back(warp_state[w].bar->waiters());
         std::string where;
-        for (const std::string& w : {sync_bar.waiters(), block_bar.waiters()})
-          if (!w.empty()) where += (where.empty() ? "" : "; ") + w;
-        for (unsigned w = 0; w < nw; ++w) {
-          const std::string v = warp_state[w].bar->waiters();
-          if (!v.empty()) where += (where.empty() ? "" : "; ") + v;
-        }
+        for (const std::string& p : parts)
+          if (!p.empty()) where += (where.empty() ? "" : "; ") + p;
         fprintf(stderr, "EMU: hung at %s (block (%u,%u,%u); every thread waiting for %.0f s: a "
                 "barrier behind a divergent branch, or threads that left the block early)\n",
                 where.c_str(), running[0].load(), running[1].load(), running[2].load(),
