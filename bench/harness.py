@@ -267,6 +267,19 @@ def _native_cpu(op: str, out: torch.Tensor, *args) -> torch.Tensor:
     return out
 
 
+def _without_wgmma(fn):
+    """fn() with the native CUDA gram on its mma.sync kernel (LINFT_CUDA_GRAM_WGMMA=0, read per call)."""
+    before = os.environ.get("LINFT_CUDA_GRAM_WGMMA")
+    os.environ["LINFT_CUDA_GRAM_WGMMA"] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["LINFT_CUDA_GRAM_WGMMA"]
+        else:
+            os.environ["LINFT_CUDA_GRAM_WGMMA"] = before
+
+
 def build_op_case(case: dict, device: torch.device):
     """Inputs, candidate functions (per backend), baseline functions and the FLOP count."""
     import linft_kernels as lk
@@ -290,6 +303,11 @@ def build_op_case(case: dict, device: torch.device):
             # the hand-written kernel itself: same-dtype fp32 dispatches to torch's GEMM (linft_kernels._blas)
             cands.append(("cpu [native kernel]", lambda: _native_cpu("gram", torch.zeros(N, N if M is None else M),
                                                                      a, b)))
+        if device.type == "cuda" and dt in (torch.bfloat16, torch.float16) and "cuda" in _backends(device, heavy):
+            from linft_kernels import _native
+            if _native.cuda_lib().gram_tensor_core_path() == "wgmma":
+                # the sm_80 kernel beside the Hopper one, same process (the switch is read per call)
+                cands.append(("cuda [mma.sync]", lambda: _without_wgmma(lambda: lk.gram(a, b, backend="cuda"))))
         if b is None:
             bases.append((f"torch a@a.T [{native}]", lambda: a @ a.T))
             if dt != torch.float32 and dt != torch.float64:

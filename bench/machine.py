@@ -102,6 +102,12 @@ def hardware(device: str = "cpu") -> dict:
         hw["gpu_mem_bytes"] = p.total_memory
         hw["gpu_capability"] = f"{p.major}.{p.minor}"
         hw["gpu_count"] = torch.cuda.device_count()
+        try:  # which tensor-core kernel the native CUDA gram runs here (wgmma, mma.sync)
+            from linft_kernels import _native
+            lib = _native.cuda_lib()
+            hw["native_cuda_gram"] = lib.gram_tensor_core_path() if lib else None
+        except Exception as e:  # the row says why
+            hw["native_cuda_gram"] = f"{type(e).__name__}: {e}"
     return hw
 
 

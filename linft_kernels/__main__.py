@@ -20,6 +20,16 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _cuda_info(cuda) -> dict:
+    info = {**cuda.build_info(), "visible_gpus": _native.cuda_device_count()}
+    if info["visible_gpus"]:
+        try:  # the tensor-core kernel of gram on the current device (a CUDA call)
+            info["gram_tensor_cores"] = cuda.gram_tensor_core_path()
+        except Exception as e:
+            info["gram_tensor_cores"] = f"{type(e).__name__}: {e}"
+    return info
+
+
 def report() -> dict:
     cpu, cuda = _native.cpu_lib(), _native.cuda_lib()
     return {
@@ -31,8 +41,7 @@ def report() -> dict:
         "triton": _version("triton"),
         "build": _native.build_info(),
         "native_cpu": cpu.build_info() if cpu else f"unavailable: {_native.load_error('_C_cpu')}",
-        "native_cuda": ({**cuda.build_info(), "visible_gpus": _native.cuda_device_count()}
-                        if cuda else f"unavailable: {_native.load_error('_C_cuda')}"),
+        "native_cuda": _cuda_info(cuda) if cuda else f"unavailable: {_native.load_error('_C_cuda')}",
         "backends": _dispatch.table(),
     }
 

@@ -94,6 +94,12 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("d_out"), py::arg("dtype"), py::arg("out_dtype"), py::arg("kernel"),
       py::arg("tile_dtype") = -1, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
 
+  m.def(
+      "gram_tensor_core_path", []() { return std::string(linft::cuda::gram_tensor_core_path()); },
+      "The tensor-core kernel gram runs for 16-bit inputs into an fp32 out on the current device: "
+      "'wgmma' (sm_90a code on a 9.0 GPU), 'mma.sync' (sm_80+) or 'cuda cores'. Makes CUDA calls "
+      "(once per device a probe kernel, waited for); LINFT_CUDA_GRAM_WGMMA=0 turns wgmma off");
+
   m.def("device_count", &device_count,
         "Number of visible CUDA devices; 0 when no GPU or driver is present (never raises)");
 

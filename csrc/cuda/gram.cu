@@ -1,6 +1,14 @@
 // gram: out[N, M] += a[N, P] @ b[M, P]^T (csrc/README.md).
 //
-// Two kernels; the launcher picks one per call.
+// Three kernels; the launcher picks one per call.
+//
+// gram_wgmma_kernel (the same inputs as gram_mma_kernel below, on a compute capability 9.0 GPU
+// running this library's sm_90a code): Hopper's warpgroup MMA. The same 128x128 output tiles,
+// split-K and epilogue as gram_mma_kernel; two warpgroups each compute a 64x128 half as
+// wgmma.mma_async m64n128k16 (64 fp32 accumulators per thread) with both operands read from shared
+// memory through descriptors (wgmma.cuh). K advances in chunks of 64: one 128-byte swizzled row per
+// operand row, staged by 16-byte cp.async copies in a 3-stage pipeline (96 KiB), two blocks per SM
+// so that one block's copies and barriers overlap the other's MMAs.
 //
 // gram_mma_kernel (bf16 / fp16 inputs, fp32 out, sm_80+, 16-byte aligned a and b, P % 8 == 0):
 // tensor cores. A block of 256 threads (8 warps, 2 x 4) computes a 128x128 output tile; each warp a
@@ -28,6 +36,7 @@
 
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 #include "linft/cuda_kernels.h"
 
 #define LINFT_STR2(...) #__VA_ARGS__
@@ -164,6 +173,138 @@ gram_mma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restr
 #endif
 }
 
+// ---------------------------------------------------------------- Hopper path (sm_90a)
+struct GramWg {
+  static constexpr int kTile = 128;                       // output tile edge (= kMmaTile)
+  static constexpr int kK = kSwizzleK;                    // K chunk: one 128-byte swizzled row
+  static constexpr int kStages = 3;
+  static constexpr int kOperandBytes = kTile * kK * 2;    // one operand's rows of one stage: 16 KiB
+  static constexpr int kStageBytes = 2 * kOperandBytes;
+  // the stages, plus the slack to align them to a swizzle atom (dynamic shared memory is only
+  // 16-byte aligned)
+  static constexpr size_t kSmemBytes = kStages * kStageBytes + kSwizzleAtom - 16;
+  static_assert(kThreads == 2 * kWgThreads, "two warpgroups of 64 rows each");
+  static_assert(kOperandBytes % kSwizzleAtom == 0, "every operand tile starts on a swizzle atom");
+};
+static_assert(GramWg::kTile == kMmaTile, "both tensor-core kernels share the tile plan");
+
+// Block (blockIdx.x, blockIdx.y + tile_row_offset) of 128x128 tiles, K range blockIdx.z; splits == 1
+// adds into out, otherwise the partial tile goes to ws[blockIdx.z] (as gram_mma_kernel).
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2)
+gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
+                  float* __restrict__ ws, int64_t N, int64_t M, int64_t P, int64_t k_per_split,
+                  int64_t tile_row_offset, int symmetric) {
+#if LINFT_WGMMA_ENABLED || !defined(__CUDA_ARCH__)  // host pass and emulation: the body parses
+  const int64_t ti = static_cast<int64_t>(blockIdx.y) + tile_row_offset;
+  const int64_t tj = static_cast<int64_t>(blockIdx.x);
+  if (symmetric && tj < ti) return;  // whole block: uniform, before any barrier
+
+  LINFT_DYNAMIC_SMEM(smem_raw);
+  const uint32_t raw = smem_u32(smem_raw);
+  unsigned char* const smem = smem_raw + (kSwizzleAtom - raw % kSwizzleAtom) % kSwizzleAtom;
+  const uint32_t base = smem_u32(smem);
+  const int64_t row0 = ti * GramWg::kTile;
+  const int64_t col0 = tj * GramWg::kTile;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
+  const int64_t k_end = (k_begin + k_per_split < P) ? k_begin + k_per_split : P;
+  const int num_k = static_cast<int>((k_end - k_begin + GramWg::kK - 1) / GramWg::kK);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int wg = tid / kWgThreads;
+
+  // Stage s of chunk kt: rows [row0, row0 + 128) of a and [col0, col0 + 128) of b, K [k0, k0 + 64),
+  // into two swizzled operand tiles: 1024 chunks of 16 bytes per operand, 4 per thread; thread tid
+  // copies chunk tid % 8 of rows tid / 8 + 32 r (8 consecutive threads: one row's 128 bytes), whose
+  // swizzled place differs by r only in the row offset. Rows past N / M and chunks past k_end are
+  // zero-filled. Everything that stays the same over the chunks is computed once (registers: the
+  // 64 accumulators leave few).
+  const int rt = tid >> 3, ch = tid & 7;
+  const uint32_t dst0 = swizzle128(rt, ch);
+  const int64_t k_first = k_begin + ch * 8;
+  const T* const a_src = a + (row0 + rt) * P + k_first;
+  const T* const b_src = b + (col0 + rt) * P + k_first;
+  const int64_t a_left = N - row0 - rt, b_left = M - col0 - rt;  // rows this thread may copy: r * 32 < left
+  auto load = [&](int kt, int s) {
+    unsigned char* stage = smem + s * GramWg::kStageBytes + dst0;
+    const int64_t kk = static_cast<int64_t>(kt) * GramWg::kK;
+    const bool k_ok = k_first + kk < k_end;
+#pragma unroll
+    for (int r = 0; r < (GramWg::kTile * 8) / kThreads; ++r) {
+      const int64_t off = static_cast<int64_t>(r) * 32 * P + kk;
+      const bool a_ok = k_ok && r * 32 < a_left, b_ok = k_ok && r * 32 < b_left;
+      cp_async16(stage + r * 32 * 128, a_ok ? a_src + off : a, a_ok ? 16 : 0);
+      cp_async16(stage + GramWg::kOperandBytes + r * 32 * 128, b_ok ? b_src + off : b, b_ok ? 16 : 0);
+    }
+  };
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  auto use = [&](int s) {
+    // this warpgroup's 64 rows of the A tile (8 swizzle atoms further per warpgroup), all of B
+    const uint32_t sa = base + s * GramWg::kStageBytes + wg * 64 * 128;
+    const uint32_t sb = base + s * GramWg::kStageBytes + GramWg::kOperandBytes;
+    wgmma_fence(acc);
+#pragma unroll
+    for (int ks = 0; ks < GramWg::kK / 16; ++ks)  // k16 steps: the descriptors' start moves 32 bytes
+      wgmma_m64n128k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
+    wgmma_commit();
+    wgmma_wait<0>(acc);  // done reading stage s (the pipeline overwrites it next)
+  };
+  cp_async_pipeline<GramWg::kStages>(num_k, load, use, [] { fence_proxy_async(); });
+
+  // Epilogue through shared memory (the stages are free once both warpgroups are done): the tile
+  // is staged as 128 rows of 129 floats (padded: column reads are conflict-free), then added into
+  // out row by row, coalesced; the symmetric form's mirror is added column by column of the tile,
+  // which is again row by row of out. Thread (warp w of its warpgroup, g = lane / 4, t = lane % 4)
+  // holds rows g and g + 8 of the warp's 16 rows, columns 8 j + 2 t and 8 j + 2 t + 1 (wgmma.cuh).
+  __syncthreads();  // the other warpgroup may still be reading the last stage
+  constexpr int kLdT = GramWg::kTile + 1;
+  static_assert(sizeof(float) * GramWg::kTile * kLdT <= GramWg::kStages * GramWg::kStageBytes,
+                "the staged tile fits in the pipeline's stages");
+  float* const tile = reinterpret_cast<float*>(smem);
+  {
+    const int lane = tid & 31, w = (tid % kWgThreads) >> 5;
+    const int r = wg * 64 + w * 16 + (lane >> 2), c = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) tile[(r + (q >> 1) * 8) * kLdT + 8 * j + c + (q & 1)] = acc[4 * j + q];
+  }
+  __syncthreads();
+  const bool split = gridDim.z > 1;
+  float* const dst = split ? ws + static_cast<int64_t>(blockIdx.z) * N * M : out;
+  const int rows = static_cast<int>(N - row0 < GramWg::kTile ? N - row0 : GramWg::kTile);
+  const int cols = static_cast<int>(M - col0 < GramWg::kTile ? M - col0 : GramWg::kTile);
+  // out[row0 + r, col0 + c] (+)= tile[r][c]; symmetric: only where row0 + r <= col0 + c (the
+  // reduce kernel of a split mirrors the splits' sum itself)
+  for (int e = tid; e < GramWg::kTile * GramWg::kTile; e += kThreads) {
+    const int r = e / GramWg::kTile, c = e % GramWg::kTile;
+    if (r >= rows || c >= cols) continue;
+    const int64_t i = row0 + r, jj = col0 + c;
+    const float v = tile[r * kLdT + c];
+    if (split)
+      dst[i * M + jj] = v;
+    else if (!symmetric || i <= jj)
+      dst[i * M + jj] += v;
+  }
+  if (symmetric && !split) {
+    // out[col0 + c, row0 + r] += tile[r][c] where row0 + r < col0 + c: the same value as above, so
+    // a symmetric out stays exactly symmetric
+    for (int e = tid; e < GramWg::kTile * GramWg::kTile; e += kThreads) {
+      const int c = e / GramWg::kTile, r = e % GramWg::kTile;
+      if (r >= rows || c >= cols) continue;
+      const int64_t i = row0 + r, jj = col0 + c;
+      if (i < jj) out[jj * M + i] += tile[r * kLdT + c];
+    }
+  }
+#else
+  __trap();  // the launcher picks this kernel only where the sm_90a code is what runs
+#endif
+}
+
+// Writes 1 when the code that runs on this device is sm_90a's (wgmma available), else 0.
+__global__ void sm90a_probe_kernel(int* flag) { *flag = LINFT_WGMMA_ENABLED; }
+
 // out[i, j] += sum over splits s (in order) of ws[s, i, j]; symmetric: only i <= j, mirrored.
 __global__ void __launch_bounds__(kThreads)
 gram_reduce_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t N, int64_t M,
@@ -207,18 +348,26 @@ TilePlan plan_tiles(int64_t N, int64_t M, int64_t P, bool symmetric, int64_t til
 }
 
 // Tensor-core launch (see the top of the file); the caller checked dtype, alignment and P % 8.
-template <class T>
+// Wg: gram_wgmma_kernel (the caller checked wgmma_device), else gram_mma_kernel.
+template <class T, bool Wg>
 void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t P, bool symmetric,
               cudaStream_t s, const char* op) {
   // Split K when there are few output tiles (aim at ~256 blocks, two per SM of an H100), keeping
   // >= 1024 of K per split. Not tuned on a GPU yet.
-  const TilePlan tp = plan_tiles(N, M, P, symmetric, kMmaTile, GramMma::kK, 256, 1024, op);
+  const int64_t k_step = Wg ? GramWg::kK : GramMma::kK;
+  const TilePlan tp = plan_tiles(N, M, P, symmetric, kMmaTile, k_step, 256, 1024, op);
   const int64_t tiles_n = tp.tiles_n, tiles_m = tp.tiles_m, k_per = tp.k_per, splits = tp.splits;
 
-  // 60 KiB of dynamic shared memory: over the default 48 KiB, so opt in (per device; cheap).
-  check_cuda(cudaFuncSetAttribute(gram_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(GramMma::kSmemBytes)),
-             op, "cudaFuncSetAttribute");
+  // 60 / 97 KiB of dynamic shared memory: over the default 48 KiB, so opt in (per device; cheap).
+  const size_t smem = Wg ? GramWg::kSmemBytes : GramMma::kSmemBytes;
+  if constexpr (Wg)
+    check_cuda(cudaFuncSetAttribute(gram_wgmma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               op, "cudaFuncSetAttribute");
+  else
+    check_cuda(cudaFuncSetAttribute(gram_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               op, "cudaFuncSetAttribute");
   Scratch scratch{nullptr, s};  // freed also when a launch throws
   if (splits > 1)
     check_cuda(cudaMallocAsync(&scratch.p, sizeof(float) * static_cast<size_t>(splits * N * M), s), op,
@@ -227,8 +376,12 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
   for (int64_t row_off = 0; row_off < tiles_n; row_off += kMaxGridYZ) {
     const int64_t rows = (tiles_n - row_off < kMaxGridYZ) ? tiles_n - row_off : kMaxGridYZ;
     dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(rows), static_cast<unsigned>(splits));
-    LINFT_LAUNCH(grid, kThreads, GramMma::kSmemBytes, s, gram_mma_kernel<T>)
-    (pa, pb, po, ws, N, M, P, k_per, row_off, symmetric ? 1 : 0);
+    if constexpr (Wg)
+      LINFT_LAUNCH(grid, kThreads, smem, s, gram_wgmma_kernel<T>)
+      (pa, pb, po, ws, N, M, P, k_per, row_off, symmetric ? 1 : 0);
+    else
+      LINFT_LAUNCH(grid, kThreads, smem, s, gram_mma_kernel<T>)
+      (pa, pb, po, ws, N, M, P, k_per, row_off, symmetric ? 1 : 0);
     check_launch(op);
   }
   if (ws != nullptr) {
@@ -277,6 +430,45 @@ bool mma_device(const char* op) {
   return m == 2;
 }
 
+// Whether the current device runs gram_wgmma_kernel: mma_device, compute capability exactly 9.0,
+// and the code loaded for this library's kernels is its sm_90a build (a one-time probe kernel per
+// device, as the function attributes do not tell sm_90 from sm_90a code: a build without 90a in
+// LINFT_CUDA_ARCHS, or a driver that loads the plain sm_90 code, says no). LINFT_CUDA_GRAM_WGMMA=0
+// turns it off; unlike the other switches it is read at every call, so one process can time both.
+bool wgmma_device(const char* op) {
+  const char* e = std::getenv("LINFT_CUDA_GRAM_WGMMA");
+  if (e != nullptr && e[0] == '0') return false;
+  if (!mma_device(op)) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> state[kMaxDevices];  // per device: 0 not probed yet, 1 no, 2 yes
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
+  if (dev < 0 || dev >= kMaxDevices) return false;
+  int m = state[dev].load(std::memory_order_relaxed);
+  if (m == 0) {
+    int major = 0, minor = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), op,
+               "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), op,
+               "cudaDeviceGetAttribute");
+    m = 1;
+    if (major == 9 && minor == 0) {
+      int* flag = nullptr;
+      int host = 0;
+      if (cudaMalloc(reinterpret_cast<void**>(&flag), sizeof(int)) == cudaSuccess) {
+        LINFT_LAUNCH(1, 1, 0, 0, sm90a_probe_kernel)(flag);
+        if (cudaGetLastError() == cudaSuccess &&
+            cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess && host == 1)
+          m = 2;
+        (void)cudaFree(flag);
+      }
+      (void)cudaGetLastError();  // a failed probe means no, and leaves no error behind
+    }
+    state[dev].store(m, std::memory_order_relaxed);
+  }
+  return m == 2;
+}
+
 }  // namespace cuda_detail
 
 namespace cuda {
@@ -300,13 +492,20 @@ void gram(const void* a, const void* b, void* out, int64_t N, int64_t M, int64_t
                          reinterpret_cast<std::uintptr_t>(symmetric ? a : b) % 16 == 0;
   if (mma_shape && mma_device(op)) {
     float* po = static_cast<float*>(out);
-    if (dtype == kBFloat16) {
-      const auto* pa = static_cast<const __nv_bfloat16*>(a);
-      gram_mma(pa, symmetric ? pa : static_cast<const __nv_bfloat16*>(b), po, N, M, P, symmetric, s, op);
-    } else {
-      const auto* pa = static_cast<const __half*>(a);
-      gram_mma(pa, symmetric ? pa : static_cast<const __half*>(b), po, N, M, P, symmetric, s, op);
-    }
+    const bool wg = wgmma_device(op);
+    auto run = [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      const T* pa = static_cast<const T*>(a);
+      const T* pb = symmetric ? pa : static_cast<const T*>(b);
+      if (wg)
+        gram_mma<T, true>(pa, pb, po, N, M, P, symmetric, s, op);
+      else
+        gram_mma<T, false>(pa, pb, po, N, M, P, symmetric, s, op);
+    };
+    if (dtype == kBFloat16)
+      run(Tag<__nv_bfloat16>{});
+    else
+      run(Tag<__half>{});
     return;
   }
 
@@ -329,6 +528,12 @@ void gram(const void* a, const void* b, void* out, int64_t N, int64_t M, int64_t
       check_launch(op);
     }
   });
+}
+
+const char* gram_tensor_core_path() {
+  using namespace cuda_detail;
+  if (!mma_device("gram")) return "cuda cores";
+  return wgmma_device("gram") ? "wgmma" : "mma.sync";
 }
 
 const char* nvcc_version() {

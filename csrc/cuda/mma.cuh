@@ -141,13 +141,19 @@ __device__ __forceinline__ void mma_warp_tile(float (&acc)[MT][4][4], const uint
 }
 
 // ---------------------------------------------------------------- the cp.async pipeline
+struct Nothing {
+  __device__ void operator()() const {}
+};
+
 // Chunk k (of num_k) is copied by load(k, k % Stages) into that stage and handed to use(k % Stages)
-// once every thread's copies of it have landed; the copies of chunk k + Stages - 1 are issued before
-// chunk k is used, so they overlap its mma. Contains barriers (call uniformly). Returns with nothing
-// in flight; a caller that reuses the stages at once still needs a barrier (other warps may be
-// reading the last one).
-template <int Stages, class Load, class Use>
-__device__ __forceinline__ void cp_async_pipeline(int num_k, Load&& load, Use&& use) {
+// once every thread's copies of it have landed (and landed() has run in every thread after its
+// own copies landed: wgmma's proxy fence); the copies of chunk k + Stages - 1 are issued before
+// chunk k is used, so they overlap its mma. use(s) must be done reading stage s when it returns.
+// Contains barriers (call uniformly). Returns with nothing in flight; a caller that reuses the
+// stages at once still needs a barrier (other warps may be reading the last one).
+template <int Stages, class Load, class Use, class Landed = Nothing>
+__device__ __forceinline__ void cp_async_pipeline(int num_k, Load&& load, Use&& use,
+                                                  Landed&& landed = Landed{}) {
 #pragma unroll
   for (int s = 0; s < Stages - 1; ++s) {
     if (s < num_k) load(s, s);
@@ -155,6 +161,7 @@ __device__ __forceinline__ void cp_async_pipeline(int num_k, Load&& load, Use&& 
   }
   for (int kt = 0; kt < num_k; ++kt) {
     cp_async_wait<Stages - 2>();  // this thread's copies of chunk kt have landed
+    landed();
     __syncthreads();              // everyone's have; and chunk kt-1's stage is free again
     const int pre = kt + Stages - 1;
     if (pre < num_k) load(pre, pre % Stages);

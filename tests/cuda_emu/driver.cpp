@@ -122,6 +122,13 @@ const char* dname(int dt) {
 // seen as two distinct dynamic shared memory sizes among the launches.
 enum class Path { any, ffma, mma, mma_split, mma_both };
 
+// The tensor-core gram kernels' dynamic shared memory (csrc/cuda/gram.cu): gram_wgmma_kernel (the
+// emulated 9.0 device, device 0) 3 stages of 2 x 128 x 64 halves plus 1008 bytes of alignment
+// slack; gram_mma_kernel (the 8.0 device, device 2) 3 stages of 2 x 128 x 40 halves.
+constexpr size_t kGramWgmmaSmem = 3 * 2 * 128 * 64 * 2 + 1008;
+constexpr size_t kGramMmaSmem = 3 * 2 * 128 * 40 * 2;
+constexpr int kDeviceSm80 = 2;
+
 // psg_gram's phase 1 on tensor cores with the 16-byte cp.async pipeline launches with this much
 // dynamic shared memory (csrc/cuda/psg_gram.cu, kF1MmaAsyncSmemBytes: 3 stages of 2 x 32 x 136 halves).
 constexpr size_t kPsgAsyncSmem = 3 * 2 * 32 * 136 * 2;
@@ -150,7 +157,8 @@ void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::
     }
   char name[240];
   snprintf(name, sizeof name, "gram N=%d M=%d P=%d %s in=%s out=%s%s%s%s", N, M, P, sym ? "sym" : "cross",
-           dname(dt), od ? "f64" : "f32", offset ? " misaligned" : "", device ? " sm75" : "",
+           dname(dt), od ? "f64" : "f32", offset ? " misaligned" : "",
+           device == 1 ? " sm75" : device == kDeviceSm80 ? " sm80" : " sm90",
            path == Path::ffma ? " [ffma]" : path == Path::mma ? " [mma]" : path == Path::mma_split ? " [mma split-K]" : "");
   const void* pa = a.raw.data() + (size_t)offset * Buf::esize(dt);
   emu::launch_log.clear();
@@ -165,7 +173,9 @@ void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::
     const bool mma = !log.empty() && log[0].smem > 0;
     const bool split = mma && log[0].grid.z > 1;
     const bool want_mma = path == Path::mma || path == Path::mma_split;
-    const bool ok = mma == want_mma && split == (path == Path::mma_split) &&
+    // the 9.0 device runs the wgmma kernel, the 8.0 one the mma.sync kernel
+    const bool right_kernel = !mma || log[0].smem == (device == 0 ? kGramWgmmaSmem : kGramMmaSmem);
+    const bool ok = mma == want_mma && split == (path == Path::mma_split) && right_kernel &&
                     log.size() == (size_t)(split ? 2 : 1) && emu::live_allocs == 0;
     char d[200];
     snprintf(d, sizeof d, "%zu launches, first grid (%u,%u,%u) smem %zu, %ld allocations left", log.size(),
@@ -397,6 +407,14 @@ void expect_noop(const std::string& what, const std::function<void(float*)>& f) 
 
 void run_gram() {
   rng.seed(101);
+  // Which tensor-core kernel each emulated device runs (this also runs the one-time sm_90a probe,
+  // whose launch would otherwise count among a case's launches).
+  for (auto [dev, want] : {std::pair<int, const char*>{0, "wgmma"}, {1, "cuda cores"}, {kDeviceSm80, "mma.sync"}}) {
+    emu::device = dev;
+    const std::string got = linft::cuda::gram_tensor_core_path();
+    report(got == want, "gram tensor-core path of device " + std::to_string(dev), got, 0);
+  }
+  emu::device = 0;
   for (int dt = 0; dt < 4; ++dt)
     for (int od = 0; od < 2; ++od) {
       test_gram(1, 1, 1, false, dt, od);
@@ -414,21 +432,30 @@ void run_gram() {
   // 2x2 tiles with a mirrored off-diagonal tile, split-K through the workspace, symmetric outputs
   // that must stay exactly symmetric. Tolerance (compare): fp32 out, 2e-5 of sum |a_ip b_jp| +
   // |out_ij|; the products of 16-bit inputs are exact, so this bounds fp32 accumulation only.
+  // Each tensor-core case runs on the 9.0 device (wgmma: K chunks of 64, so P = 72 / 200 / 392 use
+  // 2 / 4 / 7 chunks, the last partial) and on the 8.0 one (mma.sync: chunks of 32).
+  for (int dt : {3, 2})
+    for (int dev : {0, kDeviceSm80}) {
+    test_gram(1, 1, 8, true, dt, 0, Path::mma, 0, true, dev);
+    test_gram(5, 3, 8, false, dt, 0, Path::mma, 0, false, dev);
+    test_gram(37, 21, 40, false, dt, 0, Path::mma, 0, false, dev);
+    test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true, dev);   // 3 upper tiles of 128
+    test_gram(20, 150, 96, false, dt, 0, Path::mma, 0, false, dev);  // 1x2 tiles
+    test_gram(71, 100, 200, false, dt, 0, Path::mma, 0, false, dev); // rows of both warpgroups
+    test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true, dev);  // every stage reused twice
+    test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true, dev);  // 2 splits
+    }
   for (int dt : {3, 2}) {
-    test_gram(1, 1, 8, true, dt, 0, Path::mma, 0, true);
-    test_gram(5, 3, 8, false, dt, 0, Path::mma);
-    test_gram(37, 21, 40, false, dt, 0, Path::mma);
-    test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true);   // 3 upper tiles of 128, 3 K chunks
-    test_gram(20, 150, 96, false, dt, 0, Path::mma);            // 1x2 tiles
-    test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true);  // 2 splits of 544
     // Fallbacks to the FFMA kernel, each still checked against the reference.
     test_gram(37, 21, 40, false, dt, 1, Path::ffma);            // fp64 out: fp64 accumulation
     test_gram(9, 9, 36, true, dt, 0, Path::ffma, 0, true);      // P % 8 != 0
     test_gram(9, 7, 40, false, dt, 0, Path::ffma, 1);           // base not 16-byte aligned
     test_gram(9, 7, 40, false, dt, 0, Path::ffma, 0, false, 1); // compute capability 7.5
   }
-  test_gram(9, 40, 1040, false, 3, 0, Path::mma_split);          // cross split-K
-  test_gram(140, 3, 24, false, 2, 0, Path::mma);                 // 2x1 tiles
+  for (int dev : {0, kDeviceSm80}) {
+    test_gram(9, 40, 1040, false, 3, 0, Path::mma_split, 0, false, dev);  // cross split-K
+    test_gram(140, 3, 24, false, 2, 0, Path::mma, 0, false, dev);         // 2x1 tiles
+  }
   test_gram(9, 7, 40, false, 0, 0, Path::ffma);                  // fp32 inputs
   std::vector<float> buf(4);
   expect_invalid("gram bad dtype", [&] { linft::cuda::gram(buf.data(), nullptr, buf.data(), 2, 2, 1, 7, 0, 0); });

@@ -9,8 +9,9 @@
 // __shared__ is `static` (one block at a time), atomicAdd takes a global mutex. Warp-level
 // operations (ldmatrix, mma.sync, see csrc/cuda/mma.cuh) exchange fragments through a per-warp
 // scratch area and a per-warp barrier of its 32 threads; cp.async copies are queued per thread and
-// done at cp.async.wait_group. Only the fp16 / bf16 types and their conversions come from the CUDA
-// headers.
+// done at cp.async.wait_group, wgmma (csrc/cuda/wgmma.cuh) likewise at wgmma.wait_group, each thread
+// reading its fragment's operands through the descriptors. Only the fp16 / bf16 types and their
+// conversions come from the CUDA headers.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -125,9 +126,11 @@ constexpr size_t kDefaultDynSmem = 48 * 1024;
 constexpr size_t kMaxDynSmem = 227 * 1024;  // sm_90 opt-in limit
 
 // Emulated devices (cudaGetDevice / cudaDeviceGetAttribute in emu_rt.cpp): `device` is the current
-// one; device 0 is compute capability 9.0, device 1 is 7.5 (no cp.async, no bf16 mma).
+// one; device 0 is compute capability 9.0 (wgmma: the kernels' sm_90a code is what it runs), device
+// 1 is 7.5 (no cp.async, no bf16 mma), device 2 is 8.0 (mma.sync, no wgmma).
 inline int device = 0;
-constexpr int kDeviceCcMajor[2] = {9, 7};
+constexpr int kDevices = 3;
+constexpr int kDeviceCcMajor[kDevices] = {9, 7, 8};
 inline long live_allocs = 0;  // cudaMallocAsync minus cudaFreeAsync
 inline std::vector<size_t> alloc_log;  // bytes of every cudaMallocAsync, for the driver
 
@@ -265,6 +268,126 @@ inline size_t cp_async_left() {
   cp_groups.clear();
   return n;
 }
+
+// ---------------------------------------------------------------- shared window
+// The running block's dynamic shared memory sits kDynSmemOffset bytes into a 1024-byte aligned
+// "shared window" (as after some static shared memory on a GPU, where the dynamic part is only
+// 16-byte aligned): a kernel that needs 1024-byte alignment (the 128-byte swizzle of wgmma
+// operands) has to align it itself. smem_u32 is __cvta_generic_to_shared: offsets into the window.
+constexpr size_t kSmemWindowAlign = 1024;
+constexpr size_t kDynSmemOffset = 48;
+inline unsigned char* smem_window = nullptr;
+inline size_t smem_window_bytes = 0;
+
+inline uint32_t smem_u32(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (smem_window == nullptr || c < smem_window || c > smem_window + smem_window_bytes) {
+    fprintf(stderr, "EMU: %p is not in the block's dynamic shared memory\n", p);
+    std::abort();
+  }
+  return static_cast<uint32_t>(c - smem_window);
+}
+
+// ---------------------------------------------------------------- warpgroups (wgmma, sm_90a)
+// wgmma.mma_async is queued per thread, closed into a batch by wgmma.commit_group and carried out at
+// wgmma.wait_group from shared memory as it is then (like cp.async), so overwriting the operands or
+// reading the accumulators before the wait shows in the results. Each thread computes its own
+// accumulator fragment (csrc/cuda/wgmma.cuh) straight from the descriptors; the four warps of a
+// warpgroup must issue the same number of wgmma operations (checked between blocks). Stricter than
+// the PTX ISA: every batch must start with wgmma.fence. Not modelled: the proxy fence
+// (fence.proxy.async is accepted and not checked).
+constexpr int kWarpgroup = 128;
+struct WgmmaOp {
+  float* d;
+  int n;
+  uint64_t da, db;
+  bool bf16;
+};
+inline thread_local std::vector<WgmmaOp> wg_open;
+inline thread_local std::deque<std::vector<WgmmaOp>> wg_groups;
+inline thread_local bool wg_fenced = false;
+inline thread_local long wg_ops = 0;  // wgmma fence/mma/commit/wait of this thread in this block
+
+[[noreturn]] inline void wg_fail(const char* what, uint64_t desc) {
+  fprintf(stderr, "EMU: wgmma descriptor %#llx (thread %u): %s\n", static_cast<unsigned long long>(desc),
+          threadIdx.x, what);
+  std::abort();
+}
+
+// The 16-bit element (row, k) of an operand whose descriptor is desc: K-major, 128-byte swizzle.
+inline uint32_t wg_element(uint64_t desc, int row, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  uint32_t addr = start + static_cast<uint32_t>(row / 8) * sbo + static_cast<uint32_t>(row % 8) * 128 +
+                  static_cast<uint32_t>(k) * 2;
+  addr ^= ((addr >> 7) & 7) << 4;
+  if (addr + 2 > smem_window_bytes) wg_fail("reads past the block's dynamic shared memory", desc);
+  uint16_t v;
+  memcpy(&v, smem_window + addr, 2);
+  return v;
+}
+
+inline void fence_proxy_async() {}
+
+inline void wgmma_fence() {
+  ++wg_ops;
+  wg_fenced = true;
+}
+
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{bf16,f16}.{bf16,f16}, d += A B^T, scale-d 1, both
+// operands K-major (transpose flags 0) in shared memory.
+inline void wgmma_m64nNk16(float* d, int n, uint64_t da, uint64_t db, bool bf16) {
+  ++wg_ops;
+  if (!wg_fenced) {
+    fprintf(stderr, "EMU: wgmma.mma_async without a wgmma.fence before its batch (thread %u)\n",
+            threadIdx.x);
+    std::abort();
+  }
+  for (uint64_t desc : {da, db}) {
+    if ((desc >> 62) != 1) wg_fail("only the 128-byte swizzle layout is emulated", desc);
+    if (((desc >> 49) & 7) != 0) wg_fail("only base offset 0 is emulated", desc);
+  }
+  wg_open.push_back({d, n, da, db, bf16});
+}
+
+inline void wgmma_commit() {
+  ++wg_ops;
+  wg_groups.push_back(std::move(wg_open));
+  wg_open.clear();
+  wg_fenced = false;
+}
+
+inline void wgmma_run(const WgmmaOp& op) {
+  const unsigned i = threadIdx.x % kWarpgroup, w = i / kWarp, l = i % kWarp;
+  const unsigned g = l / 4, t = l % 4;
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int q = 0; q < 4; ++q) {
+      const int row = static_cast<int>(16 * w + g + 8 * (q / 2)), col = 8 * j + 2 * t + q % 2;
+      float acc = op.d[4 * j + q];
+      for (int k = 0; k < 16; ++k)
+        acc += half_bits_to_float(wg_element(op.da, row, k), op.bf16) *
+               half_bits_to_float(wg_element(op.db, col, k), op.bf16);
+      op.d[4 * j + q] = acc;
+    }
+}
+
+inline void wgmma_wait(int pending) {
+  ++wg_ops;
+  while (static_cast<int>(wg_groups.size()) > pending) {
+    for (const WgmmaOp& op : wg_groups.front()) wgmma_run(op);
+    wg_groups.pop_front();
+  }
+}
+
+// wgmma operations issued but never waited for when the thread leaves the block.
+inline size_t wgmma_left() {
+  size_t n = wg_open.size();
+  for (const auto& g : wg_groups) n += g.size();
+  wg_open.clear();
+  wg_groups.clear();
+  wg_fenced = false;
+  return n;
+}
 }  // namespace emu
 
 template <class F>
@@ -352,13 +475,21 @@ struct Launcher {
       last_error = cudaErrorInvalidValue;
       return;
     }
-    std::unique_ptr<unsigned char[]> buf(new unsigned char[smem ? smem : 1]);
-    dyn_smem = buf.get();
+    // The shared window: kDynSmemOffset bytes, then exactly the launch's dynamic shared memory (so
+    // that AddressSanitizer sees overruns past it).
+    struct WindowFree {
+      void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(kSmemWindowAlign)); }
+    };
+    smem_window_bytes = kDynSmemOffset + smem;
+    std::unique_ptr<unsigned char[], WindowFree> window(static_cast<unsigned char*>(
+        ::operator new[](smem_window_bytes, std::align_val_t(kSmemWindowAlign))));
+    smem_window = window.get();
+    dyn_smem = smem_window + kDynSmemOffset;
     blockDim = block;
     gridDim = grid;
     const unsigned nt = block.x;
-    std::vector<long> counts(nt), wcounts(nt);
-    std::vector<size_t> cp_left(nt);
+    std::vector<long> counts(nt), wcounts(nt), wgcounts(nt);
+    std::vector<size_t> cp_left(nt), wg_left(nt);
     const unsigned nw = (nt + kWarp - 1) / kWarp;
     std::unique_ptr<Warp[]> warp_state(new Warp[nw]);
     for (unsigned w = 0; w < nw; ++w)
@@ -387,11 +518,22 @@ struct Launcher {
                   "for\n", t, at.x, at.y, at.z, cp_left[t]);
           std::abort();
         }
+        if (wgcounts[t] != wgcounts[t - t % kWarpgroup]) {
+          fprintf(stderr, "EMU: divergent wgmma operations in block (%u,%u,%u): thread %u did %ld, "
+                  "thread %u of its warpgroup %ld\n", at.x, at.y, at.z, t, wgcounts[t],
+                  t - t % kWarpgroup, wgcounts[t - t % kWarpgroup]);
+          std::abort();
+        }
+        if (wg_left[t]) {
+          fprintf(stderr, "EMU: thread %u of block (%u,%u,%u) left %zu wgmma operations never "
+                  "waited for\n", t, at.x, at.y, at.z, wg_left[t]);
+          std::abort();
+        }
       }
-      std::fill(buf.get(), buf.get() + smem, 0xFF);
+      std::fill(smem_window, smem_window + smem_window_bytes, 0xFF);
       ++blocks_run;
     };
-    std::fill(buf.get(), buf.get() + smem, 0xFF);
+    std::fill(smem_window, smem_window + smem_window_bytes, 0xFF);
     Barrier<> sync_bar(nt, "__syncthreads");
     Barrier<decltype(between_blocks)> block_bar(nt, "the end of a block", between_blocks);
     bar = &sync_bar;
@@ -442,10 +584,13 @@ struct Launcher {
               if (t == 0) running[0] = bx, running[1] = by, running[2] = bz;
               sync_count = 0;
               warp_ops = 0;
+              wg_ops = 0;
               k(args...);
               counts[t] = sync_count;
               wcounts[t] = warp_ops;
+              wgcounts[t] = wg_ops;
               cp_left[t] = cp_async_left();
+              wg_left[t] = wgmma_left();
               if (t == 0) at = blockIdx;
               block_bar.arrive_and_wait();
             }
@@ -461,6 +606,8 @@ struct Launcher {
     bar = nullptr;
     warps = nullptr;
     dyn_smem = nullptr;
+    smem_window = nullptr;
+    smem_window_bytes = 0;
   }
 };
 

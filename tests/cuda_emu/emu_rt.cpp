@@ -17,9 +17,9 @@ extern "C" cudaError_t cudaGetDevice(int* device) {
 }
 
 extern "C" cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (device < 0 || device > 1) return cudaErrorInvalidDevice;
+  if (device < 0 || device >= emu::kDevices) return cudaErrorInvalidDevice;
   if (attr == cudaDevAttrComputeCapabilityMajor) *value = emu::kDeviceCcMajor[device];
-  else if (attr == cudaDevAttrComputeCapabilityMinor) *value = device == 0 ? 0 : 5;
+  else if (attr == cudaDevAttrComputeCapabilityMinor) *value = device == 1 ? 5 : 0;
   else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
@@ -43,5 +43,25 @@ extern "C" cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
 
 extern "C" cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
   std::memset(p, value, count);
+  return cudaSuccess;
+}
+
+// Synchronous allocation and copies (the one-time sm_90a probe of gram.cu): host memory.
+extern "C" cudaError_t cudaMalloc(void** p, size_t size) {
+  *p = std::malloc(size ? size : 1);
+  if (*p == nullptr) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xFF, size);
+  ++emu::live_allocs;
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaFree(void* p) {
+  std::free(p);
+  --emu::live_allocs;
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind) {
+  std::memcpy(dst, src, count);
   return cudaSuccess;
 }

@@ -1,5 +1,5 @@
 """Compile proof without a GPU: every CUDA source builds for sm_90 and sm_90a with nvcc, the tensor-core
-kernels (gram, ghost_gram, psg_gram's phase 1) compile without register spills, and every Triton kernel compiles
+kernels (gram's mma.sync and sm_90a wgmma kernels, ghost_gram, psg_gram's phase 1) compile without register spills, and every Triton kernel compiles
 to an sm_90 cubin. Skipped (with the reason) only where the toolchain is absent."""
 import glob
 import json
@@ -83,6 +83,16 @@ def test_gram_mma_kernel_does_not_spill(arch, tmp_path):
     (csrc/README.md records the counts)."""
     report, text = ptxas_compile("gram.cu", arch, tmp_path)
     assert_mma_kernels_fit(report, "gram_mma_kernel", text)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+def test_gram_wgmma_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    """gram_wgmma_kernel (bf16 and fp16) for sm_90a: ptxas accepts its wgmma / fence.proxy.async
+    PTX, and the 64 fp32 accumulators per thread fit in <= 128 registers (two 256-thread blocks per
+    SM, as its launch bounds ask) with no stack and no spills."""
+    report, text = ptxas_compile("gram.cu", "90a", tmp_path)
+    assert_mma_kernels_fit(report, "gram_wgmma_kernel", text)
+    assert any("sm90a_probe_kernel" in k for k in report), text
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")

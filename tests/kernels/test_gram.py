@@ -4,6 +4,7 @@ import torch
 from linft_testing import assert_close_to_oracle, backend_params, randn
 
 import linft_kernels as lk
+from linft_kernels import _native
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (N, M, P): single row, odd sizes, sizes just past block multiples, N != M.
@@ -227,13 +228,29 @@ print(repr(res))
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
-def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric):
-    """Shapes that take the native CUDA tensor-core kernel (16-bit inputs, fp32 out, P % 8 == 0;
-    csrc/README.md): edge tiles, P not a multiple of the K chunk, 2x2 tiles, split-K. A symmetric
-    start must stay exactly symmetric. The same cases run on the CPU in tests/cuda_emu."""
+@pytest.mark.parametrize("path", ["wgmma", "mma.sync"])
+def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric, path, monkeypatch):
+    """Shapes that take the native CUDA tensor-core kernels (16-bit inputs, fp32 out, P % 8 == 0;
+    csrc/README.md), on Hopper's wgmma kernel and on the mma.sync one (LINFT_CUDA_GRAM_WGMMA=0, read
+    at every call): edge tiles, P not a multiple of the K chunk (32 for mma.sync, 64 for wgmma),
+    every pipeline stage reused, 2x2 tiles, split-K. A symmetric start must stay exactly symmetric.
+    The same cases run on the CPU in tests/cuda_emu (device 0 runs wgmma there, device 2 mma.sync)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible)")
-    for N, M, P in [(5, 3, 8), (37, 21, 40), (130, 150, 72), (33, 40, 1032), (300, 260, 4096)]:
+    lib = _native.cuda_lib()
+    if path == "wgmma":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("wgmma needs a compute capability 9.0 GPU")
+        if "90a" not in lib.build_info()["archs"].split(";"):
+            pytest.skip("the native library was built without sm_90a (LINFT_CUDA_ARCHS)")
+    else:
+        monkeypatch.setenv("LINFT_CUDA_GRAM_WGMMA", "0")
+        if torch.cuda.get_device_capability()[0] < 8:
+            pytest.skip("mma.sync with bf16 needs sm_80 or newer")
+    # on a 9.0 GPU with the sm_90a build, the probe must find that code loaded
+    assert lib.gram_tensor_core_path() == path
+    for N, M, P in [(5, 3, 8), (37, 21, 40), (130, 150, 72), (71, 100, 200), (129, 129, 392),
+                    (33, 40, 1032), (300, 260, 4096)]:
         M = N if symmetric else M
         a = randn(N, P, dtype=dtype, device="cuda")
         b = None if symmetric else randn(M, P, dtype=dtype, device="cuda")
@@ -245,6 +262,6 @@ def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric):
         a64 = a.double().cpu()
         b64 = a64 if symmetric else b.double().cpu()
         oracle = start.double().cpu() + a64 @ b64.T
-        assert_close_to_oracle(out, oracle, torch.float32, what=f"gram mma {dtype} N={N} M={M} P={P}")
+        assert_close_to_oracle(out, oracle, torch.float32, what=f"gram {path} {dtype} N={N} M={M} P={P}")
         if symmetric:
             assert torch.equal(out, out.T)
