@@ -360,11 +360,16 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
 
   // 60 / 97 KiB of dynamic shared memory: over the default 48 KiB, so opt in (per device; cheap).
   const size_t smem = Wg ? GramWg::kSmemBytes : GramMma::kSmemBytes;
-  if constexpr (Wg)
+  if constexpr (Wg) {
     check_cuda(cudaFuncSetAttribute(gram_wgmma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                op, "cudaFuncSetAttribute");
-  else
+    // two blocks of 97 KiB per SM need the largest shared-memory carveout (a hint the driver may
+    // otherwise size for one block)
+    check_cuda(cudaFuncSetAttribute(gram_wgmma_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    static_cast<int>(cudaSharedmemCarveoutMaxShared)),
+               op, "cudaFuncSetAttribute");
+  } else
     check_cuda(cudaFuncSetAttribute(gram_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                op, "cudaFuncSetAttribute");
