@@ -7,7 +7,9 @@
 
 Environment switches:
   LINFT_SKIP_CUDA_BUILD=1   do not try to build the CUDA library
-  LINFT_CUDA_ARCHS="80;90;90a"   architectures (default: 80, 90, 90a, plus PTX for the newest)
+  LINFT_CUDA_ARCHS="80;90a"   architectures (default: 80 and 90a, plus PTX of compute_90 for newer
+                            GPUs; no plain sm_90 cubin, so that an H100/H200 loads the 90a code and
+                            gram runs its wgmma kernel)
   LINFT_NATIVE_ARCH=1       compile the CPU library with -march=native (local builds only; not wheels)
   NVCC                      path of nvcc (default: $CUDA_HOME/bin/nvcc or nvcc on PATH)
 
@@ -30,7 +32,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(ROOT, "linft_kernels", "_build_info.json")
-DEFAULT_ARCHS = ["80", "90", "90a"]
+DEFAULT_ARCHS = ["80", "90a"]
 
 
 def _rel(pattern):
@@ -63,13 +65,14 @@ def _cuda_home(nvcc):
 
 
 def _gencode_flags(archs):
-    """-gencode for every architecture, plus PTX of the newest non-'a' one for forward compatibility."""
+    """-gencode for every architecture, plus PTX of the newest one for forward compatibility (its
+    plain form: arch-specific 'a' PTX only runs on that very architecture)."""
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    plain = [a for a in archs if a.isdigit()]
-    if plain:
-        newest = max(plain, key=int)
+    numbers = [a.rstrip("a") for a in archs if a.rstrip("a").isdigit()]
+    if numbers:
+        newest = max(numbers, key=int)
         flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags
 

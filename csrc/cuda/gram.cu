@@ -302,8 +302,12 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
 #endif
 }
 
-// Writes 1 when the code that runs on this device is sm_90a's (wgmma available), else 0.
-__global__ void sm90a_probe_kernel(int* flag) { *flag = LINFT_WGMMA_ENABLED; }
+// Never launched: its launch bounds are 64 threads in the sm_90a build and 32 in every other, so
+// its function attributes tell which of this module's builds the driver loaded for a device (no
+// launch and no synchronization: safe under CUDA graph capture). It must stay in the module of
+// gram_wgmma_kernel, whose code comes from the same build.
+constexpr int kProbeThreadsSm90a = 64;
+__global__ void __launch_bounds__(LINFT_WGMMA_ENABLED ? kProbeThreadsSm90a : 32) sm90a_probe_kernel() {}
 
 // out[i, j] += sum over splits s (in order) of ws[s, i, j]; symmetric: only i <= j, mirrored.
 __global__ void __launch_bounds__(kThreads)
@@ -436,10 +440,11 @@ bool mma_device(const char* op) {
 }
 
 // Whether the current device runs gram_wgmma_kernel: mma_device, compute capability exactly 9.0,
-// and the code loaded for this library's kernels is its sm_90a build (a one-time probe kernel per
-// device, as the function attributes do not tell sm_90 from sm_90a code: a build without 90a in
-// LINFT_CUDA_ARCHS, or a driver that loads the plain sm_90 code, says no). LINFT_CUDA_GRAM_WGMMA=0
-// turns it off; unlike the other switches it is read at every call, so one process can time both.
+// and the code loaded for this library's kernels is its sm_90a build (binaryVersion says 90 for
+// sm_90 and sm_90a code alike, so sm90a_probe_kernel's launch bounds tell them apart: a build
+// without 90a in LINFT_CUDA_ARCHS, or one whose plain sm_90 code the driver loads, says no; the
+// emulated 9.0 device runs the sm_90a code). Cached per device. LINFT_CUDA_GRAM_WGMMA=0 turns it
+// off; unlike the other switches it is read at every call, so one process can time both kernels.
 bool wgmma_device(const char* op) {
   const char* e = std::getenv("LINFT_CUDA_GRAM_WGMMA");
   if (e != nullptr && e[0] == '0') return false;
@@ -458,16 +463,16 @@ bool wgmma_device(const char* op) {
                "cudaDeviceGetAttribute");
     m = 1;
     if (major == 9 && minor == 0) {
-      int* flag = nullptr;
-      int host = 0;
-      if (cudaMalloc(reinterpret_cast<void**>(&flag), sizeof(int)) == cudaSuccess) {
-        LINFT_LAUNCH(1, 1, 0, 0, sm90a_probe_kernel)(flag);
-        if (cudaGetLastError() == cudaSuccess &&
-            cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess && host == 1)
-          m = 2;
-        (void)cudaFree(flag);
-      }
-      (void)cudaGetLastError();  // a failed probe means no, and leaves no error behind
+#ifdef LINFT_CUDA_EMULATION
+      (void)&sm90a_probe_kernel;
+      m = 2;
+#else
+      cudaFuncAttributes attr{};
+      if (cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess)
+        m = attr.maxThreadsPerBlock == kProbeThreadsSm90a ? 2 : 1;
+      else
+        (void)cudaGetLastError();  // no loadable code: no
+#endif
     }
     state[dev].store(m, std::memory_order_relaxed);
   }

@@ -1,7 +1,9 @@
 // Test driver of the CUDA emulation (README.md): runs the host launchers of csrc/cuda/*.cu, compiled
 // against emu.h, on random inputs from a fixed seed and compares every output with a float64
 // reference computed here. Usage: driver {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all}, or
-// driver {hang_sync|hang_warp|hang_exit} (kernels the emulator must report as hung, then abort)
+// driver {hang_sync|hang_warp|hang_exit} (kernels the emulator must report as hung, then abort), or
+// driver {wgmma_no_proxy_fence|wgmma_overwrite|wgmma_descriptors|wgmma_unwaited|wgmma_no_batch_fence}
+// (wgmma mistakes the emulator must name, then abort)
 // Prints one line per check ("ok" / "FAIL") and a last line
 //   SUMMARY op=<op> checks=<n> failures=<f> launches=<l> blocks=<b> seconds=<s>
 // and exits 1 when a check failed.
@@ -19,6 +21,11 @@
 #include "emu.h"
 #include "linft/common.h"
 #include "linft/cuda_kernels.h"
+// the tensor-core building blocks, for the wgmma misuse kernels at the end (always the repository's
+// copy, also under LINFT_CUDA_EMU_SRC)
+#include "../../csrc/cuda/common.cuh"
+#include "../../csrc/cuda/mma.cuh"
+#include "../../csrc/cuda/wgmma.cuh"
 
 namespace {
 
@@ -407,8 +414,7 @@ void expect_noop(const std::string& what, const std::function<void(float*)>& f) 
 
 void run_gram() {
   rng.seed(101);
-  // Which tensor-core kernel each emulated device runs (this also runs the one-time sm_90a probe,
-  // whose launch would otherwise count among a case's launches).
+  // Which tensor-core kernel each emulated device runs.
   for (auto [dev, want] : {std::pair<int, const char*>{0, "wgmma"}, {1, "cuda cores"}, {kDeviceSm80, "mma.sync"}}) {
     emu::device = dev;
     const std::string got = linft::cuda::gram_tensor_core_path();
@@ -605,11 +611,68 @@ int run_hang(const std::string& op) {
   return 3;
 }
 
+// ---------------------------------------------------------------- the emulator's wgmma checks
+// One warpgroup stages a 64 x 64 A tile and a 128 x 64 B tile (bf16 zeros, 128-byte swizzle) by
+// cp.async and issues one wgmma m64n128k16, with one mistake per Mode that a GPU would not report
+// (a race, or undefined behaviour); the emulator must abort naming it (test_cuda_emulation.py).
+enum WgMistake { kWgNoProxyFence, kWgOverwrite, kWgDescriptors, kWgUnwaited, kWgNoBatchFence };
+
+template <int Mode>
+__global__ void wgmma_misuse_kernel(const __nv_bfloat16* zeros, float* out) {
+  using namespace linft::cuda_detail;
+  LINFT_DYNAMIC_SMEM(raw);
+  unsigned char* const smem = raw + (kSwizzleAtom - smem_u32(raw) % kSwizzleAtom) % kSwizzleAtom;
+  const uint32_t base = smem_u32(smem);
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int c = tid; c < (64 + 128) * 8; c += kWgThreads)  // A rows 0-63, then B rows 0-127
+    cp_async16(smem + swizzle128(c >> 3, c & 7), zeros, 16);
+  cp_async_commit();
+  cp_async_wait<0>();
+  if (Mode != kWgNoProxyFence) fence_proxy_async();
+  __syncthreads();
+  float acc[64] = {};
+  if (Mode != kWgNoBatchFence) wgmma_fence(acc);
+  const uint32_t b_at = base + 64 * 128 - (Mode == kWgDescriptors && tid >= 64 ? 1024 : 0);
+  wgmma_m64n128k16<__nv_bfloat16>(acc, wgmma_desc(base), wgmma_desc(b_at));
+  wgmma_commit();
+  if (Mode == kWgOverwrite) {  // refills A before the MMA is known to be done
+    for (int c = tid; c < 64 * 128; c += kWgThreads) smem[c] = 0x3F;
+    __syncthreads();
+  }
+  if (Mode != kWgUnwaited) wgmma_wait<0>(acc);
+  out[tid] = acc[0];
+}
+
+int run_wgmma_misuse(const std::string& op) {
+  std::vector<__nv_bfloat16> zeros(8, __float2bfloat16(0.f));
+  std::vector<float> out(128);
+  const size_t smem = (64 + 128) * 128 + 1024;
+#define LINFT_MISUSE(name, mode)                                                                \
+  if (op == name) {                                                                             \
+    cudaFuncSetAttribute(wgmma_misuse_kernel<mode>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                         static_cast<int>(smem));                                               \
+    LINFT_LAUNCH(1, 128, smem, 0, wgmma_misuse_kernel<mode>)(zeros.data(), out.data());          \
+    fprintf(stderr, "%s finished: the emulator missed the mistake\n", op.c_str());              \
+    return 3;                                                                                   \
+  }
+  LINFT_MISUSE("wgmma_no_proxy_fence", kWgNoProxyFence)
+  LINFT_MISUSE("wgmma_overwrite", kWgOverwrite)
+  LINFT_MISUSE("wgmma_descriptors", kWgDescriptors)
+  LINFT_MISUSE("wgmma_unwaited", kWgUnwaited)
+  LINFT_MISUSE("wgmma_no_batch_fence", kWgNoBatchFence)
+#undef LINFT_MISUSE
+  return -1;  // not a misuse op
+}
+
 int main(int argc, char** argv) {
   const std::string op = argc > 1 ? argv[1] : "all";
   bool known = false;
   if (op.rfind("hang_", 0) == 0) {
     const int rc = run_hang(op);
+    if (rc >= 0) return rc;
+  }
+  if (op.rfind("wgmma_", 0) == 0) {
+    const int rc = run_wgmma_misuse(op);
     if (rc >= 0) return rc;
   }
   auto t0 = std::chrono::steady_clock::now();
@@ -619,7 +682,8 @@ int main(int argc, char** argv) {
   if (op == "psg_gram" || op == "all") { run_psg(); known = true; }
   if (!known) {
     fprintf(stderr, "usage: %s {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all|hang_sync|hang_warp|"
-            "hang_exit}\n", argv[0]);
+            "hang_exit|wgmma_no_proxy_fence|wgmma_overwrite|wgmma_descriptors|wgmma_unwaited|"
+            "wgmma_no_batch_fence}\n", argv[0]);
     return 2;
   }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -227,6 +227,30 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)
   }
 }
 
+// ---------------------------------------------------------------- shared window
+// The running block's dynamic shared memory sits kDynSmemOffset bytes into a 1024-byte aligned
+// "shared window" (as after some static shared memory on a GPU, where the dynamic part is only
+// 16-byte aligned): a kernel that needs 1024-byte alignment (the 128-byte swizzle of wgmma
+// operands) has to align it itself. smem_u32 is __cvta_generic_to_shared: offsets into the window.
+constexpr size_t kSmemWindowAlign = 1024;
+constexpr size_t kDynSmemOffset = 48;
+inline unsigned char* smem_window = nullptr;
+inline size_t smem_window_bytes = 0;
+
+// Bytes of the window written by cp.async copies that landed (generic proxy) and whose writing thread
+// has not run fence.proxy.async since: wgmma (async proxy) must not read them (csrc/cuda/wgmma.cuh).
+inline std::vector<unsigned char> smem_unfenced;
+inline thread_local std::vector<size_t> cp_landed_unfenced;  // window offsets of this thread's copies
+
+inline uint32_t smem_u32(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (smem_window == nullptr || c < smem_window || c > smem_window + smem_window_bytes) {
+    fprintf(stderr, "EMU: %p is not in the block's dynamic shared memory\n", p);
+    std::abort();
+  }
+  return static_cast<uint32_t>(c - smem_window);
+}
+
 // ---------------------------------------------------------------- cp.async
 // Copies are queued per thread and carried out at cp.async.wait_group (a copy that is never waited
 // for never lands, so a missing wait shows as stale or 0xFF-poisoned shared memory).
@@ -256,6 +280,12 @@ inline void cp_async_wait(int pending) {
     for (const AsyncCopy& c : cp_groups.front()) {
       if (c.src_bytes) memcpy(c.dst, c.src, c.src_bytes);
       memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+      const auto* d = static_cast<const unsigned char*>(c.dst);
+      if (smem_window != nullptr && d >= smem_window && d + 16 <= smem_window + smem_window_bytes) {
+        const size_t off = static_cast<size_t>(d - smem_window);
+        std::fill(smem_unfenced.begin() + off, smem_unfenced.begin() + off + 16, 1);
+        cp_landed_unfenced.push_back(off);
+      }
     }
     cp_groups.pop_front();
   }
@@ -269,40 +299,27 @@ inline size_t cp_async_left() {
   return n;
 }
 
-// ---------------------------------------------------------------- shared window
-// The running block's dynamic shared memory sits kDynSmemOffset bytes into a 1024-byte aligned
-// "shared window" (as after some static shared memory on a GPU, where the dynamic part is only
-// 16-byte aligned): a kernel that needs 1024-byte alignment (the 128-byte swizzle of wgmma
-// operands) has to align it itself. smem_u32 is __cvta_generic_to_shared: offsets into the window.
-constexpr size_t kSmemWindowAlign = 1024;
-constexpr size_t kDynSmemOffset = 48;
-inline unsigned char* smem_window = nullptr;
-inline size_t smem_window_bytes = 0;
-
-inline uint32_t smem_u32(const void* p) {
-  const auto* c = static_cast<const unsigned char*>(p);
-  if (smem_window == nullptr || c < smem_window || c > smem_window + smem_window_bytes) {
-    fprintf(stderr, "EMU: %p is not in the block's dynamic shared memory\n", p);
-    std::abort();
-  }
-  return static_cast<uint32_t>(c - smem_window);
-}
-
 // ---------------------------------------------------------------- warpgroups (wgmma, sm_90a)
 // wgmma.mma_async is queued per thread, closed into a batch by wgmma.commit_group and carried out at
 // wgmma.wait_group from shared memory as it is then (like cp.async), so overwriting the operands or
 // reading the accumulators before the wait shows in the results. Each thread computes its own
 // accumulator fragment (csrc/cuda/wgmma.cuh) straight from the descriptors; the four warps of a
-// warpgroup must issue the same number of wgmma operations (checked between blocks). Stricter than
-// the PTX ISA: every batch must start with wgmma.fence. Not modelled: the proxy fence
-// (fence.proxy.async is accepted and not checked).
+// warpgroup must issue the same number of wgmma operations (checked between blocks), with the same
+// descriptors (the A descriptor per warpgroup). The operands a thread reads are hashed at issue and
+// again at the wait: data that changes in between (a stage refilled too early, or copies that had
+// not landed when the MMA was issued) aborts, as do reads of bytes that cp.async wrote with no
+// fence.proxy.async by their writer since. Stricter than the PTX ISA: every batch must start with
+// wgmma.fence. Only cp.async writes are tracked for the proxy fence (plain stores are not).
 constexpr int kWarpgroup = 128;
 struct WgmmaOp {
   float* d;
   int n;
   uint64_t da, db;
   bool bf16;
+  uint64_t hash;  // of the operand elements this thread reads, at issue
 };
+inline std::mutex wg_desc_mu;
+inline std::map<std::pair<unsigned, long>, std::pair<uint64_t, uint64_t>> wg_desc;  // (warpgroup, op) -> descriptors
 inline thread_local std::vector<WgmmaOp> wg_open;
 inline thread_local std::deque<std::vector<WgmmaOp>> wg_groups;
 inline thread_local bool wg_fenced = false;
@@ -322,12 +339,38 @@ inline uint32_t wg_element(uint64_t desc, int row, int k) {
                   static_cast<uint32_t>(k) * 2;
   addr ^= ((addr >> 7) & 7) << 4;
   if (addr + 2 > smem_window_bytes) wg_fail("reads past the block's dynamic shared memory", desc);
+  if (smem_unfenced[addr] || smem_unfenced[addr + 1]) {
+    fprintf(stderr, "EMU: wgmma (thread %u) reads shared byte %u, written by cp.async with no "
+            "fence.proxy.async by its writer since\n", threadIdx.x, addr);
+    std::abort();
+  }
   uint16_t v;
   memcpy(&v, smem_window + addr, 2);
   return v;
 }
 
-inline void fence_proxy_async() {}
+// This thread's fragment reads rows 16 w + g and 16 w + g + 8 of A and rows 8 j + 2 t, 8 j + 2 t + 1
+// of B (csrc/cuda/wgmma.cuh): a hash of those elements.
+inline uint64_t wg_operand_hash(const WgmmaOp& op) {
+  const unsigned i = threadIdx.x % kWarpgroup, w = i / kWarp, l = i % kWarp;
+  const unsigned g = l / 4, t = l % 4;
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint32_t v) { h = (h ^ v) * 1099511628211ull; };
+  for (int k = 0; k < 16; ++k) {
+    mix(wg_element(op.da, static_cast<int>(16 * w + g), k));
+    mix(wg_element(op.da, static_cast<int>(16 * w + g + 8), k));
+    for (int j = 0; j < op.n / 8; ++j) {
+      mix(wg_element(op.db, static_cast<int>(8 * j + 2 * t), k));
+      mix(wg_element(op.db, static_cast<int>(8 * j + 2 * t + 1), k));
+    }
+  }
+  return h;
+}
+
+inline void fence_proxy_async() {
+  for (size_t off : cp_landed_unfenced) std::fill(smem_unfenced.begin() + off, smem_unfenced.begin() + off + 16, 0);
+  cp_landed_unfenced.clear();
+}
 
 inline void wgmma_fence() {
   ++wg_ops;
@@ -347,7 +390,22 @@ inline void wgmma_m64nNk16(float* d, int n, uint64_t da, uint64_t db, bool bf16)
     if ((desc >> 62) != 1) wg_fail("only the 128-byte swizzle layout is emulated", desc);
     if (((desc >> 49) & 7) != 0) wg_fail("only base offset 0 is emulated", desc);
   }
-  wg_open.push_back({d, n, da, db, bf16});
+  {  // every thread of the warpgroup passes the same descriptors to its n-th operation
+    std::lock_guard<std::mutex> lock(wg_desc_mu);
+    const auto key = std::make_pair(threadIdx.x / kWarpgroup, wg_ops);
+    auto [it, first] = wg_desc.try_emplace(key, da, db);
+    if (!first && it->second != std::make_pair(da, db)) {
+      fprintf(stderr, "EMU: wgmma descriptors differ within warpgroup %u (thread %u: %#llx %#llx, "
+              "another thread: %#llx %#llx)\n", threadIdx.x / kWarpgroup, threadIdx.x,
+              static_cast<unsigned long long>(da), static_cast<unsigned long long>(db),
+              static_cast<unsigned long long>(it->second.first),
+              static_cast<unsigned long long>(it->second.second));
+      std::abort();
+    }
+  }
+  WgmmaOp op{d, n, da, db, bf16, 0};
+  op.hash = wg_operand_hash(op);
+  wg_open.push_back(op);
 }
 
 inline void wgmma_commit() {
@@ -358,6 +416,11 @@ inline void wgmma_commit() {
 }
 
 inline void wgmma_run(const WgmmaOp& op) {
+  if (wg_operand_hash(op) != op.hash) {
+    fprintf(stderr, "EMU: the shared memory a wgmma (thread %u) reads changed between its issue and "
+            "its wgmma.wait_group\n", threadIdx.x);
+    std::abort();
+  }
   const unsigned i = threadIdx.x % kWarpgroup, w = i / kWarp, l = i % kWarp;
   const unsigned g = l / 4, t = l % 4;
   for (int j = 0; j < op.n / 8; ++j)
@@ -381,6 +444,7 @@ inline void wgmma_wait(int pending) {
 
 // wgmma operations issued but never waited for when the thread leaves the block.
 inline size_t wgmma_left() {
+  cp_landed_unfenced.clear();
   size_t n = wg_open.size();
   for (const auto& g : wg_groups) n += g.size();
   wg_open.clear();
@@ -485,6 +549,8 @@ struct Launcher {
         ::operator new[](smem_window_bytes, std::align_val_t(kSmemWindowAlign))));
     smem_window = window.get();
     dyn_smem = smem_window + kDynSmemOffset;
+    smem_unfenced.assign(smem_window_bytes, 0);
+    wg_desc.clear();
     blockDim = block;
     gridDim = grid;
     const unsigned nt = block.x;
@@ -531,6 +597,8 @@ struct Launcher {
         }
       }
       std::fill(smem_window, smem_window + smem_window_bytes, 0xFF);
+      std::fill(smem_unfenced.begin(), smem_unfenced.end(), 0);
+      wg_desc.clear();
       ++blocks_run;
     };
     std::fill(smem_window, smem_window + smem_window_bytes, 0xFF);

@@ -45,23 +45,3 @@ extern "C" cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStr
   std::memset(p, value, count);
   return cudaSuccess;
 }
-
-// Synchronous allocation and copies (the one-time sm_90a probe of gram.cu): host memory.
-extern "C" cudaError_t cudaMalloc(void** p, size_t size) {
-  *p = std::malloc(size ? size : 1);
-  if (*p == nullptr) return cudaErrorMemoryAllocation;
-  std::memset(*p, 0xFF, size);
-  ++emu::live_allocs;
-  return cudaSuccess;
-}
-
-extern "C" cudaError_t cudaFree(void* p) {
-  std::free(p);
-  --emu::live_allocs;
-  return cudaSuccess;
-}
-
-extern "C" cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind) {
-  std::memcpy(dst, src, count);
-  return cudaSuccess;
-}

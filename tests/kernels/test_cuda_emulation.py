@@ -98,6 +98,21 @@ def test_cuda_kernel_emulated(emu_driver, op):
     assert int(m.group(4)) > 0 and int(m.group(5)) > 0, m.group(0)  # kernels were launched
 
 
+# wgmma mistakes that a GPU does not report (races on shared memory, undefined behaviour) must abort
+# the emulated run with a message naming them: one warpgroup, one MMA, one mistake each
+# (tests/cuda_emu/driver.cpp, wgmma_misuse_kernel).
+@pytest.mark.parametrize("op,message", [
+    ("wgmma_no_proxy_fence", r"written by cp\.async with no fence\.proxy\.async by its writer since"),
+    ("wgmma_overwrite", r"reads changed between its issue and its wgmma\.wait_group"),
+    ("wgmma_descriptors", r"wgmma descriptors differ within warpgroup 0"),
+    ("wgmma_unwaited", r"left 1 wgmma operations never waited for"),
+    ("wgmma_no_batch_fence", r"wgmma\.mma_async without a wgmma\.fence before its batch")])
+def test_emulator_names_wgmma_mistakes(emu_driver, op, message):
+    p = subprocess.run([emu_driver, op], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and re.search(rf"EMU: .*{message}", p.stderr), \
+        f"exit {p.returncode}\n{p.stdout}{p.stderr}"
+
+
 # A kernel whose barrier some threads never reach (undefined behaviour; a GPU often hangs) must be
 # treated as hung: the emulator says which barriers threads wait at and how many, and aborts (once
 # every thread has waited, none passing, for LINFT_CUDA_EMU_HANG_S seconds) instead of running into

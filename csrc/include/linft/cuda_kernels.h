@@ -34,7 +34,7 @@ void psg_gram(const void* x1, const void* g1, const std::uint8_t* m1, const void
 
 // The tensor-core kernel gram runs on the current device for 16-bit inputs into an fp32 out:
 // "wgmma" (sm_90a code on a 9.0 GPU), "mma.sync" (sm_80+), or "cuda cores" (none). Makes CUDA calls
-// (and, once per device, launches a probe kernel and waits for it).
+// (attribute queries; no launch).
 const char* gram_tensor_core_path();
 
 // Version of the nvcc that compiled the kernels, e.g. "13.0.88".
