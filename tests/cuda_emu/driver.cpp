@@ -442,14 +442,14 @@ void run_gram() {
   // 2 / 4 / 7 chunks, the last partial) and on the 8.0 one (mma.sync: chunks of 32).
   for (int dt : {3, 2})
     for (int dev : {0, kDeviceSm80}) {
-    test_gram(1, 1, 8, true, dt, 0, Path::mma, 0, true, dev);
-    test_gram(5, 3, 8, false, dt, 0, Path::mma, 0, false, dev);
-    test_gram(37, 21, 40, false, dt, 0, Path::mma, 0, false, dev);
-    test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true, dev);   // 3 upper tiles of 128
-    test_gram(20, 150, 96, false, dt, 0, Path::mma, 0, false, dev);  // 1x2 tiles
-    test_gram(71, 100, 200, false, dt, 0, Path::mma, 0, false, dev); // rows of both warpgroups
-    test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true, dev);  // every stage reused twice
-    test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true, dev);  // 2 splits
+      test_gram(1, 1, 8, true, dt, 0, Path::mma, 0, true, dev);
+      test_gram(5, 3, 8, false, dt, 0, Path::mma, 0, false, dev);
+      test_gram(37, 21, 40, false, dt, 0, Path::mma, 0, false, dev);
+      test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true, dev);   // 3 upper tiles of 128
+      test_gram(20, 150, 96, false, dt, 0, Path::mma, 0, false, dev);  // 1x2 tiles
+      test_gram(71, 100, 200, false, dt, 0, Path::mma, 0, false, dev); // rows of both warpgroups
+      test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true, dev);  // every stage reused twice
+      test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true, dev);  // 2 splits
     }
   for (int dt : {3, 2}) {
     // Fallbacks to the FFMA kernel, each still checked against the reference.

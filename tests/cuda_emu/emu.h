@@ -296,6 +296,7 @@ inline size_t cp_async_left() {
   for (const auto& g : cp_groups) n += g.size();
   cp_open.clear();
   cp_groups.clear();
+  cp_landed_unfenced.clear();
   return n;
 }
 
@@ -444,7 +445,6 @@ inline void wgmma_wait(int pending) {
 
 // wgmma operations issued but never waited for when the thread leaves the block.
 inline size_t wgmma_left() {
-  cp_landed_unfenced.clear();
   size_t n = wg_open.size();
   for (const auto& g : wg_groups) n += g.size();
   wg_open.clear();
