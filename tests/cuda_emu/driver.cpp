@@ -2,7 +2,8 @@
 // against emu.h, on random inputs from a fixed seed and compares every output with a float64
 // reference computed here. Usage: driver {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all}, or
 // driver {hang_sync|hang_warp|hang_exit} (kernels the emulator must report as hung, then abort), or
-// driver {wgmma_no_proxy_fence|wgmma_overwrite|wgmma_descriptors|wgmma_unwaited|wgmma_no_batch_fence}
+// driver {wgmma_no_proxy_fence|wgmma_overwrite|wgmma_descriptors|wgmma_unwaited|wgmma_no_batch_fence|
+//         wgmma_not_landed}
 // (wgmma mistakes the emulator must name, then abort)
 // Prints one line per check ("ok" / "FAIL") and a last line
 //   SUMMARY op=<op> checks=<n> failures=<f> launches=<l> blocks=<b> seconds=<s>
@@ -615,7 +616,7 @@ int run_hang(const std::string& op) {
 // One warpgroup stages a 64 x 64 A tile and a 128 x 64 B tile (bf16 zeros, 128-byte swizzle) by
 // cp.async and issues one wgmma m64n128k16, with one mistake per Mode that a GPU would not report
 // (a race, or undefined behaviour); the emulator must abort naming it (test_cuda_emulation.py).
-enum WgMistake { kWgNoProxyFence, kWgOverwrite, kWgDescriptors, kWgUnwaited, kWgNoBatchFence };
+enum WgMistake { kWgNoProxyFence, kWgOverwrite, kWgDescriptors, kWgUnwaited, kWgNoBatchFence, kWgNotLanded };
 
 template <int Mode>
 __global__ void wgmma_misuse_kernel(const __nv_bfloat16* zeros, float* out) {
@@ -627,7 +628,7 @@ __global__ void wgmma_misuse_kernel(const __nv_bfloat16* zeros, float* out) {
   for (int c = tid; c < (64 + 128) * 8; c += kWgThreads)  // A rows 0-63, then B rows 0-127
     cp_async16(smem + swizzle128(c >> 3, c & 7), zeros, 16);
   cp_async_commit();
-  cp_async_wait<0>();
+  if (Mode != kWgNotLanded) cp_async_wait<0>();  // not landed: the MMA below reads copies in flight
   if (Mode != kWgNoProxyFence) fence_proxy_async();
   __syncthreads();
   float acc[64] = {};
@@ -640,6 +641,7 @@ __global__ void wgmma_misuse_kernel(const __nv_bfloat16* zeros, float* out) {
     __syncthreads();
   }
   if (Mode != kWgUnwaited) wgmma_wait<0>(acc);
+  if (Mode == kWgNotLanded) cp_async_wait<0>();
   out[tid] = acc[0];
 }
 
@@ -660,6 +662,7 @@ int run_wgmma_misuse(const std::string& op) {
   LINFT_MISUSE("wgmma_descriptors", kWgDescriptors)
   LINFT_MISUSE("wgmma_unwaited", kWgUnwaited)
   LINFT_MISUSE("wgmma_no_batch_fence", kWgNoBatchFence)
+  LINFT_MISUSE("wgmma_not_landed", kWgNotLanded)
 #undef LINFT_MISUSE
   return -1;  // not a misuse op
 }
@@ -683,7 +686,7 @@ int main(int argc, char** argv) {
   if (!known) {
     fprintf(stderr, "usage: %s {gram|ghost_gram|ghost_gram_t_loop|psg_gram|all|hang_sync|hang_warp|"
             "hang_exit|wgmma_no_proxy_fence|wgmma_overwrite|wgmma_descriptors|wgmma_unwaited|"
-            "wgmma_no_batch_fence}\n", argv[0]);
+            "wgmma_no_batch_fence|wgmma_not_landed}\n", argv[0]);
     return 2;
   }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -134,6 +134,53 @@ constexpr int kDeviceCcMajor[kDevices] = {9, 7, 8};
 inline long live_allocs = 0;  // cudaMallocAsync minus cudaFreeAsync
 inline std::vector<size_t> alloc_log;  // bytes of every cudaMallocAsync, for the driver
 
+// ---------------------------------------------------------------- shared window
+// The running block's dynamic shared memory sits kDynSmemOffset bytes into a 1024-byte aligned
+// "shared window" (as after some static shared memory on a GPU, where the dynamic part is only
+// 16-byte aligned): a kernel that needs 1024-byte alignment (the 128-byte swizzle of wgmma
+// operands) has to align it itself. smem_u32 is __cvta_generic_to_shared: offsets into the window.
+constexpr size_t kSmemWindowAlign = 1024;
+constexpr size_t kDynSmemOffset = 48;
+inline unsigned char* smem_window = nullptr;
+inline size_t smem_window_bytes = 0;
+
+// Bytes of the window written by cp.async copies that landed (generic proxy) and whose writing thread
+// has not run fence.proxy.async since: wgmma (async proxy) must not read them (csrc/cuda/wgmma.cuh).
+inline std::vector<unsigned char> smem_unfenced;
+inline thread_local std::vector<size_t> cp_landed_unfenced;  // window offsets of this thread's copies
+
+// Bytes of the window that issued cp.async copies will write and that have not landed yet (a count
+// per byte): reading them is a race on a GPU, where a copy lands any time before its wait (here it
+// lands at the wait), so ldmatrix and wgmma abort when they read them.
+inline std::vector<unsigned char> smem_inflight;
+
+// Offset of p in the window, or -1 when p is elsewhere (static __shared__ or global memory).
+inline long window_offset(const void* p, size_t n) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (smem_window == nullptr || c < smem_window || c + n > smem_window + smem_window_bytes) return -1;
+  return static_cast<long>(c - smem_window);
+}
+
+inline void check_landed(const void* p, size_t n, const char* reader) {
+  const long off = window_offset(p, n);
+  if (off < 0) return;
+  for (size_t i = 0; i < n; ++i)
+    if (smem_inflight[off + i]) {
+      fprintf(stderr, "EMU: %s (thread %u) reads shared byte %ld, which a cp.async still in flight "
+              "will write (not yet waited for: a race)\n", reader, threadIdx.x, off + static_cast<long>(i));
+      std::abort();
+    }
+}
+
+inline uint32_t smem_u32(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (smem_window == nullptr || c < smem_window || c > smem_window + smem_window_bytes) {
+    fprintf(stderr, "EMU: %p is not in the block's dynamic shared memory\n", p);
+    std::abort();
+  }
+  return static_cast<uint32_t>(c - smem_window);
+}
+
 // ---------------------------------------------------------------- warps
 // Lane threadIdx.x % 32 of warp threadIdx.x / 32. A warp operation deposits this lane's operands in
 // the warp's scratch, waits at the warp barrier, then computes this lane's result from every lane's
@@ -171,6 +218,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans = fal
     fprintf(stderr, "EMU: ldmatrix row address %p is not 16-byte aligned\n", row_addr);
     std::abort();
   }
+  check_landed(row_addr, 16, "ldmatrix");
   Warp& w = my_warp();
   const unsigned l = lane_id();
   const int buf = warp_exchange([&](int p) { w.ptr[p][l] = row_addr; });
@@ -227,30 +275,6 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)
   }
 }
 
-// ---------------------------------------------------------------- shared window
-// The running block's dynamic shared memory sits kDynSmemOffset bytes into a 1024-byte aligned
-// "shared window" (as after some static shared memory on a GPU, where the dynamic part is only
-// 16-byte aligned): a kernel that needs 1024-byte alignment (the 128-byte swizzle of wgmma
-// operands) has to align it itself. smem_u32 is __cvta_generic_to_shared: offsets into the window.
-constexpr size_t kSmemWindowAlign = 1024;
-constexpr size_t kDynSmemOffset = 48;
-inline unsigned char* smem_window = nullptr;
-inline size_t smem_window_bytes = 0;
-
-// Bytes of the window written by cp.async copies that landed (generic proxy) and whose writing thread
-// has not run fence.proxy.async since: wgmma (async proxy) must not read them (csrc/cuda/wgmma.cuh).
-inline std::vector<unsigned char> smem_unfenced;
-inline thread_local std::vector<size_t> cp_landed_unfenced;  // window offsets of this thread's copies
-
-inline uint32_t smem_u32(const void* p) {
-  const auto* c = static_cast<const unsigned char*>(p);
-  if (smem_window == nullptr || c < smem_window || c > smem_window + smem_window_bytes) {
-    fprintf(stderr, "EMU: %p is not in the block's dynamic shared memory\n", p);
-    std::abort();
-  }
-  return static_cast<uint32_t>(c - smem_window);
-}
-
 // ---------------------------------------------------------------- cp.async
 // Copies are queued per thread and carried out at cp.async.wait_group (a copy that is never waited
 // for never lands, so a missing wait shows as stale or 0xFF-poisoned shared memory).
@@ -270,6 +294,9 @@ inline void cp_async16(void* dst, const void* src, int src_bytes) {
     std::abort();
   }
   cp_open.push_back({dst, src, src_bytes});
+  const long off = window_offset(dst, 16);
+  if (off >= 0)
+    for (int i = 0; i < 16; ++i) ++smem_inflight[off + i];
 }
 inline void cp_async_commit() {
   cp_groups.push_back(std::move(cp_open));
@@ -280,11 +307,11 @@ inline void cp_async_wait(int pending) {
     for (const AsyncCopy& c : cp_groups.front()) {
       if (c.src_bytes) memcpy(c.dst, c.src, c.src_bytes);
       memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
-      const auto* d = static_cast<const unsigned char*>(c.dst);
-      if (smem_window != nullptr && d >= smem_window && d + 16 <= smem_window + smem_window_bytes) {
-        const size_t off = static_cast<size_t>(d - smem_window);
+      const long off = window_offset(c.dst, 16);
+      if (off >= 0) {
+        for (int i = 0; i < 16; ++i) --smem_inflight[off + i];
         std::fill(smem_unfenced.begin() + off, smem_unfenced.begin() + off + 16, 1);
-        cp_landed_unfenced.push_back(off);
+        cp_landed_unfenced.push_back(static_cast<size_t>(off));
       }
     }
     cp_groups.pop_front();
@@ -340,6 +367,7 @@ inline uint32_t wg_element(uint64_t desc, int row, int k) {
                   static_cast<uint32_t>(k) * 2;
   addr ^= ((addr >> 7) & 7) << 4;
   if (addr + 2 > smem_window_bytes) wg_fail("reads past the block's dynamic shared memory", desc);
+  check_landed(smem_window + addr, 2, "wgmma");
   if (smem_unfenced[addr] || smem_unfenced[addr + 1]) {
     fprintf(stderr, "EMU: wgmma (thread %u) reads shared byte %u, written by cp.async with no "
             "fence.proxy.async by its writer since\n", threadIdx.x, addr);
@@ -550,6 +578,7 @@ struct Launcher {
     smem_window = window.get();
     dyn_smem = smem_window + kDynSmemOffset;
     smem_unfenced.assign(smem_window_bytes, 0);
+    smem_inflight.assign(smem_window_bytes, 0);
     wg_desc.clear();
     blockDim = block;
     gridDim = grid;
@@ -598,6 +627,7 @@ struct Launcher {
       }
       std::fill(smem_window, smem_window + smem_window_bytes, 0xFF);
       std::fill(smem_unfenced.begin(), smem_unfenced.end(), 0);
+      std::fill(smem_inflight.begin(), smem_inflight.end(), 0);
       wg_desc.clear();
       ++blocks_run;
     };

@@ -106,7 +106,8 @@ def test_cuda_kernel_emulated(emu_driver, op):
     ("wgmma_overwrite", r"reads changed between its issue and its wgmma\.wait_group"),
     ("wgmma_descriptors", r"wgmma descriptors differ within warpgroup 0"),
     ("wgmma_unwaited", r"left 1 wgmma operations never waited for"),
-    ("wgmma_no_batch_fence", r"wgmma\.mma_async without a wgmma\.fence before its batch")])
+    ("wgmma_no_batch_fence", r"wgmma\.mma_async without a wgmma\.fence before its batch"),
+    ("wgmma_not_landed", r"reads shared byte \d+, which a cp\.async still in flight will write")])
 def test_emulator_names_wgmma_mistakes(emu_driver, op, message):
     p = subprocess.run([emu_driver, op], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and re.search(rf"EMU: .*{message}", p.stderr), \
