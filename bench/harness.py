@@ -267,10 +267,11 @@ def _native_cpu(op: str, out: torch.Tensor, *args) -> torch.Tensor:
     return out
 
 
-def _without_wgmma(fn):
-    """fn() with the native CUDA gram on its mma.sync kernel (LINFT_CUDA_GRAM_WGMMA=0, read per call)."""
+def _with_wgmma(value: str, fn):
+    """fn() with LINFT_CUDA_GRAM_WGMMA=value, which the native CUDA gram reads at every call: "0" its
+    mma.sync kernel, "2" the wgmma kernel's Overlap form (csrc/README.md)."""
     before = os.environ.get("LINFT_CUDA_GRAM_WGMMA")
-    os.environ["LINFT_CUDA_GRAM_WGMMA"] = "0"
+    os.environ["LINFT_CUDA_GRAM_WGMMA"] = value
     try:
         return fn()
     finally:
@@ -306,8 +307,9 @@ def build_op_case(case: dict, device: torch.device):
         if device.type == "cuda" and dt in (torch.bfloat16, torch.float16) and "cuda" in _backends(device, heavy):
             from linft_kernels import _native
             if _native.cuda_lib().gram_tensor_core_path() == "wgmma":
-                # the sm_80 kernel beside the Hopper one, same process (the switch is read per call)
-                cands.append(("cuda [mma.sync]", lambda: _without_wgmma(lambda: lk.gram(a, b, backend="cuda"))))
+                # the sm_80 kernel and the wgmma kernel's other form beside the default, same process
+                for label, value in (("cuda [mma.sync]", "0"), ("cuda [wgmma overlap]", "2")):
+                    cands.append((label, lambda value=value: _with_wgmma(value, lambda: lk.gram(a, b, backend="cuda"))))
         if b is None:
             bases.append((f"torch a@a.T [{native}]", lambda: a @ a.T))
             if dt != torch.float32 and dt != torch.float64:

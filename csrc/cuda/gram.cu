@@ -174,10 +174,18 @@ gram_mma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restr
 }
 
 // ---------------------------------------------------------------- Hopper path (sm_90a)
+// Overlap = false (the default): 3 stages, each chunk's MMAs waited for before the next barrier, two
+// blocks per SM (one block's copies and barriers overlap the other's MMAs). Overlap = true
+// (LINFT_CUDA_GRAM_WGMMA=2, for A/B timing): 4 stages, copies two chunks ahead, each chunk's MMAs
+// left in flight while the next chunk's are issued (wgmma.wait_group 1), one block per SM.
+template <bool Overlap>
 struct GramWg {
   static constexpr int kTile = 128;                       // output tile edge (= kMmaTile)
   static constexpr int kK = kSwizzleK;                    // K chunk: one 128-byte swizzled row
-  static constexpr int kStages = 3;
+  static constexpr int kStages = Overlap ? 4 : 3;
+  static constexpr int kDistance = Overlap ? kStages - 2 : kStages - 1;  // chunks loaded ahead
+  static constexpr int kPending = Overlap ? 1 : 0;        // MMA batches left in flight per chunk
+  static constexpr int kBlocksPerSm = Overlap ? 1 : 2;
   static constexpr int kOperandBytes = kTile * kK * 2;    // one operand's rows of one stage: 16 KiB
   static constexpr int kStageBytes = 2 * kOperandBytes;
   // the stages, plus the slack to align them to a swizzle atom (dynamic shared memory is only
@@ -186,12 +194,12 @@ struct GramWg {
   static_assert(kThreads == 2 * kWgThreads, "two warpgroups of 64 rows each");
   static_assert(kOperandBytes % kSwizzleAtom == 0, "every operand tile starts on a swizzle atom");
 };
-static_assert(GramWg::kTile == kMmaTile, "both tensor-core kernels share the tile plan");
+static_assert(GramWg<false>::kTile == kMmaTile, "both tensor-core kernels share the tile plan");
 
 // Block (blockIdx.x, blockIdx.y + tile_row_offset) of 128x128 tiles, K range blockIdx.z; splits == 1
 // adds into out, otherwise the partial tile goes to ws[blockIdx.z] (as gram_mma_kernel).
-template <class T>
-__global__ void __launch_bounds__(kThreads, 2)
+template <class T, bool Overlap>
+__global__ void __launch_bounds__(kThreads, GramWg<Overlap>::kBlocksPerSm)
 gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
                   float* __restrict__ ws, int64_t N, int64_t M, int64_t P, int64_t k_per_split,
                   int64_t tile_row_offset, int symmetric) {
@@ -200,15 +208,16 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
   const int64_t tj = static_cast<int64_t>(blockIdx.x);
   if (symmetric && tj < ti) return;  // whole block: uniform, before any barrier
 
+  using Wg = GramWg<Overlap>;
   LINFT_DYNAMIC_SMEM(smem_raw);
   const uint32_t raw = smem_u32(smem_raw);
   unsigned char* const smem = smem_raw + (kSwizzleAtom - raw % kSwizzleAtom) % kSwizzleAtom;
   const uint32_t base = smem_u32(smem);
-  const int64_t row0 = ti * GramWg::kTile;
-  const int64_t col0 = tj * GramWg::kTile;
+  const int64_t row0 = ti * Wg::kTile;
+  const int64_t col0 = tj * Wg::kTile;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per_split;
   const int64_t k_end = (k_begin + k_per_split < P) ? k_begin + k_per_split : P;
-  const int num_k = static_cast<int>((k_end - k_begin + GramWg::kK - 1) / GramWg::kK);
+  const int num_k = static_cast<int>((k_end - k_begin + Wg::kK - 1) / Wg::kK);
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / kWgThreads;
 
@@ -225,15 +234,15 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
   const T* const b_src = b + (col0 + rt) * P + k_first;
   const int64_t a_left = N - row0 - rt, b_left = M - col0 - rt;  // rows this thread may copy: r * 32 < left
   auto load = [&](int kt, int s) {
-    unsigned char* stage = smem + s * GramWg::kStageBytes + dst0;
-    const int64_t kk = static_cast<int64_t>(kt) * GramWg::kK;
+    unsigned char* stage = smem + s * Wg::kStageBytes + dst0;
+    const int64_t kk = static_cast<int64_t>(kt) * Wg::kK;
     const bool k_ok = k_first + kk < k_end;
 #pragma unroll
-    for (int r = 0; r < (GramWg::kTile * 8) / kThreads; ++r) {
+    for (int r = 0; r < (Wg::kTile * 8) / kThreads; ++r) {
       const int64_t off = static_cast<int64_t>(r) * 32 * P + kk;
       const bool a_ok = k_ok && r * 32 < a_left, b_ok = k_ok && r * 32 < b_left;
       cp_async16(stage + r * 32 * 128, a_ok ? a_src + off : a, a_ok ? 16 : 0);
-      cp_async16(stage + GramWg::kOperandBytes + r * 32 * 128, b_ok ? b_src + off : b, b_ok ? 16 : 0);
+      cp_async16(stage + Wg::kOperandBytes + r * 32 * 128, b_ok ? b_src + off : b, b_ok ? 16 : 0);
     }
   };
   float acc[64];
@@ -241,16 +250,19 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
   auto use = [&](int s) {
     // this warpgroup's 64 rows of the A tile (8 swizzle atoms further per warpgroup), all of B
-    const uint32_t sa = base + s * GramWg::kStageBytes + wg * 64 * 128;
-    const uint32_t sb = base + s * GramWg::kStageBytes + GramWg::kOperandBytes;
+    const uint32_t sa = base + s * Wg::kStageBytes + wg * 64 * 128;
+    const uint32_t sb = base + s * Wg::kStageBytes + Wg::kOperandBytes;
     wgmma_fence(acc);
 #pragma unroll
-    for (int ks = 0; ks < GramWg::kK / 16; ++ks)  // k16 steps: the descriptors' start moves 32 bytes
+    for (int ks = 0; ks < Wg::kK / 16; ++ks)  // k16 steps: the descriptors' start moves 32 bytes
       wgmma_m64n128k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
     wgmma_commit();
-    wgmma_wait<0>(acc);  // done reading stage s (the pipeline overwrites it next)
+    // default: done reading stage s (the pipeline refills it next); Overlap: the previous chunk's
+    // MMAs are done (the pipeline refills their stage next)
+    wgmma_wait<Wg::kPending>(acc);
   };
-  cp_async_pipeline<GramWg::kStages>(num_k, load, use, [] { fence_proxy_async(); });
+  cp_async_pipeline<Wg::kStages, Wg::kDistance>(num_k, load, use, [] { fence_proxy_async(); });
+  wgmma_wait<0>(acc);
 
   // Epilogue through shared memory (the stages are free once both warpgroups are done): the tile
   // is staged as 128 rows of 129 floats (padded: column reads are conflict-free), then added into
@@ -258,8 +270,8 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
   // which is again row by row of out. Thread (warp w of its warpgroup, g = lane / 4, t = lane % 4)
   // holds rows g and g + 8 of the warp's 16 rows, columns 8 j + 2 t and 8 j + 2 t + 1 (wgmma.cuh).
   __syncthreads();  // the other warpgroup may still be reading the last stage
-  constexpr int kLdT = GramWg::kTile + 1;
-  static_assert(sizeof(float) * GramWg::kTile * kLdT <= GramWg::kStages * GramWg::kStageBytes,
+  constexpr int kLdT = Wg::kTile + 1;
+  static_assert(sizeof(float) * Wg::kTile * kLdT <= Wg::kStages * Wg::kStageBytes,
                 "the staged tile fits in the pipeline's stages");
   float* const tile = reinterpret_cast<float*>(smem);
   {
@@ -273,12 +285,12 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
   __syncthreads();
   const bool split = gridDim.z > 1;
   float* const dst = split ? ws + static_cast<int64_t>(blockIdx.z) * N * M : out;
-  const int rows = static_cast<int>(N - row0 < GramWg::kTile ? N - row0 : GramWg::kTile);
-  const int cols = static_cast<int>(M - col0 < GramWg::kTile ? M - col0 : GramWg::kTile);
+  const int rows = static_cast<int>(N - row0 < Wg::kTile ? N - row0 : Wg::kTile);
+  const int cols = static_cast<int>(M - col0 < Wg::kTile ? M - col0 : Wg::kTile);
   // out[row0 + r, col0 + c] (+)= tile[r][c]; symmetric: only where row0 + r <= col0 + c (the
   // reduce kernel of a split mirrors the splits' sum itself)
-  for (int e = tid; e < GramWg::kTile * GramWg::kTile; e += kThreads) {
-    const int r = e / GramWg::kTile, c = e % GramWg::kTile;
+  for (int e = tid; e < Wg::kTile * Wg::kTile; e += kThreads) {
+    const int r = e / Wg::kTile, c = e % Wg::kTile;
     if (r >= rows || c >= cols) continue;
     const int64_t i = row0 + r, jj = col0 + c;
     const float v = tile[r * kLdT + c];
@@ -290,8 +302,8 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
   if (symmetric && !split) {
     // out[col0 + c, row0 + r] += tile[r][c] where row0 + r < col0 + c: the same value as above, so
     // a symmetric out stays exactly symmetric
-    for (int e = tid; e < GramWg::kTile * GramWg::kTile; e += kThreads) {
-      const int c = e / GramWg::kTile, r = e % GramWg::kTile;
+    for (int e = tid; e < Wg::kTile * Wg::kTile; e += kThreads) {
+      const int c = e / Wg::kTile, r = e % Wg::kTile;
       if (r >= rows || c >= cols) continue;
       const int64_t i = row0 + r, jj = col0 + c;
       if (i < jj) out[jj * M + i] += tile[r * kLdT + c];
@@ -352,25 +364,26 @@ TilePlan plan_tiles(int64_t N, int64_t M, int64_t P, bool symmetric, int64_t til
 }
 
 // Tensor-core launch (see the top of the file); the caller checked dtype, alignment and P % 8.
-// Wg: gram_wgmma_kernel (the caller checked wgmma_device), else gram_mma_kernel.
-template <class T, bool Wg>
+// Kind: 0 gram_mma_kernel, 1 gram_wgmma_kernel, 2 its Overlap form (the caller checked wgmma_device).
+template <class T, int Kind>
 void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t P, bool symmetric,
               cudaStream_t s, const char* op) {
   // Split K when there are few output tiles (aim at ~256 blocks, two per SM of an H100), keeping
   // >= 1024 of K per split. Not tuned on a GPU yet.
-  const int64_t k_step = Wg ? GramWg::kK : GramMma::kK;
+  constexpr bool Wg = Kind > 0, Overlap = Kind == 2;
+  const int64_t k_step = Wg ? GramWg<Overlap>::kK : GramMma::kK;
   const TilePlan tp = plan_tiles(N, M, P, symmetric, kMmaTile, k_step, 256, 1024, op);
   const int64_t tiles_n = tp.tiles_n, tiles_m = tp.tiles_m, k_per = tp.k_per, splits = tp.splits;
 
   // 60 / 97 KiB of dynamic shared memory: over the default 48 KiB, so opt in (per device; cheap).
-  const size_t smem = Wg ? GramWg::kSmemBytes : GramMma::kSmemBytes;
+  const size_t smem = Wg ? GramWg<Overlap>::kSmemBytes : GramMma::kSmemBytes;
   if constexpr (Wg) {
-    check_cuda(cudaFuncSetAttribute(gram_wgmma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    check_cuda(cudaFuncSetAttribute(gram_wgmma_kernel<T, Overlap>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                op, "cudaFuncSetAttribute");
-    // two blocks of 97 KiB per SM need the largest shared-memory carveout (a hint the driver may
-    // otherwise size for one block)
-    check_cuda(cudaFuncSetAttribute(gram_wgmma_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    // two blocks of 97 KiB (Overlap: one of 129 KiB) per SM need the largest shared-memory
+    // carveout (a hint the driver may otherwise size for one smaller block)
+    check_cuda(cudaFuncSetAttribute(gram_wgmma_kernel<T, Overlap>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                     static_cast<int>(cudaSharedmemCarveoutMaxShared)),
                op, "cudaFuncSetAttribute");
   } else
@@ -386,7 +399,7 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
     const int64_t rows = (tiles_n - row_off < kMaxGridYZ) ? tiles_n - row_off : kMaxGridYZ;
     dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(rows), static_cast<unsigned>(splits));
     if constexpr (Wg)
-      LINFT_LAUNCH(grid, kThreads, smem, s, gram_wgmma_kernel<T>)
+      LINFT_LAUNCH(grid, kThreads, smem, s, gram_wgmma_kernel<T, Overlap>)
       (pa, pb, po, ws, N, M, P, k_per, row_off, symmetric ? 1 : 0);
     else
       LINFT_LAUNCH(grid, kThreads, smem, s, gram_mma_kernel<T>)
@@ -479,6 +492,12 @@ bool wgmma_device(const char* op) {
   return m == 2;
 }
 
+// LINFT_CUDA_GRAM_WGMMA=2: the Overlap form of gram_wgmma_kernel (read at every call).
+bool wgmma_overlap() {
+  const char* e = std::getenv("LINFT_CUDA_GRAM_WGMMA");
+  return e != nullptr && e[0] == '2';
+}
+
 }  // namespace cuda_detail
 
 namespace cuda {
@@ -507,10 +526,12 @@ void gram(const void* a, const void* b, void* out, int64_t N, int64_t M, int64_t
       using T = typename decltype(tag)::type;
       const T* pa = static_cast<const T*>(a);
       const T* pb = symmetric ? pa : static_cast<const T*>(b);
-      if (wg)
-        gram_mma<T, true>(pa, pb, po, N, M, P, symmetric, s, op);
+      if (!wg)
+        gram_mma<T, 0>(pa, pb, po, N, M, P, symmetric, s, op);
+      else if (wgmma_overlap())
+        gram_mma<T, 2>(pa, pb, po, N, M, P, symmetric, s, op);
       else
-        gram_mma<T, false>(pa, pb, po, N, M, P, symmetric, s, op);
+        gram_mma<T, 1>(pa, pb, po, N, M, P, symmetric, s, op);
     };
     if (dtype == kBFloat16)
       run(Tag<__nv_bfloat16>{});

@@ -147,23 +147,27 @@ struct Nothing {
 
 // Chunk k (of num_k) is copied by load(k, k % Stages) into that stage and handed to use(k % Stages)
 // once every thread's copies of it have landed (and landed() has run in every thread after its
-// own copies landed: wgmma's proxy fence); the copies of chunk k + Stages - 1 are issued before
-// chunk k is used, so they overlap its mma. use(s) must be done reading stage s when it returns.
-// Contains barriers (call uniformly). Returns with nothing in flight; a caller that reuses the
-// stages at once still needs a barrier (other warps may be reading the last one).
-template <int Stages, class Load, class Use, class Landed = Nothing>
+// own copies landed: wgmma's proxy fence); the copies of chunk k + Distance are issued before chunk
+// k is used, so they overlap its mma. They go into the stage of chunk k + Distance - Stages, which
+// must be free once every thread has returned from that chunk's use: with the default Distance =
+// Stages - 1 that is the previous chunk, so use(s) must be done reading stage s when it returns;
+// with Distance = Stages - 2, use may leave its reads in flight until the next use returns (wgmma
+// with one batch pending). Contains barriers (call uniformly). Returns with no copy in flight; a
+// caller that reuses the stages at once still needs a barrier (other warps may be reading the last one).
+template <int Stages, int Distance = Stages - 1, class Load, class Use, class Landed = Nothing>
 __device__ __forceinline__ void cp_async_pipeline(int num_k, Load&& load, Use&& use,
                                                   Landed&& landed = Landed{}) {
+  static_assert(Distance >= 1 && Distance < Stages, "prefetch distance");
 #pragma unroll
-  for (int s = 0; s < Stages - 1; ++s) {
+  for (int s = 0; s < Distance; ++s) {
     if (s < num_k) load(s, s);
     cp_async_commit();
   }
   for (int kt = 0; kt < num_k; ++kt) {
-    cp_async_wait<Stages - 2>();  // this thread's copies of chunk kt have landed
+    cp_async_wait<Distance - 1>();  // this thread's copies of chunk kt have landed
     landed();
-    __syncthreads();              // everyone's have; and chunk kt-1's stage is free again
-    const int pre = kt + Stages - 1;
+    __syncthreads();  // everyone's have; and chunk kt + Distance - Stages's stage is free again
+    const int pre = kt + Distance;
     if (pre < num_k) load(pre, pre % Stages);
     cp_async_commit();
     use(kt % Stages);

@@ -134,6 +134,7 @@ enum class Path { any, ffma, mma, mma_split, mma_both };
 // emulated 9.0 device, device 0) 3 stages of 2 x 128 x 64 halves plus 1008 bytes of alignment
 // slack; gram_mma_kernel (the 8.0 device, device 2) 3 stages of 2 x 128 x 40 halves.
 constexpr size_t kGramWgmmaSmem = 3 * 2 * 128 * 64 * 2 + 1008;
+constexpr size_t kGramWgmmaOverlapSmem = 4 * 2 * 128 * 64 * 2 + 1008;  // LINFT_CUDA_GRAM_WGMMA=2: 4 stages
 constexpr size_t kGramMmaSmem = 3 * 2 * 128 * 40 * 2;
 constexpr int kDeviceSm80 = 2;
 
@@ -164,9 +165,10 @@ void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::
       sc[(size_t)i * M + j] = s2;
     }
   char name[240];
+  const char* variant = std::getenv("LINFT_CUDA_GRAM_WGMMA");
   snprintf(name, sizeof name, "gram N=%d M=%d P=%d %s in=%s out=%s%s%s%s", N, M, P, sym ? "sym" : "cross",
            dname(dt), od ? "f64" : "f32", offset ? " misaligned" : "",
-           device == 1 ? " sm75" : device == kDeviceSm80 ? " sm80" : " sm90",
+           device == 1 ? " sm75" : device == kDeviceSm80 ? " sm80" : variant && variant[0] == '2' ? " sm90 overlap" : " sm90",
            path == Path::ffma ? " [ffma]" : path == Path::mma ? " [mma]" : path == Path::mma_split ? " [mma split-K]" : "");
   const void* pa = a.raw.data() + (size_t)offset * Buf::esize(dt);
   emu::launch_log.clear();
@@ -182,7 +184,9 @@ void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::
     const bool split = mma && log[0].grid.z > 1;
     const bool want_mma = path == Path::mma || path == Path::mma_split;
     // the 9.0 device runs the wgmma kernel, the 8.0 one the mma.sync kernel
-    const bool right_kernel = !mma || log[0].smem == (device == 0 ? kGramWgmmaSmem : kGramMmaSmem);
+    const char* variant = std::getenv("LINFT_CUDA_GRAM_WGMMA");
+    const size_t wg_smem = variant && variant[0] == '2' ? kGramWgmmaOverlapSmem : kGramWgmmaSmem;
+    const bool right_kernel = !mma || log[0].smem == (device == 0 ? wg_smem : kGramMmaSmem);
     const bool ok = mma == want_mma && split == (path == Path::mma_split) && right_kernel &&
                     log.size() == (size_t)(split ? 2 : 1) && emu::live_allocs == 0;
     char d[200];
@@ -452,6 +456,16 @@ void run_gram() {
       test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true, dev);  // every stage reused twice
       test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true, dev);  // 2 splits
     }
+  // The wgmma kernel's Overlap form (4 stages, copies two chunks ahead, one MMA batch in flight).
+  setenv("LINFT_CUDA_GRAM_WGMMA", "2", 1);
+  for (int dt : {3, 2}) {
+    test_gram(37, 21, 40, false, dt, 0, Path::mma);
+    test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true);
+    test_gram(71, 100, 200, false, dt, 0, Path::mma);
+    test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true);
+    test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true);
+  }
+  unsetenv("LINFT_CUDA_GRAM_WGMMA");
   for (int dt : {3, 2}) {
     // Fallbacks to the FFMA kernel, each still checked against the reference.
     test_gram(37, 21, 40, false, dt, 1, Path::ffma);            // fp64 out: fp64 accumulation
