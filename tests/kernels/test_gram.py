@@ -228,17 +228,19 @@ print(repr(res))
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
-@pytest.mark.parametrize("path", ["wgmma", "mma.sync"])
+@pytest.mark.parametrize("path", ["wgmma", "wgmma overlap", "mma.sync"])
 def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric, path, monkeypatch):
     """Shapes that take the native CUDA tensor-core kernels (16-bit inputs, fp32 out, P % 8 == 0;
-    csrc/README.md), on Hopper's wgmma kernel and on the mma.sync one (LINFT_CUDA_GRAM_WGMMA=0, read
-    at every call): edge tiles, P not a multiple of the K chunk (32 for mma.sync, 64 for wgmma),
+    csrc/README.md), on Hopper's wgmma kernel (both forms: LINFT_CUDA_GRAM_WGMMA=2 is the second) and
+    on the mma.sync one (LINFT_CUDA_GRAM_WGMMA=0; the switch is read at every call): edge tiles, P not a multiple of the K chunk (32 for mma.sync, 64 for wgmma),
     every pipeline stage reused, 2x2 tiles, split-K. A symmetric start must stay exactly symmetric.
     The same cases run on the CPU in tests/cuda_emu (device 0 runs wgmma there, device 2 mma.sync)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible)")
     lib = _native.cuda_lib()
-    if path == "wgmma":
+    if path.startswith("wgmma"):
+        if path == "wgmma overlap":
+            monkeypatch.setenv("LINFT_CUDA_GRAM_WGMMA", "2")
         if torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("wgmma needs a compute capability 9.0 GPU")
         if "90a" not in lib.build_info()["archs"].split(";"):
@@ -248,7 +250,7 @@ def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric, path, monkeypatch
         if torch.cuda.get_device_capability()[0] < 8:
             pytest.skip("mma.sync with bf16 needs sm_80 or newer")
     # on a 9.0 GPU with the sm_90a build, the probe must find that code loaded
-    assert lib.gram_tensor_core_path() == path
+    assert lib.gram_tensor_core_path() == path.split()[0]
     for N, M, P in [(5, 3, 8), (37, 21, 40), (130, 150, 72), (71, 100, 200), (129, 129, 392),
                     (33, 40, 1032), (300, 260, 4096)]:
         M = N if symmetric else M
