@@ -238,6 +238,8 @@ def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric, path, monkeypatch
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible)")
     lib = _native.cuda_lib()
+    if lib is None:
+        pytest.fail(f"the native CUDA library did not load: {_native.load_error('_C_cuda')}")
     if path.startswith("wgmma"):
         if path == "wgmma overlap":
             monkeypatch.setenv("LINFT_CUDA_GRAM_WGMMA", "2")
