@@ -310,6 +310,7 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
     }
   }
 #else
+  static_assert(GramWg<Overlap>::kDistance > GramWg<Overlap>::kPending, "(referenced in every build)");
   __trap();  // the launcher picks this kernel only where the sm_90a code is what runs
 #endif
 }
@@ -417,6 +418,26 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
   }
 }
 
+// The answer of yes(device) for the current device, asked once per device (cache: 0 not asked yet,
+// 1 no, 2 yes).
+constexpr int kMaxDevices = 64;
+template <class Yes>
+bool per_device(std::atomic<int> (&cache)[kMaxDevices], const char* op, Yes&& yes) {
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
+  if (dev < 0 || dev >= kMaxDevices) return false;
+  int m = cache[dev].load(std::memory_order_relaxed);
+  if (m == 0) {
+    m = yes(dev) ? 2 : 1;
+    cache[dev].store(m, std::memory_order_relaxed);
+  }
+  return m == 2;
+}
+
+bool env_is(const char* name, char first) {
+  const char* e = std::getenv(name);
+  return e != nullptr && e[0] == first;
+}
 }  // namespace
 
 // Declared in mma.cuh. Compute capability 8.0 or newer, and the code loaded for it compiled for sm_80
@@ -424,32 +445,21 @@ void gram_mma(const T* pa, const T* pb, float* po, int64_t N, int64_t M, int64_t
 // architectures, so gram_mma_kernel stands for its kernels too. Cached per device;
 // LINFT_CUDA_GRAM_MMA=0 in the environment turns every tensor-core path off (for A/B timing).
 bool mma_device(const char* op) {
-  static const bool disabled = [] {
-    const char* e = std::getenv("LINFT_CUDA_GRAM_MMA");
-    return e != nullptr && e[0] == '0';
-  }();
+  static const bool disabled = env_is("LINFT_CUDA_GRAM_MMA", '0');
   if (disabled) return false;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> major[kMaxDevices];  // per device: 0 not queried yet
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
-  if (dev < 0 || dev >= kMaxDevices) return false;
-  int m = major[dev].load(std::memory_order_relaxed);  // 1: no, 2: yes
-  if (m == 0) {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, op, [op](int dev) {
     int cc = 0;
     check_cuda(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev), op,
                "cudaDeviceGetAttribute");
-    m = 1;
-    if (cc >= 8) {
-      cudaFuncAttributes attr{};
-      if (cudaFuncGetAttributes(&attr, gram_mma_kernel<__nv_bfloat16>) == cudaSuccess)
-        m = attr.binaryVersion >= 80 ? 2 : 1;
-      else
-        (void)cudaGetLastError();  // no loadable code for this device: the FFMA kernel serves
+    if (cc < 8) return false;
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, gram_mma_kernel<__nv_bfloat16>) != cudaSuccess) {
+      (void)cudaGetLastError();  // no loadable code for this device: the FFMA kernel serves
+      return false;
     }
-    major[dev].store(m, std::memory_order_relaxed);
-  }
-  return m == 2;
+    return attr.binaryVersion >= 80;
+  });
 }
 
 // Whether the current device runs gram_wgmma_kernel: mma_device, compute capability exactly 9.0,
@@ -459,44 +469,31 @@ bool mma_device(const char* op) {
 // emulated 9.0 device runs the sm_90a code). Cached per device. LINFT_CUDA_GRAM_WGMMA=0 turns it
 // off; unlike the other switches it is read at every call, so one process can time both kernels.
 bool wgmma_device(const char* op) {
-  const char* e = std::getenv("LINFT_CUDA_GRAM_WGMMA");
-  if (e != nullptr && e[0] == '0') return false;
-  if (!mma_device(op)) return false;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> state[kMaxDevices];  // per device: 0 not probed yet, 1 no, 2 yes
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
-  if (dev < 0 || dev >= kMaxDevices) return false;
-  int m = state[dev].load(std::memory_order_relaxed);
-  if (m == 0) {
+  if (env_is("LINFT_CUDA_GRAM_WGMMA", '0') || !mma_device(op)) return false;
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, op, [op](int dev) {
     int major = 0, minor = 0;
     check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), op,
                "cudaDeviceGetAttribute");
     check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), op,
                "cudaDeviceGetAttribute");
-    m = 1;
-    if (major == 9 && minor == 0) {
+    if (major != 9 || minor != 0) return false;
 #ifdef LINFT_CUDA_EMULATION
-      (void)&sm90a_probe_kernel;
-      m = 2;
+    (void)&sm90a_probe_kernel;
+    return true;
 #else
-      cudaFuncAttributes attr{};
-      if (cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess)
-        m = attr.maxThreadsPerBlock == kProbeThreadsSm90a ? 2 : 1;
-      else
-        (void)cudaGetLastError();  // no loadable code: no
-#endif
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, sm90a_probe_kernel) != cudaSuccess) {
+      (void)cudaGetLastError();  // no loadable code: no
+      return false;
     }
-    state[dev].store(m, std::memory_order_relaxed);
-  }
-  return m == 2;
+    return attr.maxThreadsPerBlock == kProbeThreadsSm90a;
+#endif
+  });
 }
 
 // LINFT_CUDA_GRAM_WGMMA=2: the Overlap form of gram_wgmma_kernel (read at every call).
-bool wgmma_overlap() {
-  const char* e = std::getenv("LINFT_CUDA_GRAM_WGMMA");
-  return e != nullptr && e[0] == '2';
-}
+bool wgmma_overlap() { return env_is("LINFT_CUDA_GRAM_WGMMA", '2'); }
 
 }  // namespace cuda_detail
 
