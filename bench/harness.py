@@ -1255,6 +1255,56 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# Issue 5's targets as the rows measure them: (target, rows it reads, threshold on a row's value).
+# Ops rows: the best call of the op itself (a backend, possibly with tile_dtype, route or a
+# documented kernel switch: not `reference`, and not the candidates that bypass the op, which are
+# `_OFF_OP`) of the named case and dtype.
+_OFF_OP = ("cublas", "cpu [native kernel]")
+_OPS_TARGETS = [
+    ("CPU gram sym fp32 N=4096, P=65536 >= 1.6x a @ a.T", "cpu", "gram_sym_headline", "float32",
+     None, "torch a@a.T [float32]", "ratio", 1.6),
+    ("H200 gram bf16 >= 70% of the bf16 GEMM rate", "cuda", "gram_sym", "bfloat16", "N=4096,P=65536",
+     None, "pct", 70.0),
+    ("H200 psg_gram bf16 >= 50% of the bf16 GEMM rate", "cuda", "psg_gram_sym", "bfloat16",
+     "N=256,T=256,d_in=1024,d_out=1024", None, "pct", 50.0),
+]
+
+
+def targets_table(rows: list[dict]) -> str:
+    """Markdown: each issue-5 target the rows measure, the best candidate's value, met or not. GPU
+    rates are given under both timers (`pct`: synchronous per-call median; `pipelined`: do_bench
+    median, host launch work overlapped) and the target counts as met when either reaches it."""
+    out = ["| target | best row | value | met |", "|---|---|---|---|"]
+    for what, device, name, dtype, shape, baseline, metric, need in _OPS_TARGETS:
+        cands = [r for r in rows if r.get("suite") == "ops" and r.get("device") == device
+                 and r.get("name") == name and r.get("dtype") == dtype and r.get("backend") != "reference"
+                 and not str(r.get("backend")).startswith(_OFF_OP)
+                 and (shape is None or r.get("shape_str") == shape)
+                 and (baseline is None or r.get("baseline") == baseline)
+                 and (r.get("kernel") in (None, "sgd"))]
+        if not cands:
+            continue
+        if metric == "ratio":
+            best = max(cands, key=lambda r: r.get("ratio") or 0)
+            val, ok = f"{best['ratio']:.2f}x", (best.get("ratio") or 0) >= need
+        else:
+            def score(r):
+                return max(r.get("pct_of_peak") or 0, r.get("pipelined_pct_of_peak") or 0)
+            best = max(cands, key=score)
+            pip = best.get("pipelined_pct_of_peak")
+            val = f"{best.get('pct_of_peak') or 0:.0f}%" + (f" ({pip:.0f}% pipelined)" if pip else "")
+            ok = score(best) >= need
+        out.append(f"| {what} | {best['backend']} ({str(best.get('git_commit', '?'))[:7]}) | {val} | "
+                   f"{'yes' if ok else 'no'} |")
+    for r in rows:
+        t = r.get("targets") or {}
+        if r.get("suite") == "ntk" and "ntk_cost_ratio<=1.5" in t:
+            out.append(f"| {r.get('device')} {r['name']}: NTK <= 1.5x one forward+backward | {r['method']} "
+                       f"({str(r.get('git_commit', '?'))[:7]}) | {r['ntk_cost_ratio']:.2f}x | "
+                       f"{'yes' if t['ntk_cost_ratio<=1.5'] else 'no'} |")
+    return "\n".join(out)
+
+
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.1f} s"
 
@@ -1299,6 +1349,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", metavar="NEW.json", help="with --compare and no --suite: compare two files")
     ap.add_argument("--fail-if-regression", type=float, metavar="PCT", default=None)
     ap.add_argument("--table", metavar="RESULTS.json", help="print the markdown summary tables of a result file")
+    ap.add_argument("--targets", metavar="RESULTS.json", nargs="+",
+                    help="print issue 5's targets as these result files measure them")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -1307,6 +1359,9 @@ def main(argv=None) -> int:
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
 
+    if args.targets:
+        print(targets_table([r for path in args.targets for r in load_rows(path)]))
+        return 0
     if args.table:
         print(markdown_table(load_rows(args.table)))
         return 0
