@@ -5,6 +5,7 @@ baseline a user would otherwise write, with FLOP rates next to the measured mach
     python bench/harness.py --suite ops|ntk|all --device cpu|cuda --out bench/results/NAME.json [--quick]
     python bench/harness.py --suite ops --out new.json --compare bench/results/OLD.json --fail-if-regression 10
     python bench/harness.py --compare OLD.json --new NEW.json [--fail-if-regression PCT]   (no run)
+    python bench/harness.py --table RESULTS.json | --targets RESULTS.json...              (no run)
 
 Method
 * ops: in one process, the candidate (each available linft backend) and the baselines run in
