@@ -9,7 +9,8 @@
 #   6. (stage "profile") bench/profile_ntk_gpu.py: where the LoRA NTK's time goes (torch.profiler tables
 #      and a per-tile host/GPU phase breakdown: host-bound or not, allocator retries, synchronizations)
 #   7. (stage "ffma") the gram rows again with LINFT_CUDA_GRAM_MMA=0: the native CUDA gram on CUDA cores,
-#      the A/B for its tensor-core (mma.sync) path that stage "ops" measures
+#      the A/B for its tensor-core paths that stage "ops" measures (wgmma on an H100/H200, beside
+#      its second form and mma.sync)
 #   8. (stage "llamab") stage 4 with LINFT_BATCHED_OUTPUT_GRADS=1: one batched backward pass per tile
 #      instead of one per output (slower on an H200: its tile's memory halves the auto tile)
 #   9. (stage "psg") bench/profile_psg_gpu.py: psg_gram's two stages timed alone (F build, its Gram by

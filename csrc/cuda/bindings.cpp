@@ -97,8 +97,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "gram_tensor_core_path", []() { return std::string(linft::cuda::gram_tensor_core_path()); },
       "The tensor-core kernel gram runs for 16-bit inputs into an fp32 out on the current device: "
-      "'wgmma' (sm_90a code on a 9.0 GPU), 'mma.sync' (sm_80+) or 'cuda cores'. Makes CUDA calls "
-      "(no launch); LINFT_CUDA_GRAM_WGMMA=0 turns wgmma off");
+      "'wgmma' (sm_90a code on a 9.0 GPU; 'wgmma overlap' with LINFT_CUDA_GRAM_WGMMA=2), 'mma.sync' "
+      "(sm_80+) or 'cuda cores'. Makes CUDA calls (no launch); LINFT_CUDA_GRAM_WGMMA=0 turns wgmma off");
 
   m.def("device_count", &device_count,
         "Number of visible CUDA devices; 0 when no GPU or driver is present (never raises)");

@@ -191,6 +191,8 @@ struct GramWg {
   // the stages, plus the slack to align them to a swizzle atom (dynamic shared memory is only
   // 16-byte aligned)
   static constexpr size_t kSmemBytes = kStages * kStageBytes + kSwizzleAtom - 16;
+  // a refill may only overwrite the stage of MMAs already waited for
+  static_assert(kDistance + kPending < kStages, "the pipeline would refill a stage still being read");
   static_assert(kThreads == 2 * kWgThreads, "two warpgroups of 64 rows each");
   static_assert(kOperandBytes % kSwizzleAtom == 0, "every operand tile starts on a swizzle atom");
 };
@@ -310,7 +312,6 @@ gram_wgmma_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __res
     }
   }
 #else
-  static_assert(GramWg<Overlap>::kDistance > GramWg<Overlap>::kPending, "(referenced in every build)");
   __trap();  // the launcher picks this kernel only where the sm_90a code is what runs
 #endif
 }
@@ -438,30 +439,6 @@ bool env_is(const char* name, char first) {
   const char* e = std::getenv(name);
   return e != nullptr && e[0] == first;
 }
-}  // namespace
-
-// Declared in mma.cuh. Compute capability 8.0 or newer, and the code loaded for it compiled for sm_80
-// or newer (a build for older archs only holds __trap()); psg_gram.cu is built with the same
-// architectures, so gram_mma_kernel stands for its kernels too. Cached per device;
-// LINFT_CUDA_GRAM_MMA=0 in the environment turns every tensor-core path off (for A/B timing).
-bool mma_device(const char* op) {
-  static const bool disabled = env_is("LINFT_CUDA_GRAM_MMA", '0');
-  if (disabled) return false;
-  static std::atomic<int> cache[kMaxDevices];
-  return per_device(cache, op, [op](int dev) {
-    int cc = 0;
-    check_cuda(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev), op,
-               "cudaDeviceGetAttribute");
-    if (cc < 8) return false;
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, gram_mma_kernel<__nv_bfloat16>) != cudaSuccess) {
-      (void)cudaGetLastError();  // no loadable code for this device: the FFMA kernel serves
-      return false;
-    }
-    return attr.binaryVersion >= 80;
-  });
-}
-
 // Whether the current device runs gram_wgmma_kernel: mma_device, compute capability exactly 9.0,
 // and the code loaded for this library's kernels is its sm_90a build (binaryVersion says 90 for
 // sm_90 and sm_90a code alike, so sm90a_probe_kernel's launch bounds tell them apart: a build
@@ -492,8 +469,34 @@ bool wgmma_device(const char* op) {
   });
 }
 
-// LINFT_CUDA_GRAM_WGMMA=2: the Overlap form of gram_wgmma_kernel (read at every call).
+// LINFT_CUDA_GRAM_WGMMA=2: the Overlap form of gram_wgmma_kernel (read at every call, like =0: the
+// process environment must then not be written by other threads while kernels launch, as glibc's
+// getenv and setenv are not synchronized; LINFT_CUDA_PSG_SCRATCH_BYTES is read the same way).
 bool wgmma_overlap() { return env_is("LINFT_CUDA_GRAM_WGMMA", '2'); }
+
+}  // namespace
+
+// Declared in mma.cuh. Compute capability 8.0 or newer, and the code loaded for it compiled for sm_80
+// or newer (a build for older archs only holds __trap()); psg_gram.cu is built with the same
+// architectures, so gram_mma_kernel stands for its kernels too. Cached per device;
+// LINFT_CUDA_GRAM_MMA=0 in the environment turns every tensor-core path off (for A/B timing).
+bool mma_device(const char* op) {
+  static const bool disabled = env_is("LINFT_CUDA_GRAM_MMA", '0');
+  if (disabled) return false;
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, op, [op](int dev) {
+    int cc = 0;
+    check_cuda(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev), op,
+               "cudaDeviceGetAttribute");
+    if (cc < 8) return false;
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, gram_mma_kernel<__nv_bfloat16>) != cudaSuccess) {
+      (void)cudaGetLastError();  // no loadable code for this device: the FFMA kernel serves
+      return false;
+    }
+    return attr.binaryVersion >= 80;
+  });
+}
 
 }  // namespace cuda_detail
 
@@ -561,7 +564,8 @@ void gram(const void* a, const void* b, void* out, int64_t N, int64_t M, int64_t
 const char* gram_tensor_core_path() {
   using namespace cuda_detail;
   if (!mma_device("gram")) return "cuda cores";
-  return wgmma_device("gram") ? "wgmma" : "mma.sync";
+  if (!wgmma_device("gram")) return "mma.sync";
+  return wgmma_overlap() ? "wgmma overlap" : "wgmma";
 }
 
 const char* nvcc_version() {

@@ -165,10 +165,12 @@ void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::
       sc[(size_t)i * M + j] = s2;
     }
   char name[240];
-  const char* variant = std::getenv("LINFT_CUDA_GRAM_WGMMA");
+  const char* wg_env = std::getenv("LINFT_CUDA_GRAM_WGMMA");
+  const char wg_switch = wg_env ? wg_env[0] : '1';  // '0': mma.sync, '2': the Overlap form
   snprintf(name, sizeof name, "gram N=%d M=%d P=%d %s in=%s out=%s%s%s%s", N, M, P, sym ? "sym" : "cross",
            dname(dt), od ? "f64" : "f32", offset ? " misaligned" : "",
-           device == 1 ? " sm75" : device == kDeviceSm80 ? " sm80" : variant && variant[0] == '2' ? " sm90 overlap" : " sm90",
+           device == 1 ? " sm75" : device == kDeviceSm80 ? " sm80"
+           : wg_switch == '2' ? " sm90 overlap" : wg_switch == '0' ? " sm90 wgmma off" : " sm90",
            path == Path::ffma ? " [ffma]" : path == Path::mma ? " [mma]" : path == Path::mma_split ? " [mma split-K]" : "");
   const void* pa = a.raw.data() + (size_t)offset * Buf::esize(dt);
   emu::launch_log.clear();
@@ -183,10 +185,10 @@ void test_gram(int N, int M, int P, bool sym, int dt, int od, Path path = Path::
     const bool mma = !log.empty() && log[0].smem > 0;
     const bool split = mma && log[0].grid.z > 1;
     const bool want_mma = path == Path::mma || path == Path::mma_split;
-    // the 9.0 device runs the wgmma kernel, the 8.0 one the mma.sync kernel
-    const char* variant = std::getenv("LINFT_CUDA_GRAM_WGMMA");
-    const size_t wg_smem = variant && variant[0] == '2' ? kGramWgmmaOverlapSmem : kGramWgmmaSmem;
-    const bool right_kernel = !mma || log[0].smem == (device == 0 ? wg_smem : kGramMmaSmem);
+    // the 9.0 device runs the wgmma kernel (unless switched off), the 8.0 one the mma.sync kernel
+    const size_t want_smem = device != 0 || wg_switch == '0' ? kGramMmaSmem
+                             : wg_switch == '2' ? kGramWgmmaOverlapSmem : kGramWgmmaSmem;
+    const bool right_kernel = !mma || log[0].smem == want_smem;
     const bool ok = mma == want_mma && split == (path == Path::mma_split) && right_kernel &&
                     log.size() == (size_t)(split ? 2 : 1) && emu::live_allocs == 0;
     char d[200];
@@ -456,16 +458,29 @@ void run_gram() {
       test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true, dev);  // every stage reused twice
       test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true, dev);  // 2 splits
     }
-  // The wgmma kernel's Overlap form (4 stages, copies two chunks ahead, one MMA batch in flight).
-  setenv("LINFT_CUDA_GRAM_WGMMA", "2", 1);
-  for (int dt : {3, 2}) {
-    test_gram(37, 21, 40, false, dt, 0, Path::mma);
-    test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true);
-    test_gram(71, 100, 200, false, dt, 0, Path::mma);
-    test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true);
-    test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true);
+  // LINFT_CUDA_GRAM_WGMMA (read at every call): "2", the wgmma kernel's Overlap form (4 stages,
+  // copies two chunks ahead, one MMA batch in flight); "0", the 9.0 device on mma.sync. The
+  // caller's own setting is restored afterwards.
+  const char* caller = std::getenv("LINFT_CUDA_GRAM_WGMMA");
+  const std::string saved = caller ? caller : "";
+  for (const char* sw : {"2", "0"}) {
+    setenv("LINFT_CUDA_GRAM_WGMMA", sw, 1);
+    const std::string got = linft::cuda::gram_tensor_core_path();
+    const char* want = sw[0] == '2' ? "wgmma overlap" : "mma.sync";
+    report(got == want, std::string("gram tensor-core path of device 0 with LINFT_CUDA_GRAM_WGMMA=") + sw,
+           got, 0);
+    for (int dt : {3, 2}) {
+      test_gram(37, 21, 40, false, dt, 0, Path::mma);
+      test_gram(130, 130, 72, true, dt, 0, Path::mma, 0, true);
+      test_gram(71, 100, 200, false, dt, 0, Path::mma);
+      test_gram(129, 129, 392, true, dt, 0, Path::mma, 0, true);
+      test_gram(33, 33, 1032, true, dt, 0, Path::mma_split, 0, true);
+    }
   }
-  unsetenv("LINFT_CUDA_GRAM_WGMMA");
+  if (caller)
+    setenv("LINFT_CUDA_GRAM_WGMMA", saved.c_str(), 1);
+  else
+    unsetenv("LINFT_CUDA_GRAM_WGMMA");
   for (int dt : {3, 2}) {
     // Fallbacks to the FFMA kernel, each still checked against the reference.
     test_gram(37, 21, 40, false, dt, 1, Path::ffma);            // fp64 out: fp64 accumulation

@@ -491,12 +491,13 @@ inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value)
   return cudaSuccess;
 }
 
-// The loaded code of every kernel is sm_90 on device 0 and absent (no sm_75 code) on device 1.
+// Every kernel's loaded code is the device's own architecture (sm_90 on device 0, sm_80 on device
+// 2), and absent (no sm_75 code) on device 1.
 template <class F>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F*) {
   if (emu::kDeviceCcMajor[emu::device] < 8) return cudaErrorInvalidDeviceFunction;
   *attr = cudaFuncAttributes{};
-  attr->binaryVersion = attr->ptxVersion = 90;
+  attr->binaryVersion = attr->ptxVersion = 10 * emu::kDeviceCcMajor[emu::device];
   return cudaSuccess;
 }
 

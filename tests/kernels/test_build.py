@@ -92,6 +92,9 @@ def test_gram_wgmma_kernel_compiles_for_sm90a_without_spills(tmp_path):
     (two 256-thread blocks per SM, as the default form's launch bounds ask) with no stack and no spills."""
     report, text = ptxas_compile("gram.cu", "90a", tmp_path)
     assert_mma_kernels_fit(report, "gram_wgmma_kernel", text, instances=4)
+    # ptxas's advisory when it must serialize the MMAs (e.g. accumulators touched while in flight):
+    # no other symptom but a large slowdown
+    assert "wgmma.mma_async instructions are serialized" not in text, text
     assert any("sm90a_probe_kernel" in k for k in report), text
 
 

@@ -33,7 +33,8 @@ void psg_gram(const void* x1, const void* g1, const std::uint8_t* m1, const void
               int tile_dtype, std::uintptr_t stream);
 
 // The tensor-core kernel gram runs on the current device for 16-bit inputs into an fp32 out:
-// "wgmma" (sm_90a code on a 9.0 GPU), "mma.sync" (sm_80+), or "cuda cores" (none). Makes CUDA calls
+// "wgmma" (sm_90a code on a 9.0 GPU; "wgmma overlap" with LINFT_CUDA_GRAM_WGMMA=2), "mma.sync"
+// (sm_80+), or "cuda cores" (none). Makes CUDA calls
 // (attribute queries; no launch).
 const char* gram_tensor_core_path();
 
