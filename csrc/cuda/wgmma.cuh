@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(LINFT_CUDA_EMULATION) || (defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #define LINFT_WGMMA_ENABLED 1
@@ -121,41 +122,34 @@ __device__ __forceinline__ void wgmma_wait(float (&d)[64]) {
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
 
+// One wgmma.mma_async m64n128k16 with fp32 accumulators d and 16-bit operands of PTX type AB ("bf16"
+// or "f16"), scale-d 1 (accumulate), both operands K-major (transpose flags 0).
+#define LINFT_WG_MMA(AB)                                                                          \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." AB "." AB " " LINFT_WG_D64          \
+               ", %64, %65, 1, 1, 1, 0, 0;\n"                                                     \
+               : LINFT_WG_F8(0), LINFT_WG_F8(8), LINFT_WG_F8(16), LINFT_WG_F8(24), LINFT_WG_F8(32), \
+                 LINFT_WG_F8(40), LINFT_WG_F8(48), LINFT_WG_F8(56)                                 \
+               : "l"(da), "l"(db))
+
 // d (64 x 128, fragment above) += A (64 x 16 at descriptor da) B^T (B: 128 x 16 at descriptor db),
 // both K-major; asynchronous until wgmma_wait. T is __nv_bfloat16 or __half.
 template <class T>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db);
-
-template <>
-__device__ __forceinline__ void wgmma_m64n128k16<__nv_bfloat16>(float (&d)[64], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db) {
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(bf16 || std::is_same_v<T, __half>, "16-bit operands: __nv_bfloat16 or __half");
 #ifdef LINFT_CUDA_EMULATION
-  ::emu::wgmma_m64nNk16(d, 128, da, db, /*bf16=*/true);
+  ::emu::wgmma_m64nNk16(d, 128, da, db, bf16);
 #elif LINFT_WGMMA_ENABLED
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " LINFT_WG_D64
-               ", %64, %65, 1, 1, 1, 0, 0;\n"
-               : LINFT_WG_F8(0), LINFT_WG_F8(8), LINFT_WG_F8(16), LINFT_WG_F8(24), LINFT_WG_F8(32),
-                 LINFT_WG_F8(40), LINFT_WG_F8(48), LINFT_WG_F8(56)
-               : "l"(da), "l"(db));
+  if constexpr (bf16)
+    LINFT_WG_MMA("bf16");
+  else
+    LINFT_WG_MMA("f16");
 #else
   (void)d, (void)da, (void)db;
 #endif
 }
 
-template <>
-__device__ __forceinline__ void wgmma_m64n128k16<__half>(float (&d)[64], uint64_t da, uint64_t db) {
-#ifdef LINFT_CUDA_EMULATION
-  ::emu::wgmma_m64nNk16(d, 128, da, db, /*bf16=*/false);
-#elif LINFT_WGMMA_ENABLED
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " LINFT_WG_D64
-               ", %64, %65, 1, 1, 1, 0, 0;\n"
-               : LINFT_WG_F8(0), LINFT_WG_F8(8), LINFT_WG_F8(16), LINFT_WG_F8(24), LINFT_WG_F8(32),
-                 LINFT_WG_F8(40), LINFT_WG_F8(48), LINFT_WG_F8(56)
-               : "l"(da), "l"(db));
-#else
-  (void)d, (void)da, (void)db;
-#endif
-}
-
+#undef LINFT_WG_MMA
 #undef LINFT_WG_F8
 #undef LINFT_WG_D64
 
