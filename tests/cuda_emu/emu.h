@@ -275,6 +275,35 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)
   }
 }
 
+// ---------------------------------------------------------------- asynchronous operations
+// The per-thread queue behind cp.async and wgmma: operations issued since the last commit_group, and
+// the committed groups still in flight, carried out oldest first by wait_group.
+template <class Op>
+struct AsyncGroups {
+  std::vector<Op> open;                      // not committed yet
+  std::deque<std::vector<Op>> committed;     // committed, in flight
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  // Carries out (run(op)) the oldest groups until at most `pending` are in flight.
+  template <class Run>
+  void wait(int pending, Run&& run) {
+    while (static_cast<int>(committed.size()) > pending) {
+      for (const Op& op : committed.front()) run(op);
+      committed.pop_front();
+    }
+  }
+  // Drops everything issued and not waited for (the thread leaves the block); returns how much.
+  size_t discard() {
+    size_t n = open.size();
+    for (const auto& g : committed) n += g.size();
+    open.clear();
+    committed.clear();
+    return n;
+  }
+};
+
 // ---------------------------------------------------------------- cp.async
 // Copies are queued per thread and carried out at cp.async.wait_group (a copy that is never waited
 // for never lands, so a missing wait shows as stale or 0xFF-poisoned shared memory).
@@ -283,8 +312,7 @@ struct AsyncCopy {
   const void* src;
   int src_bytes;
 };
-inline thread_local std::vector<AsyncCopy> cp_open;                 // not committed yet
-inline thread_local std::deque<std::vector<AsyncCopy>> cp_groups;   // committed, in flight
+inline thread_local AsyncGroups<AsyncCopy> cp_queue;
 
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<std::uintptr_t>(dst) % 16 || reinterpret_cast<std::uintptr_t>(src) % 16 ||
@@ -293,38 +321,28 @@ inline void cp_async16(void* dst, const void* src, int src_bytes) {
             src_bytes);
     std::abort();
   }
-  cp_open.push_back({dst, src, src_bytes});
+  cp_queue.open.push_back({dst, src, src_bytes});
   const long off = window_offset(dst, 16);
   if (off >= 0)
     for (int i = 0; i < 16; ++i) ++smem_inflight[off + i];
 }
-inline void cp_async_commit() {
-  cp_groups.push_back(std::move(cp_open));
-  cp_open.clear();
-}
+inline void cp_async_commit() { cp_queue.commit(); }
 inline void cp_async_wait(int pending) {
-  while (static_cast<int>(cp_groups.size()) > pending) {
-    for (const AsyncCopy& c : cp_groups.front()) {
-      if (c.src_bytes) memcpy(c.dst, c.src, c.src_bytes);
-      memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
-      const long off = window_offset(c.dst, 16);
-      if (off >= 0) {
-        for (int i = 0; i < 16; ++i) --smem_inflight[off + i];
-        std::fill(smem_unfenced.begin() + off, smem_unfenced.begin() + off + 16, 1);
-        cp_landed_unfenced.push_back(static_cast<size_t>(off));
-      }
+  cp_queue.wait(pending, [](const AsyncCopy& c) {
+    if (c.src_bytes) memcpy(c.dst, c.src, c.src_bytes);
+    memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+    const long off = window_offset(c.dst, 16);
+    if (off >= 0) {
+      for (int i = 0; i < 16; ++i) --smem_inflight[off + i];
+      std::fill(smem_unfenced.begin() + off, smem_unfenced.begin() + off + 16, 1);
+      cp_landed_unfenced.push_back(static_cast<size_t>(off));
     }
-    cp_groups.pop_front();
-  }
+  });
 }
 // Copies issued but never waited for when the thread leaves the block.
 inline size_t cp_async_left() {
-  size_t n = cp_open.size();
-  for (const auto& g : cp_groups) n += g.size();
-  cp_open.clear();
-  cp_groups.clear();
   cp_landed_unfenced.clear();
-  return n;
+  return cp_queue.discard();
 }
 
 // ---------------------------------------------------------------- warpgroups (wgmma, sm_90a)
@@ -348,8 +366,7 @@ struct WgmmaOp {
 };
 inline std::mutex wg_desc_mu;
 inline std::map<std::pair<unsigned, long>, std::pair<uint64_t, uint64_t>> wg_desc;  // (warpgroup, op) -> descriptors
-inline thread_local std::vector<WgmmaOp> wg_open;
-inline thread_local std::deque<std::vector<WgmmaOp>> wg_groups;
+inline thread_local AsyncGroups<WgmmaOp> wg_queue;
 inline thread_local bool wg_fenced = false;
 inline thread_local long wg_ops = 0;  // wgmma fence/mma/commit/wait of this thread in this block
 
@@ -434,13 +451,12 @@ inline void wgmma_m64nNk16(float* d, int n, uint64_t da, uint64_t db, bool bf16)
   }
   WgmmaOp op{d, n, da, db, bf16, 0};
   op.hash = wg_operand_hash(op);
-  wg_open.push_back(op);
+  wg_queue.open.push_back(op);
 }
 
 inline void wgmma_commit() {
   ++wg_ops;
-  wg_groups.push_back(std::move(wg_open));
-  wg_open.clear();
+  wg_queue.commit();
   wg_fenced = false;
 }
 
@@ -465,20 +481,13 @@ inline void wgmma_run(const WgmmaOp& op) {
 
 inline void wgmma_wait(int pending) {
   ++wg_ops;
-  while (static_cast<int>(wg_groups.size()) > pending) {
-    for (const WgmmaOp& op : wg_groups.front()) wgmma_run(op);
-    wg_groups.pop_front();
-  }
+  wg_queue.wait(pending, wgmma_run);
 }
 
 // wgmma operations issued but never waited for when the thread leaves the block.
 inline size_t wgmma_left() {
-  size_t n = wg_open.size();
-  for (const auto& g : wg_groups) n += g.size();
-  wg_open.clear();
-  wg_groups.clear();
   wg_fenced = false;
-  return n;
+  return wg_queue.discard();
 }
 }  // namespace emu
 
