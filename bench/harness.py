@@ -307,8 +307,7 @@ def build_op_case(case: dict, device: torch.device):
                                                                      a, b)))
         if device.type == "cuda" and dt in (torch.bfloat16, torch.float16) and "cuda" in _backends(device, heavy):
             from linft_kernels import _native
-            path = getattr(_native.cuda_lib(), "gram_tensor_core_path", None)  # None: a library built before it
-            if path is not None and path() == "wgmma":
+            if _native.gram_tensor_core_path() == "wgmma":
                 # the sm_80 kernel and the wgmma kernel's other form beside the default, same process
                 for label, value in (("cuda [mma.sync]", "0"), ("cuda [wgmma overlap]", "2")):
                     cands.append((label, lambda value=value: _with_wgmma(value, lambda: lk.gram(a, b, backend="cuda"))))

@@ -104,9 +104,8 @@ def hardware(device: str = "cpu") -> dict:
         hw["gpu_count"] = torch.cuda.device_count()
         try:  # which tensor-core kernel the native CUDA gram runs here (wgmma, mma.sync)
             from linft_kernels import _native
-            lib = _native.cuda_lib()
-            hw["native_cuda_gram"] = lib.gram_tensor_core_path() if lib else None
-        except Exception as e:  # the row says why
+            hw["native_cuda_gram"] = _native.gram_tensor_core_path()
+        except ImportError as e:  # the row says why
             hw["native_cuda_gram"] = f"{type(e).__name__}: {e}"
     return hw
 

@@ -62,6 +62,19 @@ def cuda_device_count() -> int:
     return int(lib.device_count()) if lib is not None else 0
 
 
+def gram_tensor_core_path() -> str | None:
+    """The tensor-core kernel the native CUDA gram runs on the current device ("wgmma", "wgmma
+    overlap", "mma.sync" or "cuda cores"; csrc/README.md), None without the CUDA library, or why
+    the query failed (no driver; a library built before the query existed). A CUDA call."""
+    lib = cuda_lib()
+    if lib is None:
+        return None
+    try:
+        return lib.gram_tensor_core_path()
+    except (AttributeError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def build_info() -> dict:
     """What setup.py recorded at build time (compiler, flags, CUDA version and architectures)."""
     path = os.path.join(os.path.dirname(__file__), "_build_info.json")

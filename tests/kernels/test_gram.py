@@ -232,8 +232,9 @@ print(repr(res))
 def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric, path, monkeypatch):
     """Shapes that take the native CUDA tensor-core kernels (16-bit inputs, fp32 out, P % 8 == 0;
     csrc/README.md), on Hopper's wgmma kernel (both forms: LINFT_CUDA_GRAM_WGMMA=2 is the second) and
-    on the mma.sync one (LINFT_CUDA_GRAM_WGMMA=0; the switch is read at every call): edge tiles, P not a multiple of the K chunk (32 for mma.sync, 64 for wgmma),
-    every pipeline stage reused, 2x2 tiles, split-K. A symmetric start must stay exactly symmetric.
+    on the mma.sync one (LINFT_CUDA_GRAM_WGMMA=0; the switch is read at every call): edge tiles, P
+    not a multiple of the K chunk (32 for mma.sync, 64 for wgmma), every pipeline stage reused, 2x2
+    tiles, split-K. A symmetric start must stay exactly symmetric.
     The same cases run on the CPU in tests/cuda_emu (device 0 runs wgmma there, device 2 mma.sync)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible)")
