@@ -15,7 +15,9 @@
 #      instead of one per output (slower on an H200: its tile's memory halves the auto tile)
 #   9. (stage "psg") bench/profile_psg_gpu.py: psg_gram's two stages timed alone (F build, its Gram by
 #      Triton at several split-K counts and by cuBLAS) beside the whole op, at the ops sweep's shape
-#  10. (stage "ptxas") python -m linft_kernels.triton._compile: every Triton variant's registers and
+#  10. (stage "host") bench/profile_host_gpu.py: host work against GPU work per call of the sweep's
+#      sub-millisecond ops (issue time, synchronous time, do_bench, cudaMallocs, cProfile of linft's)
+#  11. (stage "ptxas") python -m linft_kernels.triton._compile: every Triton variant's registers and
 #      spills under this machine's Triton (no GPU time; ~1-2 min of CPU)
 # Every stage has its own time limit and writes its files as it goes, so a stage that hangs or is
 # killed costs only itself. Results go under $OUT when set (the device runner collects it), else
@@ -26,7 +28,7 @@
 #   STAGES="diag tests ops llama" LLAMA_N=1024 ...     # choose stages
 #
 # Environment: PYTHON (default: .venv/bin/python, else python3) with a CUDA build of torch;
-# STAGES (default "diag tests ops llama"); TEST_PATHS (default "tests"); TEST_TIMEOUT (150 s), PSG_TIMEOUT (90), OPS_TIMEOUT (150), FFMA_TIMEOUT (OPS_TIMEOUT),
+# STAGES (default "diag tests ops llama"); TEST_PATHS (default "tests"); TEST_TIMEOUT (150 s), PSG_TIMEOUT (90), HOST_TIMEOUT (90), OPS_TIMEOUT (150), FFMA_TIMEOUT (OPS_TIMEOUT),
 # LLAMA_TIMEOUT (200), PROFILE_TIMEOUT (150), NTK_TIMEOUT (300), NTK_ROUNDS (1: the harness's default is 3), PTXAS_TIMEOUT (240); TEST_WORKERS (pytest-xdist workers, 8; 0 = none);
 # OPS_ONLY, OPS_DTYPES (harness --only, --dtypes: comma lists); PROFILE_TILES, PROFILE_N, PROFILE_TILE;
 # LLAMA_N (1024), LLAMA_T (256), SAMPLE_TILE (empirical_ntk's, for the llama stage), LLAMA_UNFUSED=1 (the llama
@@ -111,7 +113,7 @@ for s in $STAGES; do
       xd=()
       [ "${TEST_WORKERS:-8}" != "0" ] && "$PY" -c 'import xdist' 2>/dev/null && xd=(-n "${TEST_WORKERS:-8}")
       timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -m gpu ${TEST_PATHS:-tests} "${xd[@]}" -p no:cacheprovider \
-        -o addopts="--import-mode=importlib" -rfE \
+        -o addopts="--import-mode=importlib" -rfEs \
         >"$DEST/gpu-tests.txt" 2>&1 || rc=1
       grep -E "^(FAILED|ERROR)|passed|failed|error" "$DEST/gpu-tests.txt" | tail -n 40 | tee -a "$LOG" ;;
     ops)
@@ -141,6 +143,10 @@ for s in $STAGES; do
         --tiles "${PROFILE_TILES:-16,64}" --profile-n "${PROFILE_N:-32}" --profile-tile "${PROFILE_TILE:-16}" --out "$DEST/gpu-profile.txt" >"$DEST/gpu-profile.log" 2>"$DEST/gpu-profile.err" || {
         rc=1; tail -n 20 "$DEST/gpu-profile.err" | tee -a "$LOG"; }
       grep -E "^(fwd|empirical|GPU|NVIDIA|  tile)" "$DEST/gpu-profile.txt" 2>/dev/null | tee -a "$LOG" ;;
+    host)
+      stage "host: bench/profile_host_gpu.py (per call: the host's work against the GPU's)"
+      timeout "${HOST_TIMEOUT:-90}" "$PY" bench/profile_host_gpu.py --out "$DEST/gpu-host.txt" >"$DEST/gpu-host.log" 2>&1 || rc=1
+      head -n 12 "$DEST/gpu-host.log" | tee -a "$LOG" ;;
     psg)
       stage "psg: bench/profile_psg_gpu.py (psg_gram's stages alone: F build, its Gram, the whole op)"
       timeout "${PSG_TIMEOUT:-90}" "$PY" bench/profile_psg_gpu.py --out "$DEST/gpu-psg.txt" >"$DEST/gpu-psg.log" 2>&1 || rc=1

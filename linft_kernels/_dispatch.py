@@ -72,29 +72,56 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 
 # Auto order on CUDA tensors, per (op, output dtype), from the H200 runs in bench/results/cuda-h200-*:
-# * gram into fp32: the autotuned Triton kernel (bf16 N=4096, P=65536: 2.6 ms, the tensor-core CUDA C++
-#   kernel 4.4 ms, torch a@a.T 2.9 ms; fp32: on par). fp64 outputs were not timed: native first.
-# * ghost_gram and psg_gram (bf16, 2026-11-27 second session): the Triton kernels won at the large
-#   shapes (N=256, T=256, d=1024: ghost 8.2 ms, psg 7.7 ms, against CUDA C++ 9.6 / 9.2 and the
-#   reference's chunked cuBLAS 26.7 / 26.3; cross shapes alike) and all three were within 0.2 ms at
-#   N=64, T=128, d=512. ghost_gram with T=16 and N=1024: Triton 21 ms, reference 28, CUDA C++ 176.
-#   fp32 inputs were not timed with these kernels; the order is the bf16 one. psg_gram with 16-bit
-#   tiles on the Triton backend builds F by cuBLAS and takes its Gram from the Triton gram
-#   (ops._psg_gemm_then_triton_gram; third session, N=256, T=256, d=1024: F by cuBLAS 0.30 ms, by the
-#   Triton features kernel about twice that; the Triton gram of all of F 0.28 ms, cuBLAS's 0.27 ms;
-#   the whole op with cuBLAS's Gram 0.56 ms against 0.91 ms for the Triton kernels). fp64 outputs
-#   (untimed) keep the reference first: its products run as cuBLAS fp64 GEMMs, the kernels' on CUDA-core loops.
+# * gram into fp32: the native CUDA kernel where it runs on wgmma (an H100/H200 with the library's
+#   sm_90a code: `_cuda_gram_on_wgmma`), else the autotuned Triton kernel. Seventh session, bf16,
+#   synchronous per-call median / do_bench median: N=4096, P=65536: CUDA wgmma 2.42 / 2.14 ms, Triton
+#   2.72 / 2.52, torch a@a.T 2.85 / 2.84; N=256, P=786432 (the NTK's feature Grams): 0.64 / 0.18 against
+#   0.62 / 0.21; N=16384, P=32768: 20.8 against 20.2 (Triton 3% ahead). The CUDA kernel on mma.sync
+#   (older GPUs, or LINFT_CUDA_GRAM_WGMMA=0) ran 4.4 ms at N=4096: Triton first there. fp32 inputs
+#   measured on par (third session). fp64 outputs were not timed: native first.
+# * ghost_gram into fp32 (bf16, seventh session; the op, whose auto route materializes per-sample
+#   gradients at these shapes): CUDA C++ first. Sync / do_bench: N=1024, T=16, d=1024: CUDA 4.9 / 3.9
+#   ms, Triton 23.1 / 22.4; N=256, M=128, T=256: 7.4 / 5.7 against 8.2 / 7.2; N=64, T=128, d=512: 0.87
+#   / 0.21 against 0.92 / 0.64; N=256, T=256, d=1024: 7.8 / 5.6 against 7.3 / 6.1 (mixed).
+# * psg_gram into fp32: Triton first. With F in fp32 the two are within 15% either way (seventh
+#   session), but Triton's signgd builds its exact signs in 16 bits: N=256, T=256, d=1024 signgd 1.5 ms
+#   against CUDA C++ 6.8. psg_gram with 16-bit tiles on the Triton backend builds F by cuBLAS and takes
+#   its Gram from the Triton gram (ops._psg_gemm_then_triton_gram; seventh session, N=256, T=256,
+#   d=1024: 1.52 ms synchronous, 0.64 ms by do_bench: 55% of the bf16 GEMM rate).
+# * fp64 outputs of ghost_gram and psg_gram (untimed) keep the reference first: its products run as
+#   cuBLAS fp64 GEMMs, the kernels' on CUDA-core loops.
 _CUDA_ORDER = {
     ("gram", torch.float32): ("triton", "cuda", "reference"),
-    ("ghost_gram", torch.float32): ("triton", "reference", "cuda"),
+    ("ghost_gram", torch.float32): ("cuda", "triton", "reference"),
     ("psg_gram", torch.float32): ("triton", "cuda", "reference"),
     ("ghost_gram", None): ("reference", "triton", "cuda"),
     ("psg_gram", None): ("reference", "triton", "cuda"),
 }
+_WGMMA_GRAM_ORDER = ("cuda", "triton", "reference")  # gram into fp32 where `_cuda_gram_on_wgmma`
+_wgmma_cache: dict = {}
+
+
+def _cuda_gram_on_wgmma(device: torch.device) -> bool:
+    """Whether the native CUDA gram runs on wgmma on `device` (`_native.gram_tensor_core_path`), per
+    device and value of LINFT_CUDA_GRAM_WGMMA (which the library reads per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, os.environ.get("LINFT_CUDA_GRAM_WGMMA"))
+    if key not in _wgmma_cache:
+        path = _gram_path(index)
+        _wgmma_cache[key] = isinstance(path, str) and path.startswith("wgmma")
+    return _wgmma_cache[key]
+
+
+def _gram_path(index: int) -> str | None:
+    with torch.cuda.device(index):
+        return _native.gram_tensor_core_path()
 
 
 def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dtype | None = None) -> tuple[str, ...]:
     if device.type == "cuda":
+        if (op, out_dtype) == ("gram", torch.float32) and unavailable_reason("cuda", device) is None \
+                and _cuda_gram_on_wgmma(device):
+            return _WGMMA_GRAM_ORDER
         return _CUDA_ORDER.get((op, out_dtype)) or _CUDA_ORDER.get((op, None)) or ("cuda", "triton", "reference")
     if device.type == "cpu":
         return ("cpu", "reference")

@@ -1,4 +1,4 @@
-"""The GPU diagnostics in bench/ (profile_ntk_gpu.py, profile_psg_gpu.py) run on a lent GPU only a few
+"""The GPU diagnostics in bench/ (profile_ntk_gpu.py, profile_psg_gpu.py, profile_host_gpu.py) run on a lent GPU only a few
 minutes per session, so a script that breaks against the library costs that session its numbers (a
 probe with a stale signature did once). Their --quick modes run here on CPU, tiny, end to end."""
 import json
@@ -39,6 +39,20 @@ def test_profile_psg_gpu_quick(tmp_path):
         assert line is not None and "ERROR" not in line, (row, text)
     meta = json.loads(out.with_suffix(".json").read_text())  # rows carry what harness rows carry
     assert {"git_commit", "date", "hardware", "versions"} <= set(meta), sorted(meta)
+
+
+def test_profile_host_gpu_quick(tmp_path):
+    out = tmp_path / "host.txt"
+    _run(["bench/profile_host_gpu.py", "--quick", "--calls", "3", "--out", str(out)], tmp_path)
+    text = out.read_text()
+    for row in ("gram N=16 P=4096: torch a@a.T", "gram N=16 P=4096: linft reference",
+                "psg sgd N=8 T=16 d=32: einsum materialize", "psg sgd N=8 T=16 d=32: linft reference bf16 tiles"):
+        line = next((ln for ln in text.splitlines() if ln.startswith(row)), None)
+        assert line is not None and "ERROR" not in line, (row, text)
+    assert "cProfile over 3 calls" in text  # the linft ops' host profiles
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert {"git_commit", "date", "hardware", "versions"} <= set(meta), sorted(meta)
+    assert all(r["issue_ms"] > 0 and r["sync_ms"] >= r["issue_ms"] for r in meta["rows"])
 
 
 def test_harness_llama_preset_quick(tmp_path):

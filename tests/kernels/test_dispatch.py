@@ -52,15 +52,36 @@ def test_backend_table_lists_every_backend():
     assert "needs CUDA tensors" in table["cuda"]["cpu"]
 
 
-def test_cuda_auto_order_prefers_the_faster_kernel_per_op():
-    """On CUDA tensors auto follows the H200 measurements: Triton first for every op into fp32; into
-    fp64, the reference (cuBLAS fp64) for ghost_gram/psg_gram and native CUDA for gram; every order is
+def test_cuda_auto_order_prefers_the_faster_kernel_per_op(monkeypatch):
+    """On CUDA tensors auto follows the H200 measurements: into fp32, gram on the native CUDA kernel
+    where it runs on wgmma and else Triton, ghost_gram on native CUDA, psg_gram on Triton; into fp64,
+    the reference (cuBLAS fp64) for ghost_gram/psg_gram and native CUDA for gram; every order is
     complete."""
     from linft_kernels import _dispatch
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda:0")
+    monkeypatch.setattr(_dispatch, "_wgmma_cache", {})
+    paths = []
+    monkeypatch.setattr(_dispatch, "_gram_path", lambda index: paths[-1])
+    real = _dispatch.unavailable_reason
+    monkeypatch.setattr(_dispatch, "unavailable_reason",
+                        lambda b, d: None if (b, d.type) == ("cuda", "cuda") else real(b, d))
+    for env, path, first in [(None, "wgmma", "cuda"), ("2", "wgmma overlap", "cuda"), ("0", "mma.sync", "triton"),
+                             ("x", "cuda cores", "triton"), ("y", None, "triton"),
+                             ("z", "RuntimeError: no CUDA driver", "triton")]:
+        monkeypatch.setenv("LINFT_CUDA_GRAM_WGMMA", env) if env else monkeypatch.delenv(
+            "LINFT_CUDA_GRAM_WGMMA", raising=False)
+        paths.append(path)
+        order = _dispatch._auto_order(cuda, "gram", torch.float32)
+        assert order[0] == first and sorted(order) == ["cuda", "reference", "triton"], (path, order)
+    # the answer is kept per device and switch value: the library is asked once for each
+    paths.append("mma.sync")
+    monkeypatch.delenv("LINFT_CUDA_GRAM_WGMMA", raising=False)
+    assert _dispatch._auto_order(cuda, "gram", torch.float32)[0] == "cuda"
+    # without the native CUDA library, Triton first
+    monkeypatch.setattr(_dispatch, "unavailable_reason", real)
     assert _dispatch._auto_order(cuda, "gram", torch.float32) == ("triton", "cuda", "reference")
     assert _dispatch._auto_order(cuda, "gram", torch.float64) == ("cuda", "triton", "reference")
-    assert _dispatch._auto_order(cuda, "ghost_gram", torch.float32) == ("triton", "reference", "cuda")
+    assert _dispatch._auto_order(cuda, "ghost_gram", torch.float32) == ("cuda", "triton", "reference")
     assert _dispatch._auto_order(cuda, "psg_gram", torch.float32) == ("triton", "cuda", "reference")
     for op in ("ghost_gram", "psg_gram"):
         assert _dispatch._auto_order(cuda, op, torch.float64) == ("reference", "triton", "cuda")
