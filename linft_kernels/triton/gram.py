@@ -168,7 +168,7 @@ def _split_k(tiles: int, P: int, block_k: int, sms: int) -> int:
     of programs over `sms` multiprocessors, each split at least 8 K-blocks long, at most MAX_SPLITS.
     (With 64 at most, an N=256 Gram's 3 tiles made 192 programs on 132 SMs: 1.45 waves; the H200 ran
     it at 24% of the bf16 rate, torch's a @ a.T at 2x that. 128 gives 264 programs, two full waves:
-    not yet timed.)"""
+    0.21 ms by do_bench in the seventh session, torch's 0.18.)"""
     if tiles >= sms or P < 8 * block_k * 8:
         return 1
     return max(1, min(triton.cdiv(2 * sms, tiles), P // (8 * block_k), MAX_SPLITS))
