@@ -43,8 +43,9 @@ def report() -> dict:
     }
 
 
-def _auto_choice(dev: str) -> str:
-    for name in _dispatch._auto_order(torch.device(dev)):
+def _auto_choice(dev: str, op: str, in_dtype: torch.dtype) -> str:
+    """The backend auto picks for `op` on `in_dtype` tensors of `dev` into an fp32 result."""
+    for name in _dispatch._auto_order(torch.device(dev), op, torch.float32, in_dtype):
         if _dispatch.unavailable_reason(name, torch.device(dev)) is None:
             return name
     return "none"
@@ -72,10 +73,11 @@ def main(argv=None) -> int:
                                   else f"not built: {c.get('reason')}"))
     rows = info["backends"]
     for dev in ("cpu", "cuda"):
-        print(f"\nops on {dev} tensors: " + "  ".join(f"{b:<9}" for b in _dispatch.BACKENDS) + "  auto")
-        auto = _auto_choice(dev)
+        print(f"\nops on {dev} tensors: " + "  ".join(f"{b:<9}" for b in _dispatch.BACKENDS)
+              + "  auto into fp32 (bf16 / fp32 inputs)")
         for op in OPS:
             cells = "  ".join(f"{'yes' if rows[b][dev] == 'yes' else 'no':<9}" for b in _dispatch.BACKENDS)
+            auto = " / ".join(_auto_choice(dev, op, dt) for dt in (torch.bfloat16, torch.float32))
             print(f"  {op:<{len('ops on ' + dev + ' tensors:') - 2}}  {cells}  {auto}")
         for b in _dispatch.BACKENDS:
             if rows[b][dev] != "yes":

@@ -53,12 +53,13 @@ def test_backend_table_lists_every_backend():
 
 
 def test_cuda_auto_order_prefers_the_faster_kernel_per_op(monkeypatch):
-    """On CUDA tensors auto follows the H200 measurements: into fp32, gram on the native CUDA kernel
-    where it runs on wgmma and else Triton, ghost_gram on native CUDA, psg_gram on Triton; into fp64,
-    the reference (cuBLAS fp64) for ghost_gram/psg_gram and native CUDA for gram; every order is
-    complete."""
+    """On CUDA tensors auto follows the H200 measurements. Into fp32: 16-bit gram on the native CUDA
+    kernel where it runs on wgmma and else Triton, fp32 gram on Triton; 16-bit ghost_gram on native
+    CUDA, fp32 ghost_gram on Triton then the reference; psg_gram on Triton. Into fp64: the reference
+    (cuBLAS fp64) for ghost_gram/psg_gram and native CUDA for gram. Every order is complete."""
     from linft_kernels import _dispatch
     cuda = torch.device("cuda:0")
+    bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
     monkeypatch.setattr(_dispatch, "_wgmma_cache", {})
     paths = []
     monkeypatch.setattr(_dispatch, "_gram_path", lambda index: paths[-1])
@@ -71,18 +72,44 @@ def test_cuda_auto_order_prefers_the_faster_kernel_per_op(monkeypatch):
         monkeypatch.setenv("LINFT_CUDA_GRAM_WGMMA", env) if env else monkeypatch.delenv(
             "LINFT_CUDA_GRAM_WGMMA", raising=False)
         paths.append(path)
-        order = _dispatch._auto_order(cuda, "gram", torch.float32)
-        assert order[0] == first and sorted(order) == ["cuda", "reference", "triton"], (path, order)
+        for dt in (bf16, f16):
+            order = _dispatch._auto_order(cuda, "gram", f32, dt)
+            assert order[0] == first and sorted(order) == ["cuda", "reference", "triton"], (path, dt, order)
+        # fp32 inputs never run on wgmma: Triton first whatever the library runs
+        assert _dispatch._auto_order(cuda, "gram", f32, f32) == ("triton", "cuda", "reference")
     # the answer is kept per device and switch value: the library is asked once for each
     paths.append("mma.sync")
     monkeypatch.delenv("LINFT_CUDA_GRAM_WGMMA", raising=False)
-    assert _dispatch._auto_order(cuda, "gram", torch.float32)[0] == "cuda"
+    assert _dispatch._auto_order(cuda, "gram", f32, bf16)[0] == "cuda"
     # without the native CUDA library, Triton first
     monkeypatch.setattr(_dispatch, "unavailable_reason", real)
-    assert _dispatch._auto_order(cuda, "gram", torch.float32) == ("triton", "cuda", "reference")
-    assert _dispatch._auto_order(cuda, "gram", torch.float64) == ("cuda", "triton", "reference")
-    assert _dispatch._auto_order(cuda, "ghost_gram", torch.float32) == ("cuda", "triton", "reference")
-    assert _dispatch._auto_order(cuda, "psg_gram", torch.float32) == ("triton", "cuda", "reference")
-    for op in ("ghost_gram", "psg_gram"):
-        assert _dispatch._auto_order(cuda, op, torch.float64) == ("reference", "triton", "cuda")
+    assert _dispatch._auto_order(cuda, "gram", f32, bf16) == ("triton", "cuda", "reference")
+    assert _dispatch._auto_order(cuda, "gram", f64, f64) == ("cuda", "triton", "reference")
+    for dt in (bf16, f16):
+        assert _dispatch._auto_order(cuda, "ghost_gram", f32, dt) == ("cuda", "triton", "reference")
+    for dt in (f32, None):
+        assert _dispatch._auto_order(cuda, "ghost_gram", f32, dt) == ("triton", "reference", "cuda")
+    for dt in (bf16, f32):
+        assert _dispatch._auto_order(cuda, "psg_gram", f32, dt) == ("triton", "cuda", "reference")
+        for op in ("ghost_gram", "psg_gram"):
+            assert _dispatch._auto_order(cuda, op, f64, dt) == ("reference", "triton", "cuda")
     assert _dispatch._auto_order(torch.device("cpu"), "gram", torch.float32) == ("cpu", "reference")
+
+
+def test_ops_pass_their_input_dtype_to_the_dispatch(monkeypatch):
+    """The CUDA auto order depends on 16-bit or wider inputs, so every op hands its inputs' dtype
+    (and its output's) to `resolve`."""
+    seen = []
+    real = _dispatch.resolve
+
+    def spy(op, device, backend, out_dtype=None, in_dtype=None):
+        seen.append((op, out_dtype, in_dtype))
+        return real(op, device, backend, out_dtype, in_dtype)
+
+    monkeypatch.setattr(_dispatch, "resolve", spy)
+    x, g = randn(2, 3, 4).bfloat16(), randn(2, 3, 5).bfloat16()
+    lk.gram(randn(3, 4).bfloat16())
+    lk.ghost_gram(x, g)
+    lk.psg_gram(x, g, out=torch.zeros(2, 2, dtype=torch.float64))
+    assert seen == [("gram", torch.float32, torch.bfloat16), ("ghost_gram", torch.float32, torch.bfloat16),
+                    ("psg_gram", torch.float64, torch.bfloat16)]

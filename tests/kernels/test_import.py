@@ -62,3 +62,17 @@ def test_works_without_native_libraries():
 def test_diagnostic_runs():
     out = _run("from linft_kernels.__main__ import main; main([])")
     assert "native_cpu" in out and "ops on cpu tensors" in out and "psg_gram" in out
+    assert "auto into fp32 (bf16 / fp32 inputs)" in out
+
+
+def test_diagnostic_auto_column_is_per_op_and_input_width(monkeypatch):
+    """`python -m linft_kernels` shows auto's pick per op for bf16 and fp32 inputs (the CUDA order
+    depends on both), here on a simulated H200 whose native gram runs on wgmma."""
+    from linft_kernels import __main__ as diag, _dispatch
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda b, d: None)
+    monkeypatch.setattr(_dispatch, "_wgmma_cache", {})
+    monkeypatch.setattr(_dispatch, "_gram_path", lambda index: "wgmma")
+    monkeypatch.setattr(diag.torch.cuda, "current_device", lambda: 0)
+    picks = {op: [diag._auto_choice("cuda", op, dt) for dt in (diag.torch.bfloat16, diag.torch.float32)]
+             for op in ("gram", "ghost_gram", "psg_gram")}
+    assert picks == {"gram": ["cuda", "triton"], "ghost_gram": ["cuda", "triton"], "psg_gram": ["triton", "triton"]}
