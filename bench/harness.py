@@ -382,9 +382,11 @@ def build_op_case(case: dict, device: torch.device):
 
 def _pipelined(fns, device: torch.device) -> dict:
     """CUDA only: each function's median time by triton.testing.do_bench (back-to-back calls between
-    CUDA events, the L2 flushed before each): the GPU's time for the op with the host's per-call work
-    overlapped, beside `alternate`'s synchronous per-call wall time (which adds the host's launch work
-    and one synchronization to every call: 0.2-0.5 ms on sub-millisecond ops on an H200)."""
+    CUDA events, the L2 flushed before each): the op's time with the host's per-call work overlapped
+    (about the larger of the GPU's time and the host's: where the host is slower the GPU waits inside
+    the measured span, so this is an upper bound of the GPU's own time), beside `alternate`'s
+    synchronous per-call wall time (which adds the host's launch work and one synchronization to every
+    call: 0.2-0.9 ms on sub-millisecond ops on an H200; bench/profile_host_gpu.py splits the two)."""
     if device.type != "cuda":
         return {}
     import triton

@@ -2,14 +2,19 @@
 
 The ops sweep times every candidate twice: synchronously per call (host work + GPU work + one
 synchronization, as a caller who waits for each result sees it) and by triton.testing.do_bench
-(back-to-back calls: the GPU's time). On the H200 the two differed by 0.3-0.9 ms on sub-millisecond
-ops, by more for linft's ops than for torch's. This script splits a call into:
+(back-to-back calls, which hide the host's work up to the GPU's time). On the H200 the two differed by
+0.3-0.9 ms on sub-millisecond ops, by more for linft's ops than for torch's. This script splits a call
+into:
   * issue:      wall time until fn() returns, the GPU idle at entry (the host's work, plus any wait
                 the host makes inside the call),
   * issue busy: the same with the GPU kept busy by a long matmul queued first, so that no launch can
                 wait for the GPU: the host's own work per call,
   * sync:       wall time until the GPU has finished (the sweep's synchronous timer),
-  * gpu:        do_bench's median (CUDA events, L2 flushed),
+  * gpu:        CUDA events around the call, recorded behind the queued matmul of "issue busy": every
+                kernel of the call is queued before the GPU reaches it, so this is the GPU's own time
+                (warm L2),
+  * do_bench:   triton.testing.do_bench's median (back-to-back calls, L2 flushed): about the larger of
+                the GPU's time and the host's, as a loop that never waits sees it,
   * allocs:     device allocations (cudaMalloc: segments the caching allocator had to add) and
                 allocator retries per call, over the timed calls;
 and, for each linft op, the host functions with the most own time (cProfile over 50 calls).
@@ -53,7 +58,8 @@ def _cases(dev: str, quick: bool):
     cases = [(f"gram N={n} P={p}: torch a@a.T", mm, False)]
     for be in backends:
         cases.append((f"gram N={n} P={p}: linft {be}", lambda be=be: lk.gram(a, backend=be), True))
-    cases.append((f"psg sgd N={N} T={T} d={d}: einsum materialize", lambda: _materialize(x, g, None, None), False))
+    cases.append((f"psg sgd N={N} T={T} d={d}: einsum materialize (bf16 out)",
+                  lambda: _materialize(x, g, None, None), False))
     for be in backends:
         cases.append((f"psg sgd N={N} T={T} d={d}: linft {be} bf16 tiles",
                       lambda be=be: lk.psg_gram(x, g, backend=be, tile_dtype=bf16), True))
@@ -83,15 +89,18 @@ def main() -> int:
         import triton
         say(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
         big = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    say(f"{'candidate':52s} {'issue':>9s} {'busy':>9s} {'sync':>9s} {'gpu':>9s} {'mallocs':>8s} {'retries':>8s}")
+    say(f"{'candidate':56s} {'issue':>9s} {'busy':>9s} {'sync':>9s} {'gpu':>9s} {'do_bench':>9s} {'mallocs':>8s} "
+        f"{'retries':>8s}")
     profiles = []
     for name, fn, profile in _cases(dev, args.quick):
         try:
             for _ in range(3):
                 fn()
+                if cuda:
+                    torch.mm(big, big)
             sync()
             stats0 = torch.cuda.memory_stats() if cuda else {}
-            issue, busy, total = [], [], []
+            issue, busy, total, gpu_alone = [], [], [], []
             for _ in range(args.calls):
                 sync()
                 t0 = time.perf_counter()
@@ -102,27 +111,31 @@ def main() -> int:
                 issue.append(t1 - t0)
                 total.append(t2 - t0)
                 if cuda:  # the same call behind ~1.5 ms of queued GPU work: no launch waits for the GPU
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     torch.mm(big, big)
+                    start.record()
                     t0 = time.perf_counter()
                     fn()
                     busy.append(time.perf_counter() - t0)
+                    end.record()
                     sync()
+                    gpu_alone.append(start.elapsed_time(end) / 1e3)
             stats1 = torch.cuda.memory_stats() if cuda else {}
             calls = 2 * args.calls if cuda else args.calls
-            mallocs = (stats1.get("segment.all.allocated", 0) - stats0.get("segment.all.allocated", 0)) / calls
-            retries = (stats1.get("num_alloc_retries", 0) - stats0.get("num_alloc_retries", 0)) / calls
-            gpu = (triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3) if cuda else None
+            mallocs = (stats1["segment.all.allocated"] - stats0["segment.all.allocated"]) / calls if cuda else 0
+            retries = (stats1["num_alloc_retries"] - stats0["num_alloc_retries"]) / calls if cuda else 0
+            bench = (triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3) if cuda else None
         except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
-            say(f"{name:52s} ERROR {type(e).__name__}: {str(e)[:120]}")
+            say(f"{name:56s} ERROR {type(e).__name__}: {str(e)[:120]}")
             rows.append({"name": name, "error": str(e)[:400]})
             continue
         med = lambda v: statistics.median(v) * 1e3 if v else float("nan")  # noqa: E731
         row = {"name": name, "issue_ms": med(issue), "issue_busy_ms": med(busy), "sync_ms": med(total),
-               "gpu_ms": None if gpu is None else gpu * 1e3, "mallocs_per_call": mallocs,
-               "alloc_retries_per_call": retries}
+               "gpu_ms": med(gpu_alone), "do_bench_ms": None if bench is None else bench * 1e3,
+               "mallocs_per_call": mallocs, "alloc_retries_per_call": retries}
         rows.append(row)
-        say(f"{name:52s} {row['issue_ms']:7.3f}ms {row['issue_busy_ms']:7.3f}ms {row['sync_ms']:7.3f}ms "
-            f"{(row['gpu_ms'] or float('nan')):7.3f}ms {mallocs:8.2f} {retries:8.2f}")
+        say(f"{name:56s} {row['issue_ms']:7.3f}ms {row['issue_busy_ms']:7.3f}ms {row['sync_ms']:7.3f}ms "
+            f"{row['gpu_ms']:7.3f}ms {(row['do_bench_ms'] or float('nan')):7.3f}ms {mallocs:8.2f} {retries:8.2f}")
         if profile:
             pr = cProfile.Profile()
             pr.enable()

@@ -44,8 +44,10 @@ def report() -> dict:
 
 
 def _auto_choice(dev: str, op: str, in_dtype: torch.dtype) -> str:
-    """The backend auto picks for `op` on `in_dtype` tensors of `dev` into an fp32 result."""
-    for name in _dispatch._auto_order(torch.device(dev), op, torch.float32, in_dtype):
+    """The backend auto picks for `op` on `in_dtype` tensors of `dev` into an fp32 result (16-bit
+    inputs shaped for tensor cores)."""
+    tensor_cores = in_dtype in (torch.bfloat16, torch.float16)
+    for name in _dispatch._auto_order(torch.device(dev), op, torch.float32, tensor_cores):
         if _dispatch.unavailable_reason(name, torch.device(dev)) is None:
             return name
     return "none"

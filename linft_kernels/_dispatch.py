@@ -1,8 +1,8 @@
 """Choice of backend per op call.
 
 Order: explicit ``backend=`` argument, else the ``LINFT_BACKEND`` environment variable, else auto:
-CUDA tensors -> the order measured fastest for the op, the output dtype and 16-bit or wider inputs
-(`_CUDA_ORDER`), native CUDA first where nothing was measured; CPU tensors -> native CPU, else
+CUDA tensors -> the order measured fastest for the op, the output dtype and whether the inputs suit
+the native kernels' tensor cores (`_CUDA_ORDER`), native CUDA first where nothing was measured; CPU tensors -> native CPU, else
 reference. An explicit request that cannot be met raises `BackendUnavailable` with the reason; an
 automatic fall-back logs once per (op, device, reason).
 """
@@ -71,23 +71,26 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return _triton_import_error()
 
 
-# Auto order on CUDA tensors, per (op, output dtype[, "16-bit" inputs]), from the H200 runs in
-# bench/results/cuda-h200-* (seventh session: synchronous per-call median / do_bench median):
-# * gram, 16-bit inputs into fp32: the native CUDA kernel where it runs on wgmma (an H100/H200 with the
-#   library's sm_90a code: `_cuda_gram_on_wgmma`), else the autotuned Triton kernel. bf16 N=4096,
-#   P=65536: CUDA wgmma 2.42 / 2.14 ms, Triton 2.72 / 2.52, torch a@a.T 2.85 / 2.84; N=256, P=786432
-#   (the NTK's feature Grams): 0.64 / 0.18 against 0.62 / 0.21; N=16384, P=32768: 20.8 against 20.2
-#   (Triton 3% ahead). On mma.sync (older GPUs, LINFT_CUDA_GRAM_WGMMA=0) it ran 4.4 ms at N=4096.
-#   fp32 inputs: Triton first (on par with CUDA C++ in the third session). fp64 outputs were not
-#   timed: native first.
-# * ghost_gram, 16-bit inputs into fp32 (the op, whose auto route materializes per-sample gradients
-#   at these shapes but the first): CUDA C++ first. bf16 N=1024, T=16, d=1024: CUDA 4.9 / 3.9 ms,
+# Auto order on CUDA tensors, per (op, output dtype[, "tensor cores"]), from the H200 runs in
+# bench/results/cuda-h200-* (seventh session; synchronous per-call median / do_bench median).
+# "tensor cores": 16-bit inputs shaped for the native CUDA kernels' tensor-core paths (row widths
+# multiples of 8, 16-byte aligned: ops._tensor_core_shaped) on a GPU where the native library runs
+# them (`_cuda_tensor_core_path`); other inputs would run the native kernels' CUDA-core loops.
+# * gram, tensor cores, into fp32: the native CUDA kernel where it runs on wgmma (an H100/H200 with the
+#   library's sm_90a code), else the autotuned Triton kernel. bf16 N=4096, P=65536: CUDA wgmma 2.42 /
+#   2.14 ms, Triton 2.72 / 2.52, torch a@a.T 2.85 / 2.84; N=256, P=786432 (the NTK's feature Grams):
+#   0.64 / 0.18 against 0.62 / 0.21; N=16384, P=32768: 20.8 against 20.2 (Triton 3% ahead). On
+#   mma.sync (older GPUs, LINFT_CUDA_GRAM_WGMMA=0) it ran 4.4 ms at N=4096. fp16 was not timed: the bf16
+#   order. Other inputs (fp32: on par with CUDA C++ in the third session): Triton first. fp64 outputs
+#   were not timed: native first.
+# * ghost_gram, tensor cores, into fp32 (bf16; the op, whose auto route materializes per-sample
+#   gradients at the last three shapes): CUDA C++ first. N=1024, T=16, d=1024: CUDA 4.9 / 3.9 ms,
 #   Triton 23.1 / 22.4; N=256, M=128, T=256: 7.4 / 5.7 against 8.2 / 7.2; N=64, T=128, d=512: 0.87 /
 #   0.21 against 0.92 / 0.64; N=256, T=256, d=1024: 7.8 / 5.6 against 7.3 / 6.1 (mixed).
-# * ghost_gram, fp32 inputs: Triton, then the reference (chunked cuBLAS). fp32 N=256, T=256, d=1024:
-#   Triton 9.0 / 8.2 ms, reference 14.1, CUDA C++ 13.1; cross N=256, M=128: 9.8 / 11.1 / 16.0; N=64,
-#   T=128, d=512: 1.0 / 0.8 / 1.1 ms. At N=1024, T=16 (the ghost route on CUDA cores) the reference's
-#   cuBLAS ran 24.6 ms, both kernels 175-318 ms.
+# * ghost_gram, other inputs into fp32: Triton, then the reference (chunked cuBLAS). fp32 N=256, T=256,
+#   d=1024: Triton 9.0 / 8.2 ms, reference 14.1, CUDA C++ 13.1; cross N=256, M=128: 9.8 / 11.1 / 16.0;
+#   N=64, T=128, d=512: 1.0 / 0.8 / 1.1 ms. At N=1024, T=16 (the ghost route on CUDA cores) the
+#   reference's cuBLAS ran 24.6 ms, both kernels 175-318 ms.
 # * psg_gram into fp32: Triton first. With F in fp32 the two are within 15% either way, but Triton's
 #   signgd builds its exact signs in 16 bits: bf16 N=256, T=256, d=1024 signgd 1.5 ms against CUDA
 #   C++ 6.8. psg_gram with 16-bit tiles on the Triton backend builds F by cuBLAS and takes its Gram
@@ -97,26 +100,36 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 #   cuBLAS fp64 GEMMs, the kernels' on CUDA-core loops.
 _CUDA_ORDER = {
     ("gram", torch.float32): ("triton", "cuda", "reference"),
-    ("ghost_gram", torch.float32, "16-bit"): ("cuda", "triton", "reference"),
+    ("ghost_gram", torch.float32, "tensor cores"): ("cuda", "triton", "reference"),
     ("ghost_gram", torch.float32): ("triton", "reference", "cuda"),
     ("psg_gram", torch.float32): ("triton", "cuda", "reference"),
     ("ghost_gram", None): ("reference", "triton", "cuda"),
     ("psg_gram", None): ("reference", "triton", "cuda"),
 }
-_WGMMA_GRAM_ORDER = ("cuda", "triton", "reference")  # 16-bit gram into fp32 where `_cuda_gram_on_wgmma`
-_16BIT = (torch.bfloat16, torch.float16)
-_wgmma_cache: dict = {}
+_WGMMA_GRAM_ORDER = ("cuda", "triton", "reference")  # tensor-core gram into fp32 on wgmma
+_TENSOR_CORE_PATHS = ("wgmma", "wgmma overlap", "mma.sync")
+_path_cache: dict = {}
 
 
-def _cuda_gram_on_wgmma(device: torch.device) -> bool:
-    """Whether the native CUDA gram runs on wgmma on `device` (`_native.gram_tensor_core_path`), per
-    device and value of LINFT_CUDA_GRAM_WGMMA (which the library reads per call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, os.environ.get("LINFT_CUDA_GRAM_WGMMA"))
-    if key not in _wgmma_cache:
-        path = _gram_path(index)
-        _wgmma_cache[key] = isinstance(path, str) and path.startswith("wgmma")
-    return _wgmma_cache[key]
+def _cuda_tensor_core_path(device: torch.device) -> str | None:
+    """The native CUDA library's tensor-core path on `device` ("wgmma", "wgmma overlap", "mma.sync",
+    "cuda cores"; `_native.gram_tensor_core_path`), None where the library cannot run there or the
+    query fails. Kept per device and values of the switches the library reads
+    (LINFT_CUDA_GRAM_WGMMA per call, LINFT_CUDA_GRAM_MMA once)."""
+    if unavailable_reason("cuda", device) is not None or not torch.cuda.is_available():
+        return None
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    except (RuntimeError, AssertionError):  # torch's CUDA cannot start: the library is of no use
+        return None
+    key = (index, os.environ.get("LINFT_CUDA_GRAM_WGMMA"), os.environ.get("LINFT_CUDA_GRAM_MMA"))
+    if key not in _path_cache:
+        try:
+            path = _gram_path(index)
+        except (RuntimeError, AssertionError):
+            path = None
+        _path_cache[key] = path if path in _TENSOR_CORE_PATHS + ("cuda cores",) else None
+    return _path_cache[key]
 
 
 def _gram_path(index: int) -> str | None:
@@ -125,14 +138,14 @@ def _gram_path(index: int) -> str | None:
 
 
 def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dtype | None = None,
-                in_dtype: torch.dtype | None = None) -> tuple[str, ...]:
+                tensor_cores: bool = False) -> tuple[str, ...]:
     if device.type == "cuda":
-        if in_dtype in _16BIT:
-            if (op, out_dtype) == ("gram", torch.float32) and unavailable_reason("cuda", device) is None \
-                    and _cuda_gram_on_wgmma(device):
+        if tensor_cores and out_dtype == torch.float32 and op in ("gram", "ghost_gram"):
+            path = _cuda_tensor_core_path(device)
+            if op == "gram" and path in ("wgmma", "wgmma overlap"):
                 return _WGMMA_GRAM_ORDER
-            if (op, out_dtype, "16-bit") in _CUDA_ORDER:
-                return _CUDA_ORDER[(op, out_dtype, "16-bit")]
+            if op == "ghost_gram" and path in _TENSOR_CORE_PATHS:
+                return _CUDA_ORDER[(op, out_dtype, "tensor cores")]
         return _CUDA_ORDER.get((op, out_dtype)) or _CUDA_ORDER.get((op, None)) or ("cuda", "triton", "reference")
     if device.type == "cpu":
         return ("cpu", "reference")
@@ -140,8 +153,9 @@ def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dt
 
 
 def resolve(op: str, device: torch.device, backend: str | None, out_dtype: torch.dtype | None = None,
-            in_dtype: torch.dtype | None = None) -> str:
-    """The backend that runs `op` on `in_dtype` tensors of `device` into an `out_dtype` result."""
+            tensor_cores: bool = False) -> str:
+    """The backend that runs `op` on tensors of `device` into an `out_dtype` result; tensor_cores:
+    the inputs are 16-bit and shaped for the native kernels' tensor-core paths."""
     requested = backend or os.environ.get("LINFT_BACKEND") or "auto"
     if requested != "auto":
         reason = unavailable_reason(requested, device)
@@ -149,7 +163,7 @@ def resolve(op: str, device: torch.device, backend: str | None, out_dtype: torch
             source = "backend=" if backend else "LINFT_BACKEND="
             raise BackendUnavailable(f"{op}: {source}{requested!r} cannot run: {reason}")
         return requested
-    order = _auto_order(device, op, out_dtype, in_dtype)
+    order = _auto_order(device, op, out_dtype, tensor_cores)
     for name in order:
         reason = unavailable_reason(name, device)
         if reason is None:

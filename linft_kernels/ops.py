@@ -77,6 +77,17 @@ def _out(out, shape, in_dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+def _tensor_core_shaped(tensors, widths) -> bool:
+    """Whether the native CUDA kernels would take these inputs on tensor cores: 16-bit, every row width
+    a multiple of 8 (16 bytes) and every tensor 16-byte aligned (a non-contiguous one is first copied,
+    aligned). Auto's order on CUDA depends on it (`_dispatch`); the libraries check it again. Under
+    torch.compile the addresses are unknown while tracing: taken as aligned."""
+    ts = [t for t in tensors if t is not None]
+    if ts[0].dtype not in (torch.bfloat16, torch.float16) or any(w % 8 for w in widths):
+        return False
+    return torch.compiler.is_compiling() or all(t.data_ptr() % 16 == 0 or not t.is_contiguous() for t in ts)
+
+
 def _contig(t):
     return None if t is None else t.contiguous()
 
@@ -247,7 +258,7 @@ def gram(a: torch.Tensor, b: Optional[torch.Tensor] = None, *, out: Optional[tor
         _check_dim("b", b.shape[1], a.shape[1], "the feature dimension P (b.shape[1])")
     N, M = a.shape[0], (a.shape[0] if b is None else b.shape[0])
     out = _out(out, (N, M), a.dtype, a.device)
-    name = _dispatch.resolve("gram", a.device, backend, out.dtype, a.dtype)
+    name = _dispatch.resolve("gram", a.device, backend, out.dtype, _tensor_core_shaped((a, b), (a.shape[1],)))
     if a.numel() and (b is None or b.numel()):
         _gram_op(out, a.contiguous(), _contig(b), name)
     return out
@@ -315,7 +326,8 @@ def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = 
         raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
     N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
     out = _out(out, (N, M), x1.dtype, x1.device)
-    name = _dispatch.resolve("ghost_gram", x1.device, backend, out.dtype, x1.dtype)
+    name = _dispatch.resolve("ghost_gram", x1.device, backend, out.dtype,
+                              _tensor_core_shaped((x1, g1, x2, g2), (x1.shape[2], g1.shape[2])))
     if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
         _ghost_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, name, route)
     return out
@@ -358,7 +370,7 @@ def psg_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = No
     if tile_dtype == torch.float64 and out.dtype != torch.float64:
         raise ValueError("tile_dtype=torch.float64 needs an fp64 out (tiles are never finer than out)")
     tiles = "out" if tile_dtype in (None, out.dtype) else str(tile_dtype).replace("torch.", "")
-    name = _dispatch.resolve("psg_gram", x1.device, backend, out.dtype, x1.dtype)
+    name = _dispatch.resolve("psg_gram", x1.device, backend, out.dtype)
     if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[-1] and (x2 is None or x2.shape[1]):
         _psg_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, kernel, name,
                 tiles)

@@ -52,64 +52,103 @@ def test_backend_table_lists_every_backend():
     assert "needs CUDA tensors" in table["cuda"]["cpu"]
 
 
-def test_cuda_auto_order_prefers_the_faster_kernel_per_op(monkeypatch):
-    """On CUDA tensors auto follows the H200 measurements. Into fp32: 16-bit gram on the native CUDA
-    kernel where it runs on wgmma and else Triton, fp32 gram on Triton; 16-bit ghost_gram on native
-    CUDA, fp32 ghost_gram on Triton then the reference; psg_gram on Triton. Into fp64: the reference
-    (cuBLAS fp64) for ghost_gram/psg_gram and native CUDA for gram. Every order is complete."""
-    from linft_kernels import _dispatch
-    cuda = torch.device("cuda:0")
-    bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
-    monkeypatch.setattr(_dispatch, "_wgmma_cache", {})
-    paths = []
+def _simulated_gpu(monkeypatch, paths):
+    """A CUDA device whose native library is usable and reports paths[-1] as its tensor-core path."""
+    monkeypatch.setattr(_dispatch, "_path_cache", {})
     monkeypatch.setattr(_dispatch, "_gram_path", lambda index: paths[-1])
+    monkeypatch.setattr(_dispatch.torch.cuda, "is_available", lambda: True)
     real = _dispatch.unavailable_reason
     monkeypatch.setattr(_dispatch, "unavailable_reason",
                         lambda b, d: None if (b, d.type) == ("cuda", "cuda") else real(b, d))
-    for env, path, first in [(None, "wgmma", "cuda"), ("2", "wgmma overlap", "cuda"), ("0", "mma.sync", "triton"),
-                             ("x", "cuda cores", "triton"), ("y", None, "triton"),
-                             ("z", "RuntimeError: no CUDA driver", "triton")]:
+    return real
+
+
+def test_cuda_auto_order_prefers_the_faster_kernel_per_op(monkeypatch):
+    """On CUDA tensors auto follows the H200 measurements. Into fp32: gram of tensor-core-shaped
+    16-bit inputs on the native CUDA kernel where it runs on wgmma, else Triton; ghost_gram of such
+    inputs on native CUDA where it has tensor cores, else Triton then the reference; psg_gram on
+    Triton. Into fp64: the reference (cuBLAS fp64) for ghost_gram/psg_gram and native CUDA for gram.
+    Every order is complete."""
+    cuda = torch.device("cuda:0")
+    f32, f64 = torch.float32, torch.float64
+    paths = []
+    real = _simulated_gpu(monkeypatch, paths)
+    for env, path, gram_first, ghost_first in [
+            (None, "wgmma", "cuda", "cuda"), ("2", "wgmma overlap", "cuda", "cuda"),
+            ("0", "mma.sync", "triton", "cuda"), ("x", "cuda cores", "triton", "triton"),
+            ("y", None, "triton", "triton"), ("z", "RuntimeError: no CUDA driver", "triton", "triton")]:
         monkeypatch.setenv("LINFT_CUDA_GRAM_WGMMA", env) if env else monkeypatch.delenv(
             "LINFT_CUDA_GRAM_WGMMA", raising=False)
         paths.append(path)
-        for dt in (bf16, f16):
-            order = _dispatch._auto_order(cuda, "gram", f32, dt)
-            assert order[0] == first and sorted(order) == ["cuda", "reference", "triton"], (path, dt, order)
-        # fp32 inputs never run on wgmma: Triton first whatever the library runs
-        assert _dispatch._auto_order(cuda, "gram", f32, f32) == ("triton", "cuda", "reference")
+        for op, first in (("gram", gram_first), ("ghost_gram", ghost_first)):
+            order = _dispatch._auto_order(cuda, op, f32, tensor_cores=True)
+            assert order[0] == first and sorted(order) == ["cuda", "reference", "triton"], (op, path, order)
+        # inputs the native kernels would take on CUDA cores: the order of fp32 inputs
+        assert _dispatch._auto_order(cuda, "gram", f32, tensor_cores=False) == ("triton", "cuda", "reference")
+        assert _dispatch._auto_order(cuda, "ghost_gram", f32) == ("triton", "reference", "cuda")
     # the answer is kept per device and switch value: the library is asked once for each
     paths.append("mma.sync")
     monkeypatch.delenv("LINFT_CUDA_GRAM_WGMMA", raising=False)
-    assert _dispatch._auto_order(cuda, "gram", f32, bf16)[0] == "cuda"
-    # without the native CUDA library, Triton first
+    assert _dispatch._auto_order(cuda, "gram", f32, tensor_cores=True)[0] == "cuda"
+    assert _dispatch._auto_order(torch.device("cuda:1"), "gram", f32, tensor_cores=True)[0] == "triton"
+    # without a usable native CUDA library, Triton first (and no query)
     monkeypatch.setattr(_dispatch, "unavailable_reason", real)
-    assert _dispatch._auto_order(cuda, "gram", f32, bf16) == ("triton", "cuda", "reference")
-    assert _dispatch._auto_order(cuda, "gram", f64, f64) == ("cuda", "triton", "reference")
-    for dt in (bf16, f16):
-        assert _dispatch._auto_order(cuda, "ghost_gram", f32, dt) == ("cuda", "triton", "reference")
-    for dt in (f32, None):
-        assert _dispatch._auto_order(cuda, "ghost_gram", f32, dt) == ("triton", "reference", "cuda")
-    for dt in (bf16, f32):
-        assert _dispatch._auto_order(cuda, "psg_gram", f32, dt) == ("triton", "cuda", "reference")
+    monkeypatch.setattr(_dispatch, "_path_cache", {})
+    for op in ("gram", "ghost_gram"):
+        assert _dispatch._auto_order(cuda, op, f32, tensor_cores=True)[0] == "triton"
+    assert _dispatch._path_cache == {}
+    assert _dispatch._auto_order(cuda, "gram", f64, tensor_cores=True) == ("cuda", "triton", "reference")
+    for tc in (True, False):
+        assert _dispatch._auto_order(cuda, "psg_gram", f32, tc) == ("triton", "cuda", "reference")
         for op in ("ghost_gram", "psg_gram"):
-            assert _dispatch._auto_order(cuda, op, f64, dt) == ("reference", "triton", "cuda")
+            assert _dispatch._auto_order(cuda, op, f64, tc) == ("reference", "triton", "cuda")
+
+
+def test_cuda_tensor_core_query_survives_a_torch_without_cuda(monkeypatch):
+    """The native library may see a GPU that torch cannot use (a CPU build of torch, a broken CUDA
+    init): the query answers None (Triton first) instead of raising, also for a device without an
+    index, and python -m linft_kernels still prints its table."""
+    from linft_kernels.__main__ import main
+    monkeypatch.setattr(_dispatch, "_path_cache", {})
+    monkeypatch.setattr(_native, "cuda_lib", lambda: object())
+    monkeypatch.setattr(_native, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(_dispatch.torch.cuda, "is_available", lambda: True)
+
+    def no_cuda(*a):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+    monkeypatch.setattr(_dispatch.torch.cuda, "current_device", no_cuda)
+    assert _dispatch._cuda_tensor_core_path(torch.device("cuda")) is None
+    monkeypatch.setattr(_dispatch, "_gram_path", no_cuda)
+    assert _dispatch._cuda_tensor_core_path(torch.device("cuda:0")) is None
+    assert _dispatch._auto_order(torch.device("cuda"), "gram", torch.float32, tensor_cores=True)[0] == "triton"
+    monkeypatch.setattr(_native, "cuda_lib", lambda: None)  # the table's other columns need no library
+    assert main([]) == 0
     assert _dispatch._auto_order(torch.device("cpu"), "gram", torch.float32) == ("cpu", "reference")
 
 
-def test_ops_pass_their_input_dtype_to_the_dispatch(monkeypatch):
-    """The CUDA auto order depends on 16-bit or wider inputs, so every op hands its inputs' dtype
-    (and its output's) to `resolve`."""
+def test_ops_tell_the_dispatch_whether_inputs_suit_tensor_cores(monkeypatch):
+    """Auto's CUDA order depends on whether the native kernels would take the inputs on tensor cores
+    (16-bit, row widths multiples of 8, 16-byte aligned), so gram and ghost_gram hand that to
+    `resolve` with their output's dtype."""
     seen = []
     real = _dispatch.resolve
 
-    def spy(op, device, backend, out_dtype=None, in_dtype=None):
-        seen.append((op, out_dtype, in_dtype))
-        return real(op, device, backend, out_dtype, in_dtype)
+    def spy(op, device, backend, out_dtype=None, tensor_cores=False):
+        seen.append((op, out_dtype, tensor_cores))
+        return real(op, device, backend, out_dtype, tensor_cores)
 
     monkeypatch.setattr(_dispatch, "resolve", spy)
-    x, g = randn(2, 3, 4).bfloat16(), randn(2, 3, 5).bfloat16()
-    lk.gram(randn(3, 4).bfloat16())
+    bf16, f16 = torch.bfloat16, torch.float16
+    lk.gram(randn(3, 16).to(bf16))
+    lk.gram(randn(3, 12).to(f16))                    # P not a multiple of 8
+    lk.gram(randn(3, 17).to(bf16)[:, 1:])            # not contiguous: copied, aligned
+    lk.gram(randn(3 * 16 + 4).to(bf16)[4:].view(3, 16))   # contiguous, 8 bytes off: not aligned
+    lk.gram(randn(3, 16))                             # fp32
+    x, g = randn(2, 3, 8).to(bf16), randn(2, 3, 16).to(bf16)
     lk.ghost_gram(x, g)
+    lk.ghost_gram(x, randn(2, 3, 10).to(bf16))        # d_out not a multiple of 8
     lk.psg_gram(x, g, out=torch.zeros(2, 2, dtype=torch.float64))
-    assert seen == [("gram", torch.float32, torch.bfloat16), ("ghost_gram", torch.float32, torch.bfloat16),
-                    ("psg_gram", torch.float64, torch.bfloat16)]
+    f32, f64 = torch.float32, torch.float64
+    assert seen == [("gram", f32, True), ("gram", f32, False), ("gram", f32, True), ("gram", f32, False),
+                    ("gram", f32, False), ("ghost_gram", f32, True), ("ghost_gram", f32, False),
+                    ("psg_gram", f64, False)]

@@ -259,7 +259,7 @@ def test_native_cuda_gram_tensor_core_shapes(dtype, symmetric, path, monkeypatch
     assert lib.gram_tensor_core_path() == path
     # and auto sends 16-bit Grams into fp32 to this kernel exactly where it runs on wgmma (_dispatch)
     from linft_kernels import _dispatch
-    auto = _dispatch.resolve("gram", torch.device("cuda"), None, torch.float32, dtype)
+    auto = _dispatch._auto_order(torch.device("cuda"), "gram", torch.float32, tensor_cores=True)[0]
     assert auto == ("cuda" if path.startswith("wgmma") else "triton"), (path, auto)
     for N, M, P in [(5, 3, 8), (37, 21, 40), (130, 150, 72), (71, 100, 200), (129, 129, 392),
                     (33, 40, 1032), (300, 260, 4096)]:

@@ -70,8 +70,9 @@ def test_diagnostic_auto_column_is_per_op_and_input_width(monkeypatch):
     depends on both), here on a simulated H200 whose native gram runs on wgmma."""
     from linft_kernels import __main__ as diag, _dispatch
     monkeypatch.setattr(_dispatch, "unavailable_reason", lambda b, d: None)
-    monkeypatch.setattr(_dispatch, "_wgmma_cache", {})
+    monkeypatch.setattr(_dispatch, "_path_cache", {})
     monkeypatch.setattr(_dispatch, "_gram_path", lambda index: "wgmma")
+    monkeypatch.setattr(diag.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(diag.torch.cuda, "current_device", lambda: 0)
     picks = {op: [diag._auto_choice("cuda", op, dt) for dt in (diag.torch.bfloat16, diag.torch.float32)]
              for op in ("gram", "ghost_gram", "psg_gram")}

@@ -59,3 +59,18 @@ def test_compile_inductor_gram():
     compiled = torch.compile(lambda a: lk.gram(a).sum(dim=1) + 1, fullgraph=True)
     a64 = a.double()
     assert_close_to_oracle(compiled(a), (a64 @ a64.T).sum(dim=1) + 1, torch.float32, what="inductor gram")
+
+
+def test_compile_fullgraph_16bit_tensor_core_shapes():
+    """16-bit inputs shaped for tensor cores make the op ask whether they are aligned (for auto's
+    CUDA order); while tracing the addresses are unknown, and that must not break the graph."""
+    torch._dynamo.reset()
+    a = randn(5, 16).bfloat16()
+    x, g = randn(3, 4, 8).bfloat16(), randn(3, 4, 16).bfloat16()
+    compiled = torch.compile(lambda a, x, g: (lk.gram(a), lk.ghost_gram(x, g)), fullgraph=True,
+                             backend="aot_eager")
+    k, kg = compiled(a, x, g)
+    a64 = a.double()
+    assert_close_to_oracle(k, a64 @ a64.T, torch.float32, what="compiled bf16 gram")
+    assert_close_to_oracle(kg, psg_oracle(x, g, None, None, None, None), torch.float32,
+                           what="compiled bf16 ghost_gram")
