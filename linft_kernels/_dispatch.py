@@ -71,7 +71,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return _triton_import_error()
 
 
-# Auto order on CUDA tensors, per (op, output dtype[, "tensor cores"]), from the H200 runs in
+# Auto order on CUDA tensors, per (op, output dtype[, "tensor cores" | "ghost route"]), from the H200 runs in
 # bench/results/cuda-h200-* (seventh session; synchronous per-call median / do_bench median).
 # "tensor cores": 16-bit inputs shaped for the native CUDA kernels' tensor-core paths (row widths
 # multiples of 8, 16-byte aligned: ops._tensor_core_shaped) on a GPU where the native library runs
@@ -87,10 +87,12 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 #   gradients at the last three shapes): CUDA C++ first. N=1024, T=16, d=1024: CUDA 4.9 / 3.9 ms,
 #   Triton 23.1 / 22.4; N=256, M=128, T=256: 7.4 / 5.7 against 8.2 / 7.2; N=64, T=128, d=512: 0.87 /
 #   0.21 against 0.92 / 0.64; N=256, T=256, d=1024: 7.8 / 5.6 against 7.3 / 6.1 (mixed).
-# * ghost_gram, other inputs into fp32: Triton, then the reference (chunked cuBLAS). fp32 N=256, T=256,
-#   d=1024: Triton 9.0 / 8.2 ms, reference 14.1, CUDA C++ 13.1; cross N=256, M=128: 9.8 / 11.1 / 16.0;
-#   N=64, T=128, d=512: 1.0 / 0.8 / 1.1 ms. At N=1024, T=16 (the ghost route on CUDA cores) the
-#   reference's cuBLAS ran 24.6 ms, both kernels 175-318 ms.
+# * ghost_gram, other inputs into fp32: Triton, then the reference (chunked cuBLAS), where the op
+#   materializes per-sample gradients: fp32 N=256, T=256, d=1024: Triton 9.0 / 8.2 ms, reference 14.1,
+#   CUDA C++ 13.1; cross N=256, M=128: 9.8 / 11.1 / 16.0; N=64, T=128, d=512: 1.0 / 0.8 / 1.1 ms. Where
+#   it takes the T x S ghost route (short sequences, `ops.ghost_route`), the reference first: its T x S
+#   products are cuBLAS GEMMs over many pairs at once, the kernels' CUDA-core loops per pair; fp32
+#   N=1024, T=16, d=1024: reference 24.6 ms (88% of the fp32 GEMM rate), CUDA C++ 175, Triton 318.
 # * psg_gram into fp32: Triton first. With F in fp32 the two are within 15% either way, but Triton's
 #   signgd builds its exact signs in 16 bits: bf16 N=256, T=256, d=1024 signgd 1.5 ms against CUDA
 #   C++ 6.8. psg_gram with 16-bit tiles on the Triton backend builds F by cuBLAS and takes its Gram
@@ -102,6 +104,7 @@ _CUDA_ORDER = {
     ("gram", torch.float32): ("triton", "cuda", "reference"),
     ("ghost_gram", torch.float32, "tensor cores"): ("cuda", "triton", "reference"),
     ("ghost_gram", torch.float32): ("triton", "reference", "cuda"),
+    ("ghost_gram", torch.float32, "ghost route"): ("reference", "triton", "cuda"),
     ("psg_gram", torch.float32): ("triton", "cuda", "reference"),
     ("ghost_gram", None): ("reference", "triton", "cuda"),
     ("psg_gram", None): ("reference", "triton", "cuda"),
@@ -138,7 +141,7 @@ def _gram_path(index: int) -> str | None:
 
 
 def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dtype | None = None,
-                tensor_cores: bool = False) -> tuple[str, ...]:
+                tensor_cores: bool = False, ghost_route: bool = False) -> tuple[str, ...]:
     if device.type == "cuda":
         if tensor_cores and out_dtype == torch.float32 and op in ("gram", "ghost_gram"):
             path = _cuda_tensor_core_path(device)
@@ -146,6 +149,8 @@ def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dt
                 return _WGMMA_GRAM_ORDER
             if op == "ghost_gram" and path in _TENSOR_CORE_PATHS:
                 return _CUDA_ORDER[(op, out_dtype, "tensor cores")]
+        if ghost_route and (op, out_dtype, "ghost route") in _CUDA_ORDER:
+            return _CUDA_ORDER[(op, out_dtype, "ghost route")]
         return _CUDA_ORDER.get((op, out_dtype)) or _CUDA_ORDER.get((op, None)) or ("cuda", "triton", "reference")
     if device.type == "cpu":
         return ("cpu", "reference")
@@ -153,9 +158,10 @@ def _auto_order(device: torch.device, op: str | None = None, out_dtype: torch.dt
 
 
 def resolve(op: str, device: torch.device, backend: str | None, out_dtype: torch.dtype | None = None,
-            tensor_cores: bool = False) -> str:
+            tensor_cores: bool = False, ghost_route: bool = False) -> str:
     """The backend that runs `op` on tensors of `device` into an `out_dtype` result; tensor_cores:
-    the inputs are 16-bit and shaped for the native kernels' tensor-core paths."""
+    the inputs are 16-bit and shaped for the native kernels' tensor-core paths; ghost_route: a
+    ghost_gram call that takes the T x S route (`ops.ghost_route`)."""
     requested = backend or os.environ.get("LINFT_BACKEND") or "auto"
     if requested != "auto":
         reason = unavailable_reason(requested, device)
@@ -163,7 +169,7 @@ def resolve(op: str, device: torch.device, backend: str | None, out_dtype: torch
             source = "backend=" if backend else "LINFT_BACKEND="
             raise BackendUnavailable(f"{op}: {source}{requested!r} cannot run: {reason}")
         return requested
-    order = _auto_order(device, op, out_dtype, tensor_cores)
+    order = _auto_order(device, op, out_dtype, tensor_cores, ghost_route)
     for name in order:
         reason = unavailable_reason(name, device)
         if reason is None:

@@ -326,8 +326,11 @@ def ghost_gram(x1: torch.Tensor, g1: torch.Tensor, x2: Optional[torch.Tensor] = 
         raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
     N, M, m1, m2 = _check_factors(x1, g1, mask1, x2, g2, mask2)
     out = _out(out, (N, M), x1.dtype, x1.device)
+    T, S = x1.shape[1], (x1 if x2 is None else x2).shape[1]
+    takes = route if route != "auto" else ghost_route(N, M, T, S, x1.shape[2], g1.shape[2], x2 is None)
     name = _dispatch.resolve("ghost_gram", x1.device, backend, out.dtype,
-                              _tensor_core_shaped((x1, g1, x2, g2), (x1.shape[2], g1.shape[2])))
+                             _tensor_core_shaped((x1, g1, x2, g2), (x1.shape[2], g1.shape[2])),
+                             ghost_route=takes == "ghost")
     if out.numel() and x1.shape[1] * x1.shape[2] * g1.shape[2] and (x2 is None or x2.shape[1]):
         _ghost_op(out, x1.contiguous(), g1.contiguous(), m1, _contig(x2), _contig(g2), m2, name, route)
     return out

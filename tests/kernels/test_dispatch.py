@@ -6,7 +6,7 @@ import torch
 from linft_testing import randn
 
 import linft_kernels as lk
-from linft_kernels import _dispatch, _native
+from linft_kernels import _dispatch, _native, ops
 
 
 def test_explicit_unavailable_backend_raises_with_reason():
@@ -86,6 +86,9 @@ def test_cuda_auto_order_prefers_the_faster_kernel_per_op(monkeypatch):
         # inputs the native kernels would take on CUDA cores: the order of fp32 inputs
         assert _dispatch._auto_order(cuda, "gram", f32, tensor_cores=False) == ("triton", "cuda", "reference")
         assert _dispatch._auto_order(cuda, "ghost_gram", f32) == ("triton", "reference", "cuda")
+        # and where such a ghost_gram takes the T x S route, cuBLAS (the reference) first
+        assert _dispatch._auto_order(cuda, "ghost_gram", f32, ghost_route=True) == ("reference", "triton", "cuda")
+        assert _dispatch._auto_order(cuda, "gram", f32, ghost_route=True) == ("triton", "cuda", "reference")
     # the answer is kept per device and switch value: the library is asked once for each
     paths.append("mma.sync")
     monkeypatch.delenv("LINFT_CUDA_GRAM_WGMMA", raising=False)
@@ -128,14 +131,14 @@ def test_cuda_tensor_core_query_survives_a_torch_without_cuda(monkeypatch):
 
 def test_ops_tell_the_dispatch_whether_inputs_suit_tensor_cores(monkeypatch):
     """Auto's CUDA order depends on whether the native kernels would take the inputs on tensor cores
-    (16-bit, row widths multiples of 8, 16-byte aligned), so gram and ghost_gram hand that to
-    `resolve` with their output's dtype."""
+    (16-bit, row widths multiples of 8, 16-byte aligned) and on ghost_gram's route, so gram and
+    ghost_gram hand those to `resolve` with their output's dtype."""
     seen = []
     real = _dispatch.resolve
 
-    def spy(op, device, backend, out_dtype=None, tensor_cores=False):
-        seen.append((op, out_dtype, tensor_cores))
-        return real(op, device, backend, out_dtype, tensor_cores)
+    def spy(op, device, backend, out_dtype=None, tensor_cores=False, ghost_route=False):
+        seen.append((op, out_dtype, tensor_cores) + ((ghost_route,) if op == "ghost_gram" else ()))
+        return real(op, device, backend, out_dtype, tensor_cores, ghost_route)
 
     monkeypatch.setattr(_dispatch, "resolve", spy)
     bf16, f16 = torch.bfloat16, torch.float16
@@ -144,11 +147,19 @@ def test_ops_tell_the_dispatch_whether_inputs_suit_tensor_cores(monkeypatch):
     lk.gram(randn(3, 17).to(bf16)[:, 1:])            # not contiguous: copied, aligned
     lk.gram(randn(3 * 16 + 4).to(bf16)[4:].view(3, 16))   # contiguous, 8 bytes off: not aligned
     lk.gram(randn(3, 16))                             # fp32
-    x, g = randn(2, 3, 8).to(bf16), randn(2, 3, 16).to(bf16)
+    x, g = randn(2, 3, 8).to(bf16), randn(2, 3, 16).to(bf16)  # 2 samples: the T x S route is cheaper
     lk.ghost_gram(x, g)
     lk.ghost_gram(x, randn(2, 3, 10).to(bf16))        # d_out not a multiple of 8
+    lk.ghost_gram(x, g, route="materialize")
+    xs, gs = randn(40, 2, 16), randn(40, 20, 16)[:, :2]   # fp32 (g not contiguous), 2 tokens
+    assert ops.ghost_route(40, 40, 2, 2, 16, 16, True) == "ghost"
+    lk.ghost_gram(xs, gs)
+    assert ops.ghost_route(40, 40, 20, 20, 16, 16, True) == "materialize"
+    lk.ghost_gram(randn(40, 20, 16), randn(40, 20, 16))
+    lk.ghost_gram(xs, gs, xs[:3], gs[:3], route="materialize")
     lk.psg_gram(x, g, out=torch.zeros(2, 2, dtype=torch.float64))
     f32, f64 = torch.float32, torch.float64
     assert seen == [("gram", f32, True), ("gram", f32, False), ("gram", f32, True), ("gram", f32, False),
-                    ("gram", f32, False), ("ghost_gram", f32, True), ("ghost_gram", f32, False),
-                    ("psg_gram", f64, False)]
+                    ("gram", f32, False), ("ghost_gram", f32, True, True), ("ghost_gram", f32, False, True),
+                    ("ghost_gram", f32, True, False), ("ghost_gram", f32, False, True),
+                    ("ghost_gram", f32, False, False), ("ghost_gram", f32, False, False), ("psg_gram", f64, False)]
