@@ -1,10 +1,10 @@
 """Choice of backend per op call.
 
 Order: explicit ``backend=`` argument, else the ``LINFT_BACKEND`` environment variable, else auto:
-CUDA tensors -> the order measured fastest for the op, the output dtype and whether the inputs suit
-the native kernels' tensor cores (`_CUDA_ORDER`), native CUDA first where nothing was measured; CPU tensors -> native CPU, else
-reference. An explicit request that cannot be met raises `BackendUnavailable` with the reason; an
-automatic fall-back logs once per (op, device, reason).
+CUDA tensors -> the order measured fastest for the op, the output dtype, whether the inputs suit the
+native kernels' tensor cores and (ghost_gram) the route (`_CUDA_ORDER`), native CUDA first where
+nothing was measured; CPU tensors -> native CPU, else reference. An explicit request that cannot be met
+raises `BackendUnavailable` with the reason; an automatic fall-back logs once per (op, device, reason).
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return _triton_import_error()
 
 
-# Auto order on CUDA tensors, per (op, output dtype[, "tensor cores" | "ghost route"]), from the H200 runs in
-# bench/results/cuda-h200-* (seventh session; synchronous per-call median / do_bench median).
+# Auto order on CUDA tensors, per (op, output dtype[, "tensor cores" | "ghost route"]), from the H200
+# runs in bench/results/cuda-h200-* (seventh session; synchronous per-call median / do_bench median).
 # "tensor cores": 16-bit inputs shaped for the native CUDA kernels' tensor-core paths (row widths
 # multiples of 8, 16-byte aligned: ops._tensor_core_shaped) on a GPU where the native library runs
 # them (`_cuda_tensor_core_path`); other inputs would run the native kernels' CUDA-core loops.
