@@ -97,7 +97,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 #   signgd builds its exact signs in 16 bits: bf16 N=256, T=256, d=1024 signgd 1.5 ms against CUDA
 #   C++ 6.8. psg_gram with 16-bit tiles on the Triton backend builds F by cuBLAS and takes its Gram
 #   from the Triton gram (ops._psg_gemm_then_triton_gram; N=256, T=256, d=1024: 1.52 ms synchronous,
-#   0.64 ms by do_bench: 55% of the bf16 GEMM rate).
+#   0.64 ms by do_bench: 54.5% of the bf16 GEMM rate).
 # * fp64 outputs of ghost_gram and psg_gram (untimed) keep the reference first: its products run as
 #   cuBLAS fp64 GEMMs, the kernels' on CUDA-core loops.
 _CUDA_ORDER = {
