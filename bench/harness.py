@@ -1307,6 +1307,18 @@ def targets_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _peak_rows(name: str, peaks: dict, device: torch.device, meta: dict) -> list[dict]:
+    """Rows of measured GEMM peaks ({dtype: machine.measure_peak record}), each also logged."""
+    rows = []
+    for k, v in peaks.items():
+        log(f"    {k:<9} n={v['gemm_n']}: best {v['peak_gflops']:.1f} GFLOP/s, median {v['median_gflops']:.1f}")
+        rows.append({"suite": "peak", "name": name, "op": "gemm", "dtype": k, "device": device.type,
+                     "backend": "torch", "shape": {"M": v["gemm_n"], "N": v["gemm_n"], "K": v["gemm_n"]},
+                     "shape_str": f"n={v['gemm_n']}", "peak_gflops": v["peak_gflops"],
+                     "median_gflops": v["median_gflops"], **meta})
+    return rows
+
+
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.1f} s"
 
@@ -1389,12 +1401,7 @@ def main(argv=None) -> int:
         f"{' (dirty)' if meta['git_dirty'] else ''}")
     log("[peak] measuring GEMM peaks ...")
     peaks = machine.measure_peaks(device.type, quick=args.quick)
-    rows = [{"suite": "peak", "name": "gemm_peak_start", "op": "gemm", "dtype": k, "device": device.type,
-             "backend": "torch", "shape": {"M": v["gemm_n"], "N": v["gemm_n"], "K": v["gemm_n"]},
-             "shape_str": f"n={v['gemm_n']}", "peak_gflops": v["peak_gflops"],
-             "median_gflops": v["median_gflops"], **meta} for k, v in peaks.items()]
-    for k, v in peaks.items():
-        log(f"    {k:<9} n={v['gemm_n']}: best {v['peak_gflops']:.1f} GFLOP/s, median {v['median_gflops']:.1f}")
+    rows = _peak_rows("gemm_peak_start", peaks, device, meta)
 
     def save():
         tmp = out.with_suffix(".json.tmp")
@@ -1436,12 +1443,7 @@ def main(argv=None) -> int:
     # The peak again at the end (load from other processes changes during a run): rows use the best.
     log("[peak] measuring GEMM peaks again ...")
     peaks_end = machine.measure_peaks(device.type, quick=args.quick)
-    for k, v in peaks_end.items():
-        log(f"    {k:<9} n={v['gemm_n']}: best {v['peak_gflops']:.1f} GFLOP/s, median {v['median_gflops']:.1f}")
-        rows.append({"suite": "peak", "name": "gemm_peak_end", "op": "gemm", "dtype": k, "device": device.type,
-                     "backend": "torch", "shape": {"M": v["gemm_n"], "N": v["gemm_n"], "K": v["gemm_n"]},
-                     "shape_str": f"n={v['gemm_n']}", "peak_gflops": v["peak_gflops"],
-                     "median_gflops": v["median_gflops"], **meta})
+    rows += _peak_rows("gemm_peak_end", peaks_end, device, meta)
     best = {k: max(peaks[k]["peak_gflops"], peaks_end[k]["peak_gflops"]) for k in peaks}
     end_build = machine.kernel_build()
     if end_build != meta["versions"]["linft_build"]:

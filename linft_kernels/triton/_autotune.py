@@ -11,9 +11,9 @@ the interpreter does not, so tests/kernels/test_triton_autotune.py checks the li
 Key: each launcher passes SIZE_KEY = `size_key(sizes...)`, its problem sizes rounded up to powers of
 two, so NTK blocks of similar shapes reuse one tuning; triton.autotune adds the tensor dtypes and the
 kernel's own key constexprs (SYM for gram, SYM and SPLIT for ghost_gram). Outputs a kernel adds
-into (gram's out or
-its split-K scratch, ghost_gram's out) are restored between trials (restore_value), so tuning never
-changes a result; psg_gram's features kernel overwrites its whole scratch, so it needs no restore.
+into (gram's out or its split-K scratch, ghost_gram's out) are restored between trials
+(restore_value), so tuning never changes a result; psg_gram's features kernel overwrites its whole
+scratch, so it needs no restore.
 
 Where: on a GPU every launch that is not given fixed `blocks` is autotuned (timed with
 triton.testing.do_bench). In the Triton interpreter (TRITON_INTERPRET=1) launches use fixed blocks,
